@@ -1,0 +1,260 @@
+"""Public entry points: ``mhc_compile``, the ``hyper_connected`` decorator, the
+``MHC_DISABLE`` off switch and ``inspect``.
+
+Data flows one way: capture (export, for analysis) -> find residuals and owners ->
+sample forward (block call arguments, chain links) -> trace + rewrite each block ->
+install the rewritten forwards. Every check runs before the model is touched, so a
+failed conversion leaves the user's model as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+from torch import nn
+
+from . import blocks
+from .blocks import BlockAnalysis, ConversionError
+from .capture import CaptureError, export_model, record_calls, resolve_example_inputs
+from .config import MHCConfig
+from .passes.find_residuals import find_residual_adds, owner_module, topmost
+
+logger = logging.getLogger("mhc_compile")
+
+DISABLE_ENV = "MHC_DISABLE"
+T = TypeVar("T")
+
+
+class NoResidualError(ConversionError):
+    """The model has no residual add ``x + F(x)`` to rewrite."""
+
+
+@dataclass
+class ModelAnalysis:
+    """Result of analysing a model: its blocks, connections, chains and cut adds."""
+
+    config: MHCConfig
+    blocks: list[BlockAnalysis]
+    cuts: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """One row per connection: index, block path, branch, hidden size, chain, links."""
+        out = []
+        for b in self.blocks:
+            for c in b.connections:
+                out.append(
+                    {
+                        "index": len(out),
+                        "block": b.path or "(root)",
+                        "branch": c.branch,
+                        "hidden_size": c.hidden_size,
+                        "layout": "[..., n, C]" if b.channel_dim == -1 else "[B, n, C, *S]",
+                        "chain": b.chain,
+                    }
+                )
+        return out
+
+
+def disabled() -> bool:
+    """True when the ``MHC_DISABLE`` environment variable switches conversions off."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True for a model returned by :func:`mhc_compile` (or containing converted blocks)."""
+    return getattr(model, "_mhc_analysis", None) is not None or any(
+        hasattr(m, "_mhc_plan") for m in model.modules()
+    )
+
+
+def mhc_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters that conversion added (``phi``, ``bias``, ``alpha`` of each connection)."""
+    for name, p in model.named_parameters():
+        if name == "mhc" or name.startswith("mhc.") or ".mhc." in name:
+            yield p
+
+
+def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> ModelAnalysis:
+    """Find the model's residual chains without changing it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
+    args, kwargs = resolve_example_inputs(model, example_inputs)
+    exported = export_model(model, args, kwargs)
+    residuals, cuts = find_residual_adds(exported.graph, exported.is_param)
+    if not residuals:
+        raise NoResidualError(
+            f"found no residual add (x + F(x), both of the same shape, F with trained "
+            f"parameters) in {type(model).__name__}; mhc_compile rewrites residual "
+            "connections, so this model has nothing to convert"
+        )
+    owners = [owner_module(r, exported.module_path) for r in residuals]
+    block_paths = topmost(owners)
+    records = record_calls(model, block_paths, args, kwargs)
+    modules = dict(model.named_modules())
+    for path, rec in records.items():
+        if rec.calls != 1:
+            raise ConversionError(
+                f"module {path or '(root)'!r} ({type(modules[path]).__name__}) owns residual "
+                f"adds but was called {rec.calls} times in one forward; mhc_compile needs "
+                "each block called once (weight-shared blocks are not supported)"
+            )
+    ordered = sorted(block_paths, key=lambda p: records[p].order)
+    analyses = [blocks.analyse_block(p, modules[p], records[p], config) for p in ordered]
+    for a in analyses:
+        expected = sum(1 for o in owners if o == a.path or o.startswith(a.path + ".") or a.path == "")
+        if len(a.connections) != expected:
+            raise ConversionError(
+                f"block {a.path or '(root)'!r}: the whole-model capture found {expected} "
+                f"residual adds in it but tracing the block found {len(a.connections)}; "
+                "the block's forward may branch on its inputs in a way tracing cannot follow"
+            )
+    _link_chains(analyses, records)
+    cut_notes = [f"{exported.module_path(c.add) or '(root)'}: {c.reason}" for c in cuts]
+    return ModelAnalysis(config, analyses, cut_notes + [n for a in analyses for n in a.cuts])
+
+
+def _link_chains(analyses: list[BlockAnalysis], records: dict) -> None:
+    """Link block i to block j when j's stream input *is* i's stream output tensor."""
+    outs = [blocks.stream_out_value(a, records[a.path]) for a in analyses]
+    chain = -1
+    for j, b in enumerate(analyses):
+        x_in = blocks.stream_in_value(b)
+        for i in range(j):
+            a = analyses[i]
+            if (
+                outs[i] is not None
+                and outs[i] is x_in
+                and not a.link_out
+                and a.channel_dim == b.channel_dim
+            ):
+                a.link_out = b.link_in = True
+                b.chain = a.chain
+                break
+        if b.chain < 0:
+            chain += 1
+            b.chain = chain
+
+
+def mhc_compile(
+    model: nn.Module,
+    n_streams: int = 4,
+    *,
+    mode: str = "mhc",
+    init: str = "preserve",
+    example_inputs: Any = None,
+    backend: str = "auto",
+    sinkhorn_iters: int = 20,
+    collapse: str = "mean",
+    channel_dim: Optional[int] = None,
+    rms_eps: float = 1e-6,
+) -> nn.Module:
+    """Rewrite ``model``'s residual connections into ``n_streams``-stream mHC, in place.
+
+    Args:
+        model: any ``nn.Module`` whose forward contains residual adds ``x + F(x)``.
+        n_streams: number of streams ``n`` (1..8).
+        mode: ``"mhc"``, ``"hc"`` (unconstrained) or ``"residual"`` (analyse only).
+        init: ``"preserve"`` (same outputs as the original at step 0) or ``"paper"``.
+        example_inputs: one forward call's inputs (tensor, tuple, dict or
+            ``(args, kwargs)``); synthesised for Hugging Face models when omitted.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (reference ops).
+        sinkhorn_iters, collapse, channel_dim, rms_eps: see :class:`MHCConfig`.
+
+    Returns:
+        The same model object, converted: same call signature and outputs; original
+        parameters and state_dict keys kept; new parameters in ``<block>.mhc.<i>``.
+
+    Raises:
+        MHCConfigError, NoResidualError, ConversionError, CaptureError: with the reason;
+        the model is left unchanged.
+    """
+    if disabled():
+        logger.warning(
+            "%s=%s: mhc_compile returns %s unchanged",
+            DISABLE_ENV, os.environ.get(DISABLE_ENV), type(model).__name__,
+        )
+        return model
+    config = MHCConfig(
+        n_streams=n_streams, mode=mode, init=init, backend=backend,
+        sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
+    )
+    if isinstance(model, nn.Module) and is_converted(model):
+        raise ConversionError(
+            f"{type(model).__name__} is already converted by mhc_compile; convert the "
+            "original model once (build a fresh one to change options)"
+        )
+    if config.backend != "torch":
+        from .ops import library
+
+        library.check_backend(config.backend)
+    analysis = analyse(model, config, example_inputs)
+    if config.mode != "residual":
+        modules = dict(model.named_modules())
+        for block in analysis.blocks:
+            blocks.install(modules[block.path], block, config)
+    model._mhc_analysis = analysis
+    logger.info(
+        "mhc_compile: %d connections in %d blocks rewritten to %d-stream %s",
+        sum(len(b.connections) for b in analysis.blocks), len(analysis.blocks), n_streams, mode,
+    )
+    return model
+
+
+def inspect(model: nn.Module, example_inputs: Any = None, *, print_table: bool = True) -> list[dict]:
+    """One row per (to be) rewritten connection; printed as a table.
+
+    Works on a converted model (what was rewritten) and on a plain one (what would be).
+    """
+    analysis = getattr(model, "_mhc_analysis", None)
+    if analysis is None:
+        analysis = analyse(model, MHCConfig(mode="residual"), example_inputs)
+    rows = analysis.rows()
+    if print_table:
+        from tabulate import tabulate
+
+        print(tabulate(rows, headers="keys", tablefmt="github"))
+        for note in analysis.cuts:
+            print(f"cut: {note}")
+    return rows
+
+
+def hyper_connected(n_streams: int = 4, **options: Any) -> Callable[[T], T]:
+    """Decorator: convert what a model class or factory function builds.
+
+    ``@hyper_connected(n_streams=4)`` on an ``nn.Module`` subclass converts each instance
+    at the end of its ``__init__`` (instances of further subclasses are left alone); on
+    a function, converts the module it returns. ``MHC_DISABLE=1`` turns it into a no-op.
+    """
+
+    def decorate(obj: T) -> T:
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            original_init = obj.__init__
+
+            @functools.wraps(original_init)
+            def __init__(self, *args, **kwargs):
+                original_init(self, *args, **kwargs)
+                if type(self) is obj:
+                    mhc_compile(self, n_streams, **options)
+
+            obj.__init__ = __init__
+            return obj
+        if callable(obj):
+
+            @functools.wraps(obj)
+            def factory(*args, **kwargs):
+                return mhc_compile(obj(*args, **kwargs), n_streams, **options)
+
+            return factory  # type: ignore[return-value]
+        raise TypeError(f"hyper_connected decorates an nn.Module class or a factory, not {obj!r}")
+
+    return decorate
+
+
+__all__ = [
+    "mhc_compile", "hyper_connected", "inspect", "analyse", "is_converted", "mhc_parameters",
+    "NoResidualError", "ConversionError", "CaptureError", "DISABLE_ENV",
+]

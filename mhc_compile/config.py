@@ -1,0 +1,85 @@
+"""One dataclass holding every option of a conversion, validated with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+MODES = ("mhc", "hc", "residual")
+INITS = ("preserve", "paper")
+BACKENDS = ("auto", "triton", "torch")
+COLLAPSES = ("mean", "sum")
+MAX_STREAMS = 8
+
+
+class MHCConfigError(ValueError):
+    """An option passed to :func:`mhc_compile` is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class MHCConfig:
+    """Options of one conversion.
+
+    Attributes:
+        n_streams: number of residual streams ``n`` (1..8).
+        mode: ``"mhc"`` (Sinkhorn-projected mixing), ``"hc"`` (unconstrained
+            Hyper-Connections) or ``"residual"`` (analysis only, model unchanged).
+        init: ``"preserve"`` (converted model computes the original function at
+            step 0) or ``"paper"`` (DeepSeek-style init for training from scratch).
+        sinkhorn_iters: Sinkhorn-Knopp iterations ``t_max``.
+        collapse: how the n streams are merged where a chain ends: ``"mean"`` or ``"sum"``.
+        backend: ``"auto"`` (Triton kernels on CUDA, reference elsewhere),
+            ``"triton"`` or ``"torch"`` (the plain-PyTorch reference ops).
+        rms_eps: epsilon of the RMS normalisation of the flattened streams.
+        channel_dim: channel axis of the residual stream; ``None`` picks ``-1`` for
+            token models and ``1`` for convolutional blocks.
+        fuse_adjacent: let the lowering pass fuse ``post(l)`` with ``pre(l+1)``
+            where both connections live in the same block.
+    """
+
+    n_streams: int = 4
+    mode: str = "mhc"
+    init: str = "preserve"
+    sinkhorn_iters: int = 20
+    collapse: str = "mean"
+    backend: str = "auto"
+    rms_eps: float = 1e-6
+    channel_dim: Optional[int] = None
+    fuse_adjacent: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_streams, int) or isinstance(self.n_streams, bool):
+            raise MHCConfigError(f"n_streams must be an int, got {self.n_streams!r}")
+        if not 1 <= self.n_streams <= MAX_STREAMS:
+            raise MHCConfigError(
+                f"n_streams must be between 1 and {MAX_STREAMS}, got {self.n_streams}; "
+                "mHC uses small n (the paper uses 4)"
+            )
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("init", self.init, INITS)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("collapse", self.collapse, COLLAPSES)
+        if not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
+            raise MHCConfigError(
+                f"sinkhorn_iters must be a positive int, got {self.sinkhorn_iters!r}"
+            )
+        if self.rms_eps <= 0:
+            raise MHCConfigError(f"rms_eps must be > 0, got {self.rms_eps!r}")
+        if self.channel_dim not in (None, 1, -1):
+            raise MHCConfigError(
+                f"channel_dim must be None, 1 (channels-first) or -1 (channels-last), "
+                f"got {self.channel_dim!r}"
+            )
+
+    @property
+    def n_coeffs(self) -> int:
+        """Width of the coefficient projection: ``n^2 + 2n``."""
+        return self.n_streams * self.n_streams + 2 * self.n_streams
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise MHCConfigError(
+            f"unknown {name} {value!r}; choose one of {', '.join(repr(c) for c in choices)}"
+        )

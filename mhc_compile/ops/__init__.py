@@ -1,0 +1,1 @@
+"""mHC ops: the plain-PyTorch reference, the Triton kernels and their registration."""

@@ -1,0 +1,140 @@
+"""The ops the rewritten graphs call: stream layout handling plus backend dispatch.
+
+A stream tensor keeps the layout of the single stream it replaced, with the stream axis
+inserted just before the channel axis:
+
+* channels-last (``channel_dim=-1``): ``[..., C] -> [..., n, C]`` (transformers);
+* channels-first (``channel_dim=1``): ``[B, C, *S] -> [B, n, C, *S]`` (conv nets).
+
+Both are viewed as ``[M, n, C]`` token-major for the math (a copy for channels-first).
+The per-token coefficients ``H_post [M, n]`` and ``H_res [M, n, n]`` travel between
+``mhc_pre`` and ``mhc_post`` in that token order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def stream_dim_of(channel_dim: int) -> int:
+    """Stream axis of a stream tensor for a given channel axis of the single stream."""
+    return -2 if channel_dim == -1 else channel_dim
+
+
+def streams_to_tokens(x: Tensor, channel_dim: int) -> Tensor:
+    """``[..., n, C]`` or ``[B, n, C, *S]`` -> ``[M, n, C]``."""
+    if channel_dim == -1:
+        return x.reshape(-1, x.shape[-2], x.shape[-1])
+    moved = x.movedim((1, 2), (-2, -1))  # [B, *S, n, C]
+    return moved.reshape(-1, moved.shape[-2], moved.shape[-1])
+
+
+def tokens_to_streams(t: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+    """Inverse of :func:`streams_to_tokens`; ``like`` is a stream tensor of the target shape."""
+    if channel_dim == -1:
+        return t.reshape(like.shape)
+    b, n, c, *spatial = like.shape
+    return t.reshape(b, *spatial, n, c).movedim((-2, -1), (1, 2))
+
+
+def tokens_to_single(t: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+    """``[M, C]`` -> the single-stream layout of the stream tensor ``like``."""
+    if channel_dim == -1:
+        return t.reshape(*like.shape[:-2], like.shape[-1])
+    b, _, c, *spatial = like.shape
+    return t.reshape(b, *spatial, c).movedim(-1, 1)
+
+
+def single_to_tokens(y: Tensor, channel_dim: int) -> Tensor:
+    """A single-stream tensor ``[..., C]`` or ``[B, C, *S]`` -> ``[M, C]``."""
+    if channel_dim == -1:
+        return y.reshape(-1, y.shape[-1])
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def _use_kernels(x: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda and _kernels_available()
+
+
+def _kernels_available() -> bool:
+    from . import library
+
+    return library.KERNELS_AVAILABLE
+
+
+def _pre_impl(backend: str, x: Tensor) -> Callable:
+    if _use_kernels(x, backend):
+        from . import library
+
+        return library.mhc_pre
+    return reference.mhc_pre
+
+
+def _post_impl(backend: str, x: Tensor) -> Callable:
+    if _use_kernels(x, backend):
+        from . import library
+
+        return library.mhc_post
+    return reference.mhc_post
+
+
+def mhc_pre(
+    x: Tensor,
+    phi: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    *,
+    mode: str,
+    sinkhorn_iters: int,
+    eps: float,
+    channel_dim: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pre side of one connection on a stream tensor.
+
+    Returns the branch input ``u`` in the single-stream layout, ``H_post [M, n]`` and
+    ``H_res [M, n, n]`` (float32, token-major).
+    """
+    tokens = streams_to_tokens(x, channel_dim)
+    u, h_post, h_res = _pre_impl(backend, tokens)(
+        tokens, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps
+    )
+    return tokens_to_single(u, x, channel_dim), h_post, h_res
+
+
+def mhc_post(
+    x: Tensor,
+    y: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    *,
+    channel_dim: int,
+    backend: str,
+) -> Tensor:
+    """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout."""
+    tokens = streams_to_tokens(x, channel_dim)
+    y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
+    out = _post_impl(backend, tokens)(tokens, y_tokens, h_post, h_res)
+    return tokens_to_streams(out, x, channel_dim)
+
+
+def expand(x: Tensor, n: int, *, channel_dim: int) -> Tensor:
+    """Start of a chain: one stream -> n identical streams."""
+    return reference.expand_streams(x, n, stream_dim_of(channel_dim))
+
+
+def collapse(x: Tensor, *, channel_dim: int, reduce: str) -> Tensor:
+    """End of a chain: n streams -> one, by ``"mean"`` or ``"sum"``."""
+    return reference.collapse_streams(x, stream_dim_of(channel_dim), reduce)
+
+
+__all__ = ["mhc_pre", "mhc_post", "expand", "collapse", "stream_dim_of"]

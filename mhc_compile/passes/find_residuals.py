@@ -1,0 +1,198 @@
+"""Find residual adds in an FX graph and the module that owns each of them.
+
+A residual add is ``add(skip, branch)`` where ``skip`` is an ancestor of ``branch`` in the
+dataflow graph, both have the same shape, and the path from ``skip`` to ``branch`` holds
+a trained computation (a parameter is used on it): ``x + F(x)``. Adds of two values that
+share an ancestor but where neither descends from the other (``shortcut(x) + F(x)`` with a
+projection shortcut, ``attn(x) + mlp(x)``) are reported as *cuts*: not rewritten, the
+chain ends there.
+
+The functions work on torch-level graphs (``torch.fx`` traces of one block) and on
+ATen-level graphs (``torch.export``) alike; callers say which nodes are parameters.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import fx
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+def _aten_adds() -> set:
+    aten = torch.ops.aten
+    return {aten.add.Tensor, aten.add_.Tensor}
+
+
+@dataclass
+class ResidualAdd:
+    """One ``skip + branch`` add found in a graph."""
+
+    add: fx.Node
+    skip: fx.Node
+    branch: fx.Node
+    shape: tuple[int, ...]
+    branch_nodes: list[fx.Node] = field(default_factory=list)  # skip -> branch path, topo order
+
+
+@dataclass
+class CutAdd:
+    """An add of two same-shaped computed values that is not a residual connection."""
+
+    add: fx.Node
+    reason: str
+
+
+def is_add(node: fx.Node) -> bool:
+    """True for a tensor add of two graph values (``+``, ``+=``, ``torch.add``, ``aten.add``)."""
+    if node.op == "call_function":
+        is_add_op = node.target in _ADD_FUNCTIONS or node.target in _aten_adds()
+    else:
+        is_add_op = node.op == "call_method" and node.target in _ADD_METHODS
+    if not is_add_op:
+        return False
+    if len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return False
+    alpha = node.kwargs.get("alpha", 1)
+    return alpha == 1
+
+
+def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
+    """Static shape from ``meta['val']`` (export) or ``meta['tensor_meta']`` (ShapeProp)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(int(s) for s in tm.shape)
+    return None
+
+
+class Ancestry:
+    """Ancestor sets of every node of a graph as integer bitmasks (fast for big graphs)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.mask: dict[fx.Node, int] = {}
+        for n in self.nodes:
+            m = 0
+            for inp in n.all_input_nodes:
+                m |= self.mask[inp] | (1 << self.index[inp])
+            self.mask[n] = m
+
+    def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
+        return bool(self.mask[b] >> self.index[a] & 1)
+
+    def between(self, a: fx.Node, b: fx.Node) -> list[fx.Node]:
+        """Nodes on some path from ``a`` to ``b`` (excluding ``a``, including ``b``), topo order."""
+        bits = self.mask[b] | (1 << self.index[b])
+        ia = self.index[a]
+        return [
+            n
+            for n in self.nodes[ia + 1 : self.index[b] + 1]
+            if bits >> self.index[n] & 1 and self.is_ancestor(a, n)
+        ]
+
+
+def _uses_params(node: fx.Node, is_param: Callable[[fx.Node], bool]) -> bool:
+    return is_param(node) or any(is_param(a) for a in node.all_input_nodes)
+
+
+def find_residual_adds(
+    graph: fx.Graph, is_param: Callable[[fx.Node], bool]
+) -> tuple[list[ResidualAdd], list[CutAdd]]:
+    """Residual adds of ``graph`` in topological order, and the same-shape adds that are cut.
+
+    Args:
+        graph: any FX graph whose nodes carry shapes (``val`` or ``tensor_meta`` meta).
+        is_param: says whether a node is (or directly yields) a trained parameter.
+    """
+    anc = Ancestry(graph)
+    found: list[ResidualAdd] = []
+    cuts: list[CutAdd] = []
+    for node in anc.nodes:
+        if not is_add(node):
+            continue
+        a, b = node.args[0], node.args[1]
+        shape_a, shape_b = node_shape(a), node_shape(b)
+        if shape_a is None or shape_b is None or shape_a != shape_b or len(shape_a) < 2:
+            continue
+        if anc.is_ancestor(a, b):
+            skip, branch = a, b
+        elif anc.is_ancestor(b, a):
+            skip, branch = b, a
+        else:
+            if _parallel_trained_paths(anc, a, b, is_param):
+                cuts.append(
+                    CutAdd(
+                        node,
+                        "both operands are computed from a common input but neither is the "
+                        "other's input (a projection shortcut or parallel branches); "
+                        "not rewritten, the stream chain is cut here",
+                    )
+                )
+            continue
+        path = anc.between(skip, branch)
+        if not any(_uses_params(n, is_param) for n in path):
+            continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
+        found.append(ResidualAdd(node, skip, branch, shape_a, path))
+    return found, cuts
+
+
+def _parallel_trained_paths(anc: Ancestry, a: fx.Node, b: fx.Node, is_param) -> bool:
+    """Both operands are trained computations forked from their latest common ancestor."""
+    common = anc.mask[a] & anc.mask[b]
+    if not common:
+        return False
+    fork = anc.nodes[common.bit_length() - 1]
+    return all(any(_uses_params(n, is_param) for n in anc.between(fork, x)) for x in (a, b))
+
+
+def branch_users(res: ResidualAdd) -> list[fx.Node]:
+    """Users of ``res.skip`` that feed the branch (they get the aggregated input ``u``)."""
+    on_path = set(res.branch_nodes)
+    return [u for u in res.skip.users if u in on_path and u is not res.add]
+
+
+def lowest_common_module(paths: Sequence[str]) -> str:
+    """Deepest dotted module path that is a prefix of all ``paths`` (``""`` is the root)."""
+    split = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for parts in zip(*split):
+        if all(p == parts[0] for p in parts):
+            common.append(parts[0])
+        else:
+            break
+    return ".".join(common)
+
+
+def owner_module(res: ResidualAdd, module_path: Callable[[fx.Node], str]) -> str:
+    """Module that owns a residual connection: the lowest module containing the add and
+    every place where the skip value enters the branch (BERT's add lives in
+    ``attention.output`` while the branch starts in ``attention.self``: the owner is
+    ``attention``)."""
+    paths = [module_path(res.add)] + [module_path(u) for u in branch_users(res)]
+    return lowest_common_module(paths)
+
+
+def topmost(paths: Sequence[str]) -> list[str]:
+    """Drop every path that lies inside another path of the list; keep first-seen order."""
+    out: list[str] = []
+    for p in paths:
+        if p in out:
+            continue
+        if any(_inside(p, q) for q in paths if q != p):
+            continue
+        out.append(p)
+    return out
+
+
+def _inside(p: str, q: str) -> bool:
+    """True when module ``p`` lies strictly inside module ``q``."""
+    return q == "" and p != "" or p.startswith(q + ".")
