@@ -85,6 +85,13 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
     args, kwargs = resolve_example_inputs(model, example_inputs)
     exported = export_model(model, args, kwargs)
     residuals, cuts = find_residual_adds(exported.graph, exported.is_param)
+    for cut in cuts:
+        if cut.fatal:
+            raise ConversionError(
+                f"residual add {cut.add.name!r} in module "
+                f"{exported.module_path(cut.add) or '(root)'!r}: {cut.reason}; make the "
+                "shapes equal (e.g. expand the branch output) before converting"
+            )
     if not residuals:
         raise NoResidualError(
             f"found no residual add (x + F(x), both of the same shape, F with trained "

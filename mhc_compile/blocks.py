@@ -222,9 +222,21 @@ def _run_variant(self: nn.Module, vals: dict) -> Any:
     key = make_key(self.training, vals)
     fn = plan.variants.get(key)
     if fn is None:
-        fn = build_variant(self, plan, vals, self.training)
-        plan.variants[key] = fn
+        fn = _build_missing_variant(self, plan, vals, key)
     return fn(self, vals)
+
+
+@torch.compiler.disable
+def _build_missing_variant(block: nn.Module, plan: BlockPlan, vals: dict, key: tuple) -> Callable:
+    """First call with new constant/None arguments: trace and rewrite outside torch.compile.
+
+    Under ``torch.compile`` this is one graph break (an error with ``fullgraph=True``);
+    one eager call with the same arguments, or ``example_inputs=`` of that form at
+    conversion, builds the graph ahead of time.
+    """
+    fn = build_variant(block, plan, vals, key[0])
+    plan.variants[key] = fn
+    return fn
 
 
 def make_forward(block: nn.Module, params: list[inspect.Parameter]) -> Callable:

@@ -90,8 +90,6 @@ def synthesize_hf_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> 
             f"cannot synthesise example inputs for main input {main_input!r} of "
             f"{type(model).__name__}; pass example_inputs="
         )
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False
     return (), kwargs
 
 
@@ -211,6 +209,8 @@ class ExportedGraph:
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     """Capture ``model`` with ``torch.export`` (non-strict) for analysis."""
     wrapper = _TensorOutputs(model)
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}  # caches are no graph outputs; analysis only
     try:
         with side_effect_free(model):
             ep = torch.export.export(wrapper, (args, kwargs), strict=False)

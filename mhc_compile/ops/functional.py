@@ -20,6 +20,9 @@ from torch import Tensor
 
 from . import reference
 
+# Callables ``obs(kind, tensors)`` told about every eager ``mhc_pre`` call (diagnostics).
+OBSERVERS: list[Callable[[str, dict], None]] = []
+
 
 def stream_dim_of(channel_dim: int) -> int:
     """Stream axis of a stream tensor for a given channel axis of the single stream."""
@@ -108,6 +111,9 @@ def mhc_pre(
     u, h_post, h_res = _pre_impl(backend, tokens)(
         tokens, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps
     )
+    if OBSERVERS:
+        for observer in OBSERVERS:
+            observer("pre", {"streams": tokens, "h_post": h_post, "h_res": h_res})
     return tokens_to_single(u, x, channel_dim), h_post, h_res
 
 

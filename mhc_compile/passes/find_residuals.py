@@ -46,6 +46,7 @@ class CutAdd:
 
     add: fx.Node
     reason: str
+    fatal: bool = False  # True: looks like a residual connection that cannot be rewritten
 
 
 def is_add(node: fx.Node) -> bool:
@@ -121,7 +122,18 @@ def find_residual_adds(
             continue
         a, b = node.args[0], node.args[1]
         shape_a, shape_b = node_shape(a), node_shape(b)
-        if shape_a is None or shape_b is None or shape_a != shape_b or len(shape_a) < 2:
+        if shape_a is None or shape_b is None or len(shape_a) < 2:
+            continue
+        if shape_a != shape_b:
+            if _is_broadcast_residual(anc, a, b, is_param):
+                cuts.append(
+                    CutAdd(
+                        node,
+                        f"operands have different shapes {list(shape_a)} and {list(shape_b)}; "
+                        "a residual connection needs the branch to return the skip's shape",
+                        fatal=True,
+                    )
+                )
             continue
         if anc.is_ancestor(a, b):
             skip, branch = a, b
@@ -143,6 +155,16 @@ def find_residual_adds(
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
         found.append(ResidualAdd(node, skip, branch, shape_a, path))
     return found, cuts
+
+
+def _is_broadcast_residual(anc: Ancestry, a: fx.Node, b: fx.Node, is_param) -> bool:
+    """``x + F(x)`` whose trained branch returns a differently shaped (broadcast) value."""
+    for skip, branch in ((a, b), (b, a)):
+        if anc.is_ancestor(skip, branch) and any(
+            _uses_params(n, is_param) for n in anc.between(skip, branch)
+        ):
+            return True
+    return False
 
 
 def _parallel_trained_paths(anc: Ancestry, a: fx.Node, b: fx.Node, is_param) -> bool:

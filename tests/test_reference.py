@@ -1,0 +1,173 @@
+"""The reference math: shapes, function-preserving init, gradcheck, Sinkhorn properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mhc_compile.config import MHCConfig
+from mhc_compile.layers import MHCConnection
+from mhc_compile.ops import reference as R
+
+
+def _params(n, c, dtype=torch.float64, alpha_scale=1.0):
+    phi = torch.randn(n * c, n * n + 2 * n, dtype=dtype) / math.sqrt(n * c)
+    bias = torch.randn(n * n + 2 * n, dtype=dtype)
+    alpha = torch.rand(3, dtype=dtype) * alpha_scale + 0.1
+    return phi, bias, alpha
+
+
+def test_sinkhorn_is_doubly_stochastic_for_bounded_logits():
+    # 20 rounds converge to 1e-5 for logits in [-1, 1]; wider spreads converge slower
+    # (std-2 Gaussian logits leave row errors near 2e-2 after 20 rounds).
+    p = R.sinkhorn_knopp(torch.rand(4096, 4, 4) * 2 - 1, iters=20)
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(4096, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p.sum(-2), torch.ones(4096, 4), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n=st.integers(1, 8))
+def test_sinkhorn_property_rows_and_columns_sum_to_one(data, n):
+    entries = data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n * n, max_size=n * n))
+    logits = torch.tensor(entries).reshape(1, n, n)
+    p = R.sinkhorn_knopp(logits, iters=20)
+    assert torch.isfinite(p).all()
+    assert (p.sum(-1) - 1).abs().max() <= 1e-5
+    assert (p.sum(-2) - 1).abs().max() <= 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 8), magnitude=st.floats(10.0, 1e4), seed=st.integers(0, 2**31 - 1))
+def test_sinkhorn_large_logits_stay_finite(n, magnitude, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.rand(8, n, n, generator=g) * 2 - 1) * magnitude
+    p = R.sinkhorn_knopp(logits, iters=20)
+    assert torch.isfinite(p).all()
+    assert (p >= 0).all() and (p <= 1 + 1e-6).all()
+    # the last step normalises columns; a column whose entries all underflow stays 0
+    col = p.sum(-2)
+    assert ((col - 1).abs() <= 1e-5).logical_or(col == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 8), c=st.integers(1, 9), big=st.floats(0.0, 50.0), seed=st.integers(0, 2**31 - 1))
+def test_coefficient_ranges(n, c, big, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, n, c, generator=g)
+    phi = torch.randn(n * c, n * n + 2 * n, generator=g) * big
+    bias = torch.randn(n * n + 2 * n, generator=g) * big
+    h_pre, h_post, h_res = R.mhc_coefficients(x, phi, bias, torch.ones(3))
+    for h in (h_pre, h_post, h_res):
+        assert torch.isfinite(h).all()
+    assert ((h_pre >= 0) & (h_pre <= 1)).all()
+    assert ((h_post >= 0) & (h_post <= 2)).all()
+
+
+def test_rms_reordering_matches_normalise_first():
+    x = torch.randn(7, 4, 6, dtype=torch.float64)
+    phi, bias, alpha = _params(4, 6)
+    v = x.reshape(7, 24)
+    v_norm = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    proj = v_norm @ phi
+    h_pre, _, _ = R.mhc_coefficients(x, phi, bias, alpha)
+    torch.testing.assert_close(h_pre, torch.sigmoid(alpha[0] * proj[:, :4] + bias[:4]).float())
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_gradcheck_pre(mode):
+    n, c = 3, 5
+    x = torch.randn(4, n, c, dtype=torch.float64, requires_grad=True)
+    phi, bias, alpha = (t.requires_grad_() for t in _params(n, c))
+
+    def f(x, phi, bias, alpha):
+        v = x.reshape(4, n * c)
+        rstd = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+        proj = (v @ phi) * rstd
+        # the reference in float64 end to end (mhc_coefficients upcasts only to float32)
+        d_pre, d_post, d_res = R.split_coefficients(proj, n)
+        b_pre, b_post, b_res = R.split_coefficients(bias, n)
+        if mode == "mhc":
+            h_pre = torch.sigmoid(alpha[0] * d_pre + b_pre)
+            h_post = 2 * torch.sigmoid(alpha[1] * d_post + b_post)
+            logits = alpha[2] * d_res + b_res
+            p = torch.exp(logits - logits.amax(-1, keepdim=True))
+            for _ in range(20):
+                p = p / p.sum(-1, keepdim=True)
+                p = p / p.sum(-2, keepdim=True)
+            h_res = p
+        else:
+            h_pre = alpha[0] * torch.tanh(d_pre) + b_pre
+            h_post = alpha[1] * torch.tanh(d_post) + b_post
+            h_res = alpha[2] * torch.tanh(d_res) + b_res
+        u = torch.einsum("mn,mnc->mc", h_pre, x)
+        return u, h_post, h_res
+
+    assert torch.autograd.gradcheck(f, (x, phi, bias, alpha))
+    # and the float64 formula above is the reference's formula
+    u_ref, hp_ref, hr_ref = R.mhc_pre(x.float(), phi.float(), bias.float(), alpha.float(), mode=mode)
+    u, hp, hr = f(x, phi, bias, alpha)
+    torch.testing.assert_close(u.float(), u_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hr.float(), hr_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_sinkhorn():
+    logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(z):
+        p = torch.exp(z - z.amax(-1, keepdim=True))
+        for _ in range(20):
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+            p = p / p.sum(-2, keepdim=True).clamp_min(1e-30)
+        return p
+
+    assert torch.autograd.gradcheck(f, (logits,))
+    torch.testing.assert_close(f(logits).float(), R.sinkhorn_knopp(logits.float()), rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_post_and_aggregate():
+    n, c = 4, 3
+    x = torch.randn(5, n, c, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, c, dtype=torch.float64, requires_grad=True)
+    h_post = torch.rand(5, n, dtype=torch.float64, requires_grad=True)
+    h_res = torch.rand(5, n, n, dtype=torch.float64, requires_grad=True)
+    h_pre = torch.rand(5, n, dtype=torch.float64, requires_grad=True)
+    post = lambda x, y, hp, hr: torch.einsum("mij,mjc->mic", hr, x) + hp.unsqueeze(-1) * y.unsqueeze(-2)
+    assert torch.autograd.gradcheck(post, (x, y, h_post, h_res))
+    assert torch.autograd.gradcheck(lambda x, h: torch.einsum("mn,mnc->mc", h, x), (x, h_pre))
+    torch.testing.assert_close(R.mhc_post(x.float(), y.float(), h_post.float(), h_res.float()),
+                               post(x, y, h_post, h_res).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_expand_collapse_roundtrip():
+    x = torch.randn(2, 3, 5)
+    xs = R.expand_streams(x, 4, -2)
+    assert xs.shape == (2, 3, 4, 5)
+    torch.testing.assert_close(R.collapse_streams(xs, -2, "mean"), x)
+    torch.testing.assert_close(R.collapse_streams(xs, -2, "sum"), 4 * x)
+    img = torch.randn(2, 6, 3, 3)
+    assert R.expand_streams(img, 2, 1).shape == (2, 2, 6, 3, 3)
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_preserve_init_is_identity_on_replicated_streams(mode, n):
+    c = 8
+    conn = MHCConnection(c, MHCConfig(n_streams=n, mode=mode))
+    x = torch.randn(6, c)
+    y = torch.randn(6, c)
+    xs = R.expand_streams(x, n, -2)
+    u, h_post, h_res = R.mhc_pre(xs, conn.phi, conn.bias, conn.alpha, mode=mode)
+    torch.testing.assert_close(u, x, rtol=1e-6, atol=1e-6)
+    out = R.mhc_post(xs, y, h_post, h_res)
+    torch.testing.assert_close(out, R.expand_streams(x + y, n, -2), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_streams_fp32_coefficients():
+    x = torch.randn(4, 4, 8, dtype=torch.bfloat16)
+    phi, bias, alpha = (t.float() for t in _params(4, 8))
+    u, h_post, h_res = R.mhc_pre(x, phi, bias, alpha)
+    assert u.dtype == torch.bfloat16 and h_post.dtype == torch.float32 and h_res.dtype == torch.float32
+    assert R.mhc_post(x, u, h_post, h_res).dtype == torch.bfloat16
