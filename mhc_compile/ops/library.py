@@ -1,13 +1,276 @@
-"""torch.library registration of the fused Triton kernels (filled in by the kernels work)."""
+"""``torch.library`` registration of the fused Triton kernels.
+
+Four custom ops (``mhc_compile::pre_fwd``, ``pre_bwd``, ``post_fwd``, ``post_bwd``) are
+declared with ``torch.library.triton_op`` so that eager mode, autograd and Inductor all
+call the same kernels (Inductor sees the Triton kernels inside them), with fake
+implementations derived from the op bodies and autograd formulas registered with
+``register_autograd``. :func:`mhc_pre` and :func:`mhc_post` are what
+``ops.functional`` calls for ``backend="triton"`` (and for ``"auto"`` on CUDA).
+"""
 
 from __future__ import annotations
 
-KERNELS_AVAILABLE = False
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: without it only backend="torch" exists
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from .triton import kernels
+
+    KERNELS_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    KERNELS_AVAILABLE = False
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_STREAMS = 8
+BLOCK_M_PRE = 16
+BLOCK_M_POST = 4
+POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
+
+
+class KernelInputError(ValueError):
+    """An input the fused kernels cannot take; the message names the fix."""
 
 
 def check_backend(backend: str) -> None:
     """Raise a clear error when ``backend="triton"`` is asked for but cannot run."""
     if backend == "triton" and not KERNELS_AVAILABLE:
         raise RuntimeError(
-            "backend='triton' needs the Triton package; install it or use backend='torch'"
+            "backend='triton' needs the Triton package (pip install triton); "
+            "use backend='torch' for the reference ops"
         )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def validate(x: Tensor, *others: Tensor) -> None:
+    """Device, dtype, shape and stream-count checks shared by the fused ops."""
+    if x.dim() != 3:
+        raise KernelInputError(f"fused mHC ops take streams as [M, n, C]; got shape {tuple(x.shape)}")
+    n = x.shape[1]
+    if not 1 <= n <= MAX_STREAMS:
+        raise KernelInputError(f"fused mHC kernels support 1 to {MAX_STREAMS} streams; got n={n}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(
+            f"fused mHC kernels take float32, bfloat16 or float16 streams; got {x.dtype}; "
+            "cast the model or use backend='torch'"
+        )
+    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+        raise KernelInputError(
+            f"fused mHC kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+            f"got a {x.device.type} tensor; use backend='torch' or backend='auto'"
+        )
+    for t in others:
+        if t.device != x.device:
+            raise KernelInputError(f"all inputs must be on {x.device}; got one on {t.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def layout(n: int) -> tuple[int, int, int, int]:
+    """``(NPAD, NP, NR, W)`` of the padded coefficient layout for ``n`` streams."""
+    npad = max(4, 1 << (n - 1).bit_length())
+    np_ = max(16, npad)
+    nr = npad * npad
+    return npad, np_, nr, 2 * np_ + nr
+
+
+@functools.lru_cache(maxsize=None)
+def _columns(n: int) -> tuple[int, ...]:
+    """Target column in the padded layout of each of the ``n^2 + 2n`` coefficient columns."""
+    npad, np_, _, _ = layout(n)
+    cols = list(range(n)) + [np_ + i for i in range(n)]
+    cols += [2 * np_ + i * npad + j for i in range(n) for j in range(n)]
+    return tuple(cols)
+
+
+def _column_index(n: int, device: torch.device) -> Tensor:
+    return torch.tensor(_columns(n), device=device, dtype=torch.long)
+
+
+def _pad_columns(t: Tensor, n: int) -> Tensor:
+    """``[..., n^2 + 2n]`` -> ``[..., W]`` with zeros in the padding."""
+    width = layout(n)[3]
+    out = t.new_zeros(*t.shape[:-1], width)
+    out[..., _column_index(n, t.device)] = t
+    return out
+
+
+def _split_dot(x: Tensor) -> bool:
+    """16-bit streams use two tensor-core dots against a hi/lo split of ``phi``.
+
+    Triton's CPU interpreter computes 16-bit ``tl.dot`` wrongly (numpy has no bfloat16),
+    so under ``TRITON_INTERPRET=1`` the float32 dot path is taken instead.
+    """
+    return x.dtype != torch.float32 and not _interpreting()
+
+
+def _poisoned(*tensors: Tensor) -> None:
+    if POISON_OUTPUTS:
+        for t in tensors:
+            t.fill_(float("nan"))
+
+
+def _pick(block: int, c: int) -> int:
+    return min(block, triton.next_power_of_2(c)) if KERNELS_AVAILABLE else block
+
+
+if KERNELS_AVAILABLE:
+
+    @triton_op("mhc_compile::pre_fwd", mutates_args=())
+    def pre_fwd(
+        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, hc: bool, iters: int, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
+        ``q [M, W]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
+        m, n, c = x.shape
+        npad, np_, nr, width = layout(n)
+        phi_pad = _pad_columns(phi, n)
+        bias_pad = _pad_columns(bias, n)
+        split = _split_dot(x)
+        phi_hi = phi_pad.to(x.dtype) if split else phi_pad
+        phi_lo = (phi_pad - phi_hi.float()).to(x.dtype) if split else phi_pad
+        u = x.new_empty(m, c)
+        h_pre = x.new_empty(m, n, dtype=torch.float32)
+        h_post = x.new_empty(m, n, dtype=torch.float32)
+        h_res = x.new_empty(m, n, n, dtype=torch.float32)
+        q = x.new_empty(m, width, dtype=torch.float32)
+        rstd = x.new_empty(m, dtype=torch.float32)
+        _poisoned(u, h_pre, h_post, h_res, q, rstd)
+        bm = BLOCK_M_PRE
+        wrap_triton(kernels._pre_fwd_kernel)[(triton.cdiv(m, bm),)](
+            x, phi_hi, phi_lo, bias_pad, alpha, u, h_pre, h_post, h_res, q, rstd,
+            m, c, eps, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, SPLIT=split,
+            BM=bm, BC=_pick(128, c), num_warps=4,
+        )
+        return u, h_pre, h_post, h_res, q, rstd
+
+    @triton_op("mhc_compile::pre_bwd", mutates_args=())
+    def pre_bwd(
+        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
+        q: Tensor, rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradients of :func:`pre_fwd`: ``dx [M, n, C]``, ``dproj [M, W]`` (for
+        ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
+        m, n, c = x.shape
+        npad, np_, nr, width = layout(n)
+        phi_pad = _pad_columns(phi, n)
+        bias_pad = _pad_columns(bias, n)
+        split = _split_dot(x)
+        phi_hi = phi_pad.to(x.dtype) if split else phi_pad
+        dx = torch.empty_like(x)
+        dproj = x.new_empty(m, width, dtype=torch.float32)
+        dz = x.new_empty(m, width, dtype=torch.float32)
+        dalpha = x.new_empty(m, 3, dtype=torch.float32)
+        _poisoned(dx, dproj, dz, dalpha)
+        bm = BLOCK_M_PRE
+        wrap_triton(kernels._pre_bwd_kernel)[(triton.cdiv(m, bm),)](
+            x, phi_hi, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
+            dx, dproj, dz, dalpha, m, c, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc,
+            SPLIT=split, BM=bm, BC=_pick(128, c), num_warps=4,
+        )
+        return dx, dproj, dz, dalpha
+
+    @triton_op("mhc_compile::post_fwd", mutates_args=())
+    def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        """``X_next [M, n, C] = H_res @ x + H_post^T y``."""
+        m, n, c = x.shape
+        out = torch.empty_like(x)
+        _poisoned(out)
+        bc = _pick(256, c)
+        grid = (triton.cdiv(m, BLOCK_M_POST), triton.cdiv(c, bc))
+        wrap_triton(kernels._post_fwd_kernel)[grid](
+            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=bc, num_warps=4
+        )
+        return out
+
+    @triton_op("mhc_compile::post_bwd", mutates_args=())
+    def post_bwd(
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res``."""
+        m, n, c = x.shape
+        dx = torch.empty_like(x)
+        dy = torch.empty_like(y)
+        dh_post = x.new_empty(m, n, dtype=torch.float32)
+        dh_res = x.new_empty(m, n, n, dtype=torch.float32)
+        _poisoned(dx, dy, dh_post, dh_res)
+        wrap_triton(kernels._post_bwd_kernel)[(triton.cdiv(m, BLOCK_M_POST),)](
+            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c,
+            N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=_pick(128, c), num_warps=4,
+        )
+        return dx, dy, dh_post, dh_res
+
+    def _pre_setup(ctx, inputs, output) -> None:
+        x, phi, bias, alpha, hc, iters, _ = inputs
+        _, h_pre, h_post, _, q, rstd = output
+        ctx.save_for_backward(x, phi, bias, alpha, h_pre, h_post, q, rstd)
+        ctx.hc, ctx.iters = hc, iters
+        ctx.mark_non_differentiable(h_pre, q, rstd)
+
+    def _pre_backward(ctx, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
+        x, phi, bias, alpha, h_pre, h_post, q, rstd = ctx.saved_tensors
+        m, n, c = x.shape
+        du = torch.zeros(m, c, device=x.device, dtype=x.dtype) if du is None else du.contiguous()
+        dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post.float().contiguous()
+        dh_res = x.new_zeros(m, n, n, dtype=torch.float32) if dh_res is None else dh_res.float().contiguous()
+        dx, dproj, dz, dalpha = torch.ops.mhc_compile.pre_bwd(
+            x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, ctx.hc, ctx.iters
+        )
+        cols = _column_index(n, x.device)
+        flat = x.reshape(m, n * c)
+        if x.dtype == torch.float32:
+            dphi = flat.t() @ dproj[:, cols]
+        else:
+            dphi = (flat.t() @ dproj[:, cols].to(x.dtype)).float()
+        return dx, dphi, dz.sum(0)[cols], dalpha.sum(0), None, None, None
+
+    def _post_setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def _post_backward(ctx, grad):
+        x, y, h_post, h_res = ctx.saved_tensors
+        return torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous())
+
+    pre_fwd.register_autograd(_pre_backward, setup_context=_pre_setup)
+    post_fwd.register_autograd(_post_backward, setup_context=_post_setup)
+
+
+def mhc_pre(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, mode: str = "mhc",
+    sinkhorn_iters: int = 20, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused pre side: ``x [M, n, C]`` -> ``u [M, C]``, ``H_post [M, n]``, ``H_res [M, n, n]``.
+
+    Same contract as :func:`mhc_compile.ops.reference.mhc_pre`.
+    """
+    check_backend("triton")
+    validate(x, phi, bias, alpha)
+    if mode not in ("mhc", "hc"):
+        raise KernelInputError(f"unknown mode {mode!r}; use 'mhc' or 'hc'")
+    n, c = x.shape[1], x.shape[2]
+    if phi.shape != (n * c, n * n + 2 * n):
+        raise KernelInputError(f"phi must be [n*C, n^2+2n] = {[n * c, n * n + 2 * n]}; got {list(phi.shape)}")
+    u, _, h_post, h_res, _, _ = torch.ops.mhc_compile.pre_fwd(
+        x.contiguous(), phi.float().contiguous(), bias.float().contiguous(),
+        alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
+    )
+    return u, h_post, h_res
+
+
+def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``."""
+    check_backend("triton")
+    validate(x, y, h_post, h_res)
+    m, n, c = x.shape
+    if y.shape != (m, c):
+        raise KernelInputError(f"branch output must be [M, C] = {[m, c]}; got {list(y.shape)}")
+    return torch.ops.mhc_compile.post_fwd(
+        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous()
+    )

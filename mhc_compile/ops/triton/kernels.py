@@ -1,0 +1,363 @@
+"""Fused Triton kernels for one mHC connection. They know nothing of graphs.
+
+Layout: streams ``x [M, N, C]`` (C contiguous), branch ``y``/``u`` ``[M, C]``.
+The projection ``phi [N*C, N^2 + 2N]`` arrives padded as ``[N*C, W]`` with
+``W = 2*NP + NR``: pre columns at ``[0, N)``, post at ``[NP, NP+N)``, res at
+``2*NP + i*NPAD + j``; ``NPAD = max(4, next_pow2(N))``, ``NP = max(16, NPAD)``,
+``NR = NPAD^2`` (so ``tl.dot`` gets N >= 16 and the res block reshapes to a square).
+For 16-bit streams ``phi`` comes as a hi/lo pair of the stream dtype whose sum is the
+float32 value: two tensor-core dots give float32-accurate projections.
+All coefficient math is float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_TINY = 1e-30
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _dot(a, b, SPLIT: tl.constexpr):
+    if SPLIT:
+        return tl.dot(a, b, out_dtype=tl.float32)
+    return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _col(t, cols, j):
+    """Column ``j`` of a 2-D tile as a vector."""
+    return tl.sum(tl.where(cols[None, :] == j, t, 0.0), axis=1)
+
+
+@triton.jit
+def _sinkhorn_logits(q_res, a2, b_res, N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr):
+    """Masked ``[BM, NPAD, NPAD]`` logits and the shifted ``exp`` that starts Sinkhorn."""
+    logits = tl.reshape(a2 * q_res + b_res[None, :], (BM, NPAD, NPAD))
+    ri = tl.arange(0, NPAD)
+    valid = (ri[:, None] < N) & (ri[None, :] < N)
+    logits = tl.where(valid[None, :, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=2)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    p0 = tl.where(valid[None, :, :], tl.exp(logits - mx[:, :, None]), 0.0)
+    return p0
+
+
+@triton.jit
+def _sinkhorn_step(p, axis: tl.constexpr):
+    if axis == 2:
+        s = tl.maximum(tl.sum(p, axis=2), 1e-30)
+        return p / s[:, :, None]
+    s = tl.maximum(tl.sum(p, axis=1), 1e-30)
+    return p / s[:, None, :]
+
+
+@triton.jit
+def _pre_fwd_kernel(
+    x_ptr, phi_hi_ptr, phi_lo_ptr, bias_ptr, alpha_ptr,
+    u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
+    M, C, eps, iters,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    W: tl.constexpr = 2 * NP + NR
+    K = N * C
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for j in tl.static_range(N):
+        for c0 in range(0, C, BC):
+            rc = c0 + tl.arange(0, BC)
+            cmask = rc < C
+            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
+                         mask=mmask[:, None] & cmask[None, :], other=0.0)
+            xf = xt.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+            k = (j * C + rc).to(tl.int64)
+            base = phi_hi_ptr + k[:, None] * W
+            ph_pre = tl.load(base + cp[None, :], mask=cmask[:, None], other=0.0)
+            ph_post = tl.load(base + NP + cp[None, :], mask=cmask[:, None], other=0.0)
+            ph_res = tl.load(base + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
+            if SPLIT:
+                base_lo = phi_lo_ptr + k[:, None] * W
+                pl_pre = tl.load(base_lo + cp[None, :], mask=cmask[:, None], other=0.0)
+                pl_post = tl.load(base_lo + NP + cp[None, :], mask=cmask[:, None], other=0.0)
+                pl_res = tl.load(base_lo + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
+                acc_pre += _dot(xt, ph_pre, SPLIT) + _dot(xt, pl_pre, SPLIT)
+                acc_post += _dot(xt, ph_post, SPLIT) + _dot(xt, pl_post, SPLIT)
+                acc_res += _dot(xt, ph_res, SPLIT) + _dot(xt, pl_res, SPLIT)
+            else:
+                acc_pre += _dot(xf, ph_pre, SPLIT)
+                acc_post += _dot(xf, ph_post, SPLIT)
+                acc_res += _dot(xf, ph_res, SPLIT)
+    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+    q_pre = acc_pre * rstd[:, None]
+    q_post = acc_post * rstd[:, None]
+    q_res = acc_res * rstd[:, None]
+    a0 = tl.load(alpha_ptr)
+    a1 = tl.load(alpha_ptr + 1)
+    a2 = tl.load(alpha_ptr + 2)
+    b_pre = tl.load(bias_ptr + cp)
+    b_post = tl.load(bias_ptr + NP + cp)
+    b_res = tl.load(bias_ptr + 2 * NP + cr)
+    if HC:
+        h_pre = a0 * _tanh(q_pre) + b_pre[None, :]
+        h_post = a1 * _tanh(q_post) + b_post[None, :]
+        h_res = tl.reshape(a2 * _tanh(q_res) + b_res[None, :], (BM, NPAD, NPAD))
+    else:
+        h_pre = _sigmoid(a0 * q_pre + b_pre[None, :])
+        h_post = 2.0 * _sigmoid(a1 * q_post + b_post[None, :])
+        p = _sinkhorn_logits(q_res, a2, b_res, N, NPAD, BM)
+        for _ in range(iters):
+            p = _sinkhorn_step(p, 2)
+            p = _sinkhorn_step(p, 1)
+        h_res = p
+    pvalid = cp < N
+    h_pre = tl.where(pvalid[None, :], h_pre, 0.0)
+    smask = mmask[:, None] & pvalid[None, :]
+    tl.store(hpre_ptr + rm64[:, None] * N + cp[None, :], h_pre, mask=smask)
+    tl.store(hpost_ptr + rm64[:, None] * N + cp[None, :], h_post, mask=smask)
+    ri = tl.arange(0, NPAD)
+    rvalid = (ri[:, None] < N) & (ri[None, :] < N)
+    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
+    tl.store(hres_ptr + res_off, h_res, mask=mmask[:, None, None] & rvalid[None, :, :])
+    qrow = q_ptr + rm64[:, None] * W
+    tl.store(qrow + cp[None, :], q_pre, mask=mmask[:, None])
+    tl.store(qrow + NP + cp[None, :], q_post, mask=mmask[:, None])
+    tl.store(qrow + 2 * NP + cr[None, :], q_res, mask=mmask[:, None])
+    tl.store(rstd_ptr + rm, rstd, mask=mmask)
+    # the aggregate u = H_pre @ X (second pass over this block's streams)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        cmask = rc < C
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for j in tl.static_range(N):
+            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
+                         mask=mmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc += _col(h_pre, cp, j)[:, None] * xt
+        tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _post_fwd_kernel(
+    x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, M, C,
+    N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rm64 = rm.to(tl.int64)
+    mmask = rm < M
+    rc = pid_c * BC + tl.arange(0, BC)
+    cmask = rc < C
+    ri = tl.arange(0, NPAD)
+    ivalid = ri < N
+    K = N * C
+    mc = mmask[:, None] & cmask[None, :]
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mmask[:, None] & ivalid[None, :], other=0.0)
+    acc = h_post[:, :, None] * y[:, None, :]
+    for j in tl.static_range(N):
+        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j,
+                        mask=mmask[:, None] & ivalid[None, :], other=0.0)
+        acc += h_col[:, :, None] * xj[:, None, :]
+    off = rm64[:, None, None] * K + ri[None, :, None] * C + rc[None, None, :]
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None, None] & ivalid[None, :, None] & cmask[None, None, :])
+
+
+@triton.jit
+def _post_bwd_kernel(
+    x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, M, C,
+    N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rm64 = rm.to(tl.int64)
+    mmask = rm < M
+    ri = tl.arange(0, NPAD)
+    ivalid = ri < N
+    K = N * C
+    mi = mmask[:, None] & ivalid[None, :]
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
+    rvalid = ivalid[:, None] & ivalid[None, :]
+    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
+    h_res = tl.load(hres_ptr + res_off, mask=mmask[:, None, None] & rvalid[None, :, :], other=0.0)
+    d_post = tl.zeros((BM, NPAD), dtype=tl.float32)
+    d_res = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        cmask = rc < C
+        mc = mmask[:, None] & cmask[None, :]
+        g_off = rm64[:, None, None] * K + ri[None, :, None] * C + rc[None, None, :]
+        g_mask = mmask[:, None, None] & ivalid[None, :, None] & cmask[None, None, :]
+        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
+        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        dy = tl.sum(h_post[:, :, None] * g, axis=1)
+        tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
+        d_post += tl.sum(g * y[:, None, :], axis=2)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            h_col = tl.sum(tl.where(ri[None, None, :] == j, h_res, 0.0), axis=2)  # H[:, :, j]
+            dxj = tl.sum(h_col[:, :, None] * g, axis=1)
+            tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+            gx = tl.sum(g * xj[:, None, :], axis=2)  # [BM, NPAD(i)]
+            d_res += tl.where(ri[None, None, :] == j, gx[:, :, None], 0.0)
+    tl.store(dhpost_ptr + rm64[:, None] * N + ri[None, :], d_post, mask=mi)
+    tl.store(dhres_ptr + res_off, d_res, mask=mmask[:, None, None] & rvalid[None, :, :])
+
+
+@triton.jit
+def _pre_bwd_kernel(
+    x_ptr, phi_hi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+    du_ptr, dhpost_ptr, dhres_ptr,
+    dx_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
+    M, C, iters,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rm64 = rm.to(tl.int64)
+    mmask = rm < M
+    W: tl.constexpr = 2 * NP + NR
+    K = N * C
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    pvalid = cp < N
+    # pass 1: dH_pre[j] = sum_c du[c] x[j, c]
+    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        cmask = rc < C
+        mc = mmask[:, None] & cmask[None, :]
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
+    # coefficient backward (on chip)
+    a0 = tl.load(alpha_ptr)
+    a1 = tl.load(alpha_ptr + 1)
+    a2 = tl.load(alpha_ptr + 2)
+    qrow = q_ptr + rm64[:, None] * W
+    q_pre = tl.load(qrow + cp[None, :], mask=mmask[:, None], other=0.0)
+    q_post = tl.load(qrow + NP + cp[None, :], mask=mmask[:, None], other=0.0)
+    q_res = tl.load(qrow + 2 * NP + cr[None, :], mask=mmask[:, None], other=0.0)
+    smask = mmask[:, None] & pvalid[None, :]
+    h_pre = tl.load(hpre_ptr + rm64[:, None] * N + cp[None, :], mask=smask, other=0.0)
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + cp[None, :], mask=smask, other=0.0)
+    d_hpost = tl.load(dhpost_ptr + rm64[:, None] * N + cp[None, :], mask=smask, other=0.0)
+    ri = tl.arange(0, NPAD)
+    rvalid = (ri[:, None] < N) & (ri[None, :] < N)
+    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
+    d_hres = tl.load(dhres_ptr + res_off, mask=mmask[:, None, None] & rvalid[None, :, :], other=0.0)
+    if HC:
+        t_pre = _tanh(q_pre)
+        t_post = _tanh(q_post)
+        t_res = _tanh(q_res)
+        dz_pre = tl.where(pvalid[None, :], d_hpre, 0.0)
+        dz_post = d_hpost
+        dz_res = tl.reshape(d_hres, (BM, NR))
+        dq_pre = dz_pre * a0 * (1.0 - t_pre * t_pre)
+        dq_post = dz_post * a1 * (1.0 - t_post * t_post)
+        dq_res = dz_res * a2 * (1.0 - t_res * t_res)
+        da0 = tl.sum(dz_pre * t_pre, axis=1)
+        da1 = tl.sum(dz_post * t_post, axis=1)
+        da2 = tl.sum(dz_res * t_res, axis=1)
+    else:
+        dz_pre = tl.where(pvalid[None, :], d_hpre * h_pre * (1.0 - h_pre), 0.0)
+        s_post = 0.5 * h_post
+        dz_post = d_hpost * 2.0 * s_post * (1.0 - s_post)
+        b_res = tl.load(bias_ptr + 2 * NP + cr)
+        p0 = _sinkhorn_logits(q_res, a2, b_res, N, NPAD, BM)
+        ri3 = tl.arange(0, NPAD)
+        valid3 = ((ri3[:, None] < N) & (ri3[None, :] < N))[None, :, :]
+        dp = d_hres
+        for tt in range(0, 2 * iters):
+            t = 2 * iters - 1 - tt
+            p = p0
+            for s in range(0, t):
+                if s % 2 == 0:
+                    p = _sinkhorn_step(p, 2)
+                else:
+                    p = _sinkhorn_step(p, 1)
+            if t % 2 == 0:
+                srow = tl.maximum(tl.sum(p, axis=2), 1e-30)
+                qn = p / srow[:, :, None]
+                dp = (dp - tl.sum(dp * qn, axis=2)[:, :, None]) / srow[:, :, None]
+            else:
+                scol = tl.maximum(tl.sum(p, axis=1), 1e-30)
+                qn = p / scol[:, None, :]
+                dp = (dp - tl.sum(dp * qn, axis=1)[:, None, :]) / scol[:, None, :]
+            dp = tl.where(valid3, dp, 0.0)  # padded rows/columns carry no gradient
+        dz_res = tl.reshape(p0 * dp, (BM, NR))
+        dq_pre = dz_pre * a0
+        dq_post = dz_post * a1
+        dq_res = dz_res * a2
+        da0 = tl.sum(dz_pre * q_pre, axis=1)
+        da1 = tl.sum(dz_post * q_post, axis=1)
+        da2 = tl.sum(dz_res * q_res, axis=1)
+    rstd = tl.load(rstd_ptr + rm, mask=mmask, other=1.0)
+    # q = proj * rstd: dproj = dq * rstd; d rstd = sum(dq * q) / rstd
+    d_rstd = (tl.sum(dq_pre * q_pre, axis=1) + tl.sum(dq_post * q_post, axis=1)
+              + tl.sum(dq_res * q_res, axis=1)) / rstd
+    dp_pre = dq_pre * rstd[:, None]
+    dp_post = dq_post * rstd[:, None]
+    dp_res = dq_res * rstd[:, None]
+    drow = dproj_ptr + rm64[:, None] * W
+    tl.store(drow + cp[None, :], dp_pre, mask=mmask[:, None])
+    tl.store(drow + NP + cp[None, :], dp_post, mask=mmask[:, None])
+    tl.store(drow + 2 * NP + cr[None, :], dp_res, mask=mmask[:, None])
+    zrow = dz_ptr + rm64[:, None] * W
+    tl.store(zrow + cp[None, :], dz_pre, mask=mmask[:, None])
+    tl.store(zrow + NP + cp[None, :], dz_post, mask=mmask[:, None])
+    tl.store(zrow + 2 * NP + cr[None, :], dz_res, mask=mmask[:, None])
+    tl.store(dalpha_ptr + rm64 * 3, da0, mask=mmask)
+    tl.store(dalpha_ptr + rm64 * 3 + 1, da1, mask=mmask)
+    tl.store(dalpha_ptr + rm64 * 3 + 2, da2, mask=mmask)
+    # pass 2: dx = H_pre^T du + dproj @ phi^T + d rstd * (-rstd^3 / K) * x
+    coef = -d_rstd * rstd * rstd * rstd / K
+    if SPLIT:
+        dp_pre_c = dp_pre.to(phi_hi_ptr.dtype.element_ty)
+        dp_post_c = dp_post.to(phi_hi_ptr.dtype.element_ty)
+        dp_res_c = dp_res.to(phi_hi_ptr.dtype.element_ty)
+    else:
+        dp_pre_c = dp_pre
+        dp_post_c = dp_post
+        dp_res_c = dp_res
+    for j in tl.static_range(N):
+        hj = _col(h_pre, cp, j)
+        for c0 in range(0, C, BC):
+            rc = c0 + tl.arange(0, BC)
+            cmask = rc < C
+            mc = mmask[:, None] & cmask[None, :]
+            du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            k = (j * C + rc).to(tl.int64)
+            base = phi_hi_ptr + k[None, :] * W  # [1, BC] rows of phi, read transposed
+            pt_pre = tl.load(base + cp[:, None], mask=cmask[None, :], other=0.0)  # [NP, BC]
+            pt_post = tl.load(base + NP + cp[:, None], mask=cmask[None, :], other=0.0)
+            pt_res = tl.load(base + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
+            back = _dot(dp_pre_c, pt_pre, SPLIT) + _dot(dp_post_c, pt_post, SPLIT) + _dot(dp_res_c, pt_res, SPLIT)
+            dxj = hj[:, None] * du + back + coef[:, None] * xj
+            tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
