@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 7168])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -154,7 +155,8 @@ def main() -> None:
     kern, conn = [], []
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
-        conn += connection_rows(args.tokens, c, bw, with_liger)
+        if not args.kernels_only:
+            conn += connection_rows(args.tokens, c, bw, with_liger)
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
     lines = [

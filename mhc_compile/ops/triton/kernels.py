@@ -191,40 +191,35 @@ def _post_bwd_kernel(
     x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, M, C,
     N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
+    """Tiles over (tokens, channels) like the forward; the reductions over C of
+    ``dH_post`` and ``dH_res`` are accumulated with atomics into zeroed float32 buffers."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
     rm64 = rm.to(tl.int64)
     mmask = rm < M
+    rc = pid_c * BC + tl.arange(0, BC)
+    cmask = rc < C
     ri = tl.arange(0, NPAD)
     ivalid = ri < N
     K = N * C
+    mc = mmask[:, None] & cmask[None, :]
     mi = mmask[:, None] & ivalid[None, :]
+    g_off = rm64[:, None, None] * K + ri[None, :, None] * C + rc[None, None, :]
+    g_mask = mmask[:, None, None] & ivalid[None, :, None] & cmask[None, None, :]
+    g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
     h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
-    rvalid = ivalid[:, None] & ivalid[None, :]
-    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
-    h_res = tl.load(hres_ptr + res_off, mask=mmask[:, None, None] & rvalid[None, :, :], other=0.0)
-    d_post = tl.zeros((BM, NPAD), dtype=tl.float32)
-    d_res = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        cmask = rc < C
-        mc = mmask[:, None] & cmask[None, :]
-        g_off = rm64[:, None, None] * K + ri[None, :, None] * C + rc[None, None, :]
-        g_mask = mmask[:, None, None] & ivalid[None, :, None] & cmask[None, None, :]
-        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
-        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        dy = tl.sum(h_post[:, :, None] * g, axis=1)
-        tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
-        d_post += tl.sum(g * y[:, None, :], axis=2)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            h_col = tl.sum(tl.where(ri[None, None, :] == j, h_res, 0.0), axis=2)  # H[:, :, j]
-            dxj = tl.sum(h_col[:, :, None] * g, axis=1)
-            tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
-            gx = tl.sum(g * xj[:, None, :], axis=2)  # [BM, NPAD(i)]
-            d_res += tl.where(ri[None, None, :] == j, gx[:, :, None], 0.0)
-    tl.store(dhpost_ptr + rm64[:, None] * N + ri[None, :], d_post, mask=mi)
-    tl.store(dhres_ptr + res_off, d_res, mask=mmask[:, None, None] & rvalid[None, :, :])
+    dy = tl.sum(h_post[:, :, None] * g, axis=1)
+    tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
+    tl.atomic_add(dhpost_ptr + rm64[:, None] * N + ri[None, :], tl.sum(g * y[:, None, :], axis=2), mask=mi)
+    for j in tl.static_range(N):
+        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, mask=mi, other=0.0)  # H[:, :, j]
+        dxj = tl.sum(h_col[:, :, None] * g, axis=1)
+        tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+        gx = tl.sum(g * xj[:, None, :], axis=2)  # [BM, NPAD(i)]: dH[:, i, j]
+        tl.atomic_add(dhres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, gx, mask=mi)
 
 
 @triton.jit
