@@ -26,6 +26,7 @@ from .capture import (
     CallRecord,
     bind_call,
     classify,
+    find_passthrough,
     make_key,
     split_signature,
     trace_block,
@@ -124,6 +125,8 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
     """Trace a block as it was called in the sample forward and describe its connections."""
     values, params, var_kw = bind_call(block, record.args, record.kwargs)
     signature = split_signature(values, params, var_kw)
+    passthrough = find_passthrough(block, values, signature, block.training)
+    signature = split_signature(values, params, var_kw, passthrough)
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
     if not residuals:
         raise ConversionError(
@@ -185,7 +188,9 @@ def build_variant(block: nn.Module, plan: BlockPlan, values: dict, training: boo
         trace_values[a.stream_input] = functional.collapse(
             stream, channel_dim=a.channel_dim, reduce="mean"
         )
-    values_sig = split_signature(trace_values, a.signature.params, a.signature.var_keyword)
+    values_sig = split_signature(
+        trace_values, a.signature.params, a.signature.var_keyword, a.signature.passthrough
+    )
     gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training)
     sizes = [r.shape[a.channel_dim] for r in residuals]
     expected = [c.hidden_size for c in a.connections]
@@ -219,7 +224,7 @@ def _dispatch(self: nn.Module, vals: dict) -> Any:
 
 def _run_variant(self: nn.Module, vals: dict) -> Any:
     plan: BlockPlan = self._mhc_plan
-    key = make_key(self.training, vals)
+    key = make_key(self.training, vals, plan.analysis.signature.passthrough)
     fn = plan.variants.get(key)
     if fn is None:
         fn = _build_missing_variant(self, plan, vals, key)
@@ -288,7 +293,7 @@ def install(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig) -> Non
     plan = BlockPlan(analysis, config)
     block._mhc_plan = plan
     for training in (block.training, not block.training):
-        key = make_key(training, analysis.values)
+        key = make_key(training, analysis.values, analysis.signature.passthrough)
         plan.variants[key] = build_variant(block, plan, _as_stream_values(analysis, config), training)
     forward = make_forward(block, analysis.signature.params)
     block.forward = types.MethodType(forward, block)

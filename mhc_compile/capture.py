@@ -277,9 +277,7 @@ class BlockSignature:
     dynamic: list[str]  # placeholder names, in call order
     static: dict[str, Any]  # specialised names -> values
     var_keyword: Optional[str]
-
-    def key(self, training: bool) -> tuple:
-        return make_key(training, {**self.static, **{n: _DYNAMIC for n in self.dynamic}})
+    passthrough: frozenset = frozenset()  # constants/None that never change the graph
 
 
 _DYNAMIC = "<mhc:dynamic>"  # a plain string, so that torch.compile can hash specialisation keys
@@ -290,8 +288,11 @@ def classify(value: Any) -> Any:
     return value if value is None or isinstance(value, STATIC_TYPES) else _DYNAMIC
 
 
-def make_key(training: bool, values: dict) -> tuple:
-    return (training,) + tuple((name, classify(values[name])) for name in sorted(values))
+def make_key(training: bool, values: dict, passthrough: frozenset = frozenset()) -> tuple:
+    """Specialisation key: the training flag and every non-passthrough constant argument."""
+    return (training,) + tuple(
+        (name, _DYNAMIC if name in passthrough else classify(values[name])) for name in sorted(values)
+    )
 
 
 def unwrapped_forward(block: nn.Module):
@@ -325,13 +326,60 @@ def bind_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, list[i
     return values, params, var_kw
 
 
-def split_signature(values: dict, params: list[inspect.Parameter], var_kw: Optional[str]) -> BlockSignature:
-    dynamic = [n for n, v in values.items() if classify(v) is _DYNAMIC]
-    static = {n: v for n, v in values.items() if classify(v) is not _DYNAMIC}
-    return BlockSignature(params, dynamic, static, var_kw)
+def split_signature(
+    values: dict, params: list[inspect.Parameter], var_kw: Optional[str], passthrough: frozenset = frozenset()
+) -> BlockSignature:
+    dynamic = [n for n, v in values.items() if classify(v) is _DYNAMIC or n in passthrough]
+    static = {n: v for n, v in values.items() if n not in dynamic}
+    return BlockSignature(params, dynamic, static, var_kw, frozenset(passthrough))
 
 
-def trace_block(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> fx.GraphModule:
+def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
+    """Nodes as comparable tuples; placeholders named in ``probes`` read as their values."""
+    probes = probes or {}
+
+    def norm(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if a.op == "placeholder" and a.target in probes:
+                return ("const", repr(probes[a.target]))
+            return ("node", a.name)
+        if isinstance(a, (tuple, list)):
+            return tuple(norm(b) for b in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, norm(v)) for k, v in a.items()))
+        return ("const", repr(a))
+
+    return [
+        (n.op, str(n.target), norm(n.args), norm(n.kwargs)) for n in graph.nodes if n.op != "placeholder"
+    ]
+
+
+def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> frozenset:
+    """Constant or ``None`` arguments whose value does not change the traced graph.
+
+    An attention mask that the block only hands to its attention module is such an
+    argument: tracing it as a placeholder gives the same graph with the value swapped for
+    a placeholder. Those arguments are not specialised, so a caller that passes a tensor
+    where the sample call passed ``None`` (as Hugging Face models do under
+    ``torch.compile``) reuses the same graph.
+    """
+    base = _graph_shape(trace_block(block, values, signature, training, shapes=False).graph)
+
+    def same_graph(names: list[str]) -> bool:
+        probe = split_signature(values, signature.params, signature.var_keyword, frozenset(names))
+        try:
+            gm = trace_block(block, values, probe, training, shapes=False)
+        except CaptureError:
+            return False
+        return _graph_shape(gm.graph, {n: values[n] for n in names}) == base
+
+    found = [name for name in signature.static if same_graph([name])]
+    return frozenset(found) if found and same_graph(found) else frozenset()
+
+
+def trace_block(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, shapes: bool = True
+) -> fx.GraphModule:
     """Trace ``block`` for one specialisation; shapes are propagated from ``values``.
 
     The returned GraphModule's placeholders are ``signature.dynamic`` in order; its
@@ -371,6 +419,8 @@ def trace_block(block: nn.Module, values: dict, signature: BlockSignature, train
         delattr(cls, "_mhc_trace_root")
         block.train(was_training)
     gm = fx.GraphModule(block, graph)
+    if not shapes:
+        return gm
     with side_effect_free(block):
         block.train(training)
         try:
