@@ -102,13 +102,26 @@ def _pad_columns(t: Tensor, n: int) -> Tensor:
     return out
 
 
-def _split_dot(x: Tensor) -> bool:
-    """16-bit streams use two tensor-core dots against a hi/lo split of ``phi``.
+def _dot_mode(x: Tensor) -> int:
+    """How the kernels compute ``vec(x) @ phi`` with float32 accuracy on tensor cores.
 
-    Triton's CPU interpreter computes 16-bit ``tl.dot`` wrongly (numpy has no bfloat16),
-    so under ``TRITON_INTERPRET=1`` the float32 dot path is taken instead.
+    1: 16-bit streams against a hi/lo split of ``phi`` in the stream dtype (two dots);
+    2: float32 streams split into bf16 hi/lo on chip (three dots against bf16 hi/lo phi);
+    0: plain float32 IEEE dots, under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter
+    computes 16-bit ``tl.dot`` wrongly: numpy has no bfloat16).
     """
-    return x.dtype != torch.float32 and not _interpreting()
+    if _interpreting():
+        return 0
+    return 2 if x.dtype == torch.float32 else 1
+
+
+def _phi_split(phi_pad: Tensor, x: Tensor, dot: int) -> tuple[Tensor, Tensor]:
+    """``phi`` as (hi, lo) parts whose sum is the float32 value (``(phi, phi)`` for mode 0)."""
+    if dot == 0:
+        return phi_pad, phi_pad
+    dtype = x.dtype if dot == 1 else torch.bfloat16
+    hi = phi_pad.to(dtype)
+    return hi, (phi_pad - hi.float()).to(dtype)
 
 
 def _poisoned(*tensors: Tensor) -> None:
@@ -140,9 +153,8 @@ if KERNELS_AVAILABLE:
         npad, np_, nr, width = layout(n)
         phi_pad = _pad_columns(phi, n)
         bias_pad = _pad_columns(bias, n)
-        split = _split_dot(x)
-        phi_hi = phi_pad.to(x.dtype) if split else phi_pad
-        phi_lo = (phi_pad - phi_hi.float()).to(x.dtype) if split else phi_pad
+        dot = _dot_mode(x)
+        phi_hi, phi_lo = _phi_split(phi_pad, x, dot)
         u = x.new_empty(m, c)
         h_pre = x.new_empty(m, n, dtype=torch.float32)
         h_post = x.new_empty(m, n, dtype=torch.float32)
@@ -153,7 +165,7 @@ if KERNELS_AVAILABLE:
         bm, bc, warps = _pre_blocks(x, c)
         wrap_triton(kernels._pre_fwd_kernel)[(triton.cdiv(m, bm),)](
             x, phi_hi, phi_lo, bias_pad, alpha, u, h_pre, h_post, h_res, q, rstd,
-            m, c, eps, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, SPLIT=split,
+            m, c, eps, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=dot,
             BM=bm, BC=bc, num_warps=warps,
         )
         return u, h_pre, h_post, h_res, q, rstd
@@ -169,8 +181,8 @@ if KERNELS_AVAILABLE:
         npad, np_, nr, width = layout(n)
         phi_pad = _pad_columns(phi, n)
         bias_pad = _pad_columns(bias, n)
-        split = _split_dot(x)
-        phi_hi = phi_pad.to(x.dtype) if split else phi_pad
+        dot = _dot_mode(x)
+        phi_hi, phi_lo = _phi_split(phi_pad, x, dot)
         dx = torch.empty_like(x)
         dproj = x.new_empty(m, width, dtype=torch.float32)
         dz = x.new_empty(m, width, dtype=torch.float32)
@@ -178,9 +190,9 @@ if KERNELS_AVAILABLE:
         _poisoned(dx, dproj, dz, dalpha)
         bm, bc, warps = _pre_blocks(x, c)
         wrap_triton(kernels._pre_bwd_kernel)[(triton.cdiv(m, bm),)](
-            x, phi_hi, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
+            x, phi_hi, phi_lo, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
             dx, dproj, dz, dalpha, m, c, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc,
-            SPLIT=split, BM=bm, BC=bc, num_warps=warps,
+            DOT=dot, BM=bm, BC=bc, num_warps=warps,
         )
         return dx, dproj, dz, dalpha
 

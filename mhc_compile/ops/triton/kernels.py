@@ -5,8 +5,8 @@ The projection ``phi [N*C, N^2 + 2N]`` arrives padded as ``[N*C, W]`` with
 ``W = 2*NP + NR``: pre columns at ``[0, N)``, post at ``[NP, NP+N)``, res at
 ``2*NP + i*NPAD + j``; ``NPAD = max(4, next_pow2(N))``, ``NP = max(16, NPAD)``,
 ``NR = NPAD^2`` (so ``tl.dot`` gets N >= 16 and the res block reshapes to a square).
-For 16-bit streams ``phi`` comes as a hi/lo pair of the stream dtype whose sum is the
-float32 value: two tensor-core dots give float32-accurate projections.
+``phi`` comes as a hi/lo pair whose sum is the float32 value, so tensor-core dots give
+float32-accurate projections (see ``_split_dot``).
 All coefficient math is float32.
 """
 
@@ -29,10 +29,20 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, SPLIT: tl.constexpr):
-    if SPLIT:
-        return tl.dot(a, b, out_dtype=tl.float32)
-    return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
+def _split_dot(a, b_hi, b_lo, DOT: tl.constexpr):
+    """``a @ (b_hi + b_lo)`` with float32 accuracy.
+
+    DOT 0: float32 IEEE dot (``b_lo`` unused); 1: ``a`` is 16-bit, two tensor-core dots;
+    2: ``a`` is float32, split into bf16 hi + lo: three tensor-core dots.
+    """
+    if DOT == 0:
+        return tl.dot(a.to(tl.float32), b_hi, input_precision="ieee", out_dtype=tl.float32)
+    if DOT == 1:
+        return tl.dot(a, b_hi, out_dtype=tl.float32) + tl.dot(a, b_lo, out_dtype=tl.float32)
+    a_hi = a.to(tl.bfloat16)
+    a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+    return (tl.dot(a_hi, b_hi, out_dtype=tl.float32) + tl.dot(a_hi, b_lo, out_dtype=tl.float32)
+            + tl.dot(a_lo, b_hi, out_dtype=tl.float32))
 
 
 @triton.jit
@@ -69,7 +79,7 @@ def _pre_fwd_kernel(
     u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
     M, C, eps, iters,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
@@ -93,21 +103,21 @@ def _pre_fwd_kernel(
             sumsq += tl.sum(xf * xf, axis=1)
             k = (j * C + rc).to(tl.int64)
             base = phi_hi_ptr + k[:, None] * W
+            base_lo = phi_lo_ptr + k[:, None] * W
             ph_pre = tl.load(base + cp[None, :], mask=cmask[:, None], other=0.0)
             ph_post = tl.load(base + NP + cp[None, :], mask=cmask[:, None], other=0.0)
             ph_res = tl.load(base + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
-            if SPLIT:
-                base_lo = phi_lo_ptr + k[:, None] * W
+            if DOT != 0:
                 pl_pre = tl.load(base_lo + cp[None, :], mask=cmask[:, None], other=0.0)
                 pl_post = tl.load(base_lo + NP + cp[None, :], mask=cmask[:, None], other=0.0)
                 pl_res = tl.load(base_lo + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
-                acc_pre += _dot(xt, ph_pre, SPLIT) + _dot(xt, pl_pre, SPLIT)
-                acc_post += _dot(xt, ph_post, SPLIT) + _dot(xt, pl_post, SPLIT)
-                acc_res += _dot(xt, ph_res, SPLIT) + _dot(xt, pl_res, SPLIT)
             else:
-                acc_pre += _dot(xf, ph_pre, SPLIT)
-                acc_post += _dot(xf, ph_post, SPLIT)
-                acc_res += _dot(xf, ph_res, SPLIT)
+                pl_pre = ph_pre
+                pl_post = ph_post
+                pl_res = ph_res
+            acc_pre += _split_dot(xt, ph_pre, pl_pre, DOT)
+            acc_post += _split_dot(xt, ph_post, pl_post, DOT)
+            acc_res += _split_dot(xt, ph_res, pl_res, DOT)
     rstd = 1.0 / tl.sqrt(sumsq / K + eps)
     q_pre = acc_pre * rstd[:, None]
     q_post = acc_post * rstd[:, None]
@@ -224,12 +234,12 @@ def _post_bwd_kernel(
 
 @triton.jit
 def _pre_bwd_kernel(
-    x_ptr, phi_hi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+    x_ptr, phi_hi_ptr, phi_lo_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
     du_ptr, dhpost_ptr, dhres_ptr,
     dx_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
     M, C, iters,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = pid * BM + tl.arange(0, BM)
@@ -332,14 +342,6 @@ def _pre_bwd_kernel(
     tl.store(dalpha_ptr + rm64 * 3 + 2, da2, mask=mmask)
     # pass 2: dx = H_pre^T du + dproj @ phi^T + d rstd * (-rstd^3 / K) * x
     coef = -d_rstd * rstd * rstd * rstd / K
-    if SPLIT:
-        dp_pre_c = dp_pre.to(phi_hi_ptr.dtype.element_ty)
-        dp_post_c = dp_post.to(phi_hi_ptr.dtype.element_ty)
-        dp_res_c = dp_res.to(phi_hi_ptr.dtype.element_ty)
-    else:
-        dp_pre_c = dp_pre
-        dp_post_c = dp_post
-        dp_res_c = dp_res
     for j in tl.static_range(N):
         hj = _col(h_pre, cp, j)
         for c0 in range(0, C, BC):
@@ -353,6 +355,18 @@ def _pre_bwd_kernel(
             pt_pre = tl.load(base + cp[:, None], mask=cmask[None, :], other=0.0)  # [NP, BC]
             pt_post = tl.load(base + NP + cp[:, None], mask=cmask[None, :], other=0.0)
             pt_res = tl.load(base + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
-            back = _dot(dp_pre_c, pt_pre, SPLIT) + _dot(dp_post_c, pt_post, SPLIT) + _dot(dp_res_c, pt_res, SPLIT)
+            if DOT != 0:
+                base_lo = phi_lo_ptr + k[None, :] * W
+                pl_pre = tl.load(base_lo + cp[:, None], mask=cmask[None, :], other=0.0)
+                pl_post = tl.load(base_lo + NP + cp[:, None], mask=cmask[None, :], other=0.0)
+                pl_res = tl.load(base_lo + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
+            else:
+                pl_pre = pt_pre
+                pl_post = pt_post
+                pl_res = pt_res
+            # dproj is float32: the split keeps dx accurate whatever the stream dtype
+            back = (_split_dot(dp_pre, pt_pre, pl_pre, 2 if DOT != 0 else 0)
+                    + _split_dot(dp_post, pt_post, pl_post, 2 if DOT != 0 else 0)
+                    + _split_dot(dp_res, pt_res, pl_res, 2 if DOT != 0 else 0))
             dxj = hj[:, None] * du + back + coef[:, None] * xj
             tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)

@@ -1,0 +1,122 @@
+"""End-to-end training step: a Llama-style model, plain residual vs mHC (n = 4).
+
+    python benchmarks/train_step.py --hidden 4096 --layers 4 --out benchmarks/results/train-step-<gpu>.md
+
+Forward + backward + AdamW step under bf16 autocast, ``triton.testing.do_bench`` median
+and peak memory, for: the plain residual model (eager, compiled), mHC with the reference
+ops (eager, compiled) and mHC with the fused kernels (eager, compiled). "Compiled" is
+regional: ``block.compile()`` on every decoder layer (identical layers share one graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+
+import torch
+import triton
+from tabulate import tabulate
+
+sys.path.insert(0, ".")
+import mhc_compile as mhc  # noqa: E402
+
+VARIANTS = [
+    ("residual", "eager", None),
+    ("residual", "compiled", None),
+    ("mhc reference ops", "eager", "torch"),
+    ("mhc reference ops", "compiled", "torch"),
+    ("mhc fused kernels", "eager", "triton"),
+    ("mhc fused kernels", "compiled", "triton"),
+]
+
+
+def build(args, backend):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 256 * 256,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                      num_key_value_heads=args.hidden // 128, vocab_size=args.vocab,
+                      max_position_embeddings=args.seq, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).cuda()
+    if backend is not None:
+        mhc.mhc_compile(model, n_streams=4, backend=backend)
+    return model
+
+
+def measure(args, name, how, backend):
+    model = build(args, backend)
+    if how == "compiled":
+        for layer in model.model.layers:
+            layer.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = triton.testing.do_bench(step, warmup=1, rep=args.rep, return_mode="median")
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return {"model": name, "mode": how, "step ms": round(ms, 1), "peak GiB": round(peak, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rep", type=int, default=2000, help="do_bench budget in ms")
+    parser.add_argument("--only", nargs="*", default=None, help="indices of VARIANTS to run")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for i, (name, how, backend) in enumerate(VARIANTS):
+        if args.only is not None and str(i) not in args.only:
+            continue
+        try:
+            rows.append(measure(args, name, how, backend))
+        except Exception as err:  # noqa: BLE001 - report and go on
+            rows.append({"model": name, "mode": how, "step ms": f"failed: {type(err).__name__}: {str(err)[:100]}"})
+        print(rows[-1], flush=True)
+    base = {r["mode"]: r for r in rows if r["model"] == "residual" and isinstance(r.get("step ms"), float)}
+    for r in rows:
+        ref = base.get("compiled")
+        if ref and isinstance(r.get("step ms"), float):
+            r["vs compiled residual"] = f"{100 * (r['step ms'] / ref['step ms'] - 1):+.1f}%"
+            r["memory vs compiled residual"] = f"{100 * (r['peak GiB'] / ref['peak GiB'] - 1):+.1f}%"
+    text = "\n".join([
+        f"# Training step on {torch.cuda.get_device_name()}",
+        "",
+        f"Command: `python benchmarks/train_step.py --hidden {args.hidden} --layers {args.layers} "
+        f"--batch {args.batch} --seq {args.seq} --vocab {args.vocab}`",
+        f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {args.hidden}, "
+        f"{args.layers} layers, {args.batch * args.seq} tokens per step, bf16 autocast, fused AdamW; "
+        "forward + backward + optimizer step, do_bench median; peak memory of one step.",
+        "",
+        tabulate(rows, headers="keys", tablefmt="github"),
+        "",
+    ])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
