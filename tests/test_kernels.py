@@ -47,11 +47,11 @@ def _connection(impl, x, y, phi, bias, alpha, mode, iters=20):
     return u, h_post, h_res, out
 
 
-def _check(m, n, c, dtype, mode, iters=20):
+def _check(m, n, c, dtype, mode, iters=20, tol=None):
     x, y, phi, bias, alpha = _inputs(m, n, c, dtype)
     got = _connection(library, x, y, phi, bias, alpha, mode, iters)
     ref = _connection(reference, x, y, phi, bias, alpha, mode, iters)
-    tol = TOL[dtype]
+    tol = tol or TOL[dtype]
     for name, a, b in zip(["u", "h_post", "h_res", "out"], got, ref):
         assert torch.isfinite(a).all(), name
         assert _rel(a, b) <= tol, (name, _rel(a, b))
@@ -160,7 +160,8 @@ def test_kernels_under_torch_compile_fullgraph():
 @pytest.mark.parametrize("c", [2048, 4096, 7168])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernels_full_size_on_gpu(c, dtype):
-    _check(16384 if dtype == torch.bfloat16 else 2048, 4, c, dtype, "mhc")
+    # on the GPU float32 projections run as bf16 hi/lo splits on tensor cores (~2^-16 relative)
+    _check(16384 if dtype == torch.bfloat16 else 2048, 4, c, dtype, "mhc", tol=1e-4 if dtype == torch.float32 else None)
 
 
 @pytest.mark.gpu

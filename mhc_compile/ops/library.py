@@ -115,15 +115,6 @@ def _dot_mode(x: Tensor) -> int:
     return 2 if x.dtype == torch.float32 else 1
 
 
-def _phi_split(phi_pad: Tensor, x: Tensor, dot: int) -> tuple[Tensor, Tensor]:
-    """``phi`` as (hi, lo) parts whose sum is the float32 value (``(phi, phi)`` for mode 0)."""
-    if dot == 0:
-        return phi_pad, phi_pad
-    dtype = x.dtype if dot == 1 else torch.bfloat16
-    hi = phi_pad.to(dtype)
-    return hi, (phi_pad - hi.float()).to(dtype)
-
-
 def _poisoned(*tensors: Tensor) -> None:
     if POISON_OUTPUTS:
         for t in tensors:
@@ -149,12 +140,11 @@ if KERNELS_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
         ``q [M, W]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
-        m, n, c = x.shape
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, width = layout(n)
         phi_pad = _pad_columns(phi, n)
         bias_pad = _pad_columns(bias, n)
         dot = _dot_mode(x)
-        phi_hi, phi_lo = _phi_split(phi_pad, x, dot)
         u = x.new_empty(m, c)
         h_pre = x.new_empty(m, n, dtype=torch.float32)
         h_post = x.new_empty(m, n, dtype=torch.float32)
@@ -164,7 +154,7 @@ if KERNELS_AVAILABLE:
         _poisoned(u, h_pre, h_post, h_res, q, rstd)
         bm, bc, warps = _pre_blocks(x, c)
         wrap_triton(kernels._pre_fwd_kernel)[(triton.cdiv(m, bm),)](
-            x, phi_hi, phi_lo, bias_pad, alpha, u, h_pre, h_post, h_res, q, rstd,
+            x, phi_pad, bias_pad, alpha, u, h_pre, h_post, h_res, q, rstd,
             m, c, eps, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=dot,
             BM=bm, BC=bc, num_warps=warps,
         )
@@ -177,12 +167,11 @@ if KERNELS_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`pre_fwd`: ``dx [M, n, C]``, ``dproj [M, W]`` (for
         ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
-        m, n, c = x.shape
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, width = layout(n)
         phi_pad = _pad_columns(phi, n)
         bias_pad = _pad_columns(bias, n)
         dot = _dot_mode(x)
-        phi_hi, phi_lo = _phi_split(phi_pad, x, dot)
         dx = torch.empty_like(x)
         dproj = x.new_empty(m, width, dtype=torch.float32)
         dz = x.new_empty(m, width, dtype=torch.float32)
@@ -190,7 +179,7 @@ if KERNELS_AVAILABLE:
         _poisoned(dx, dproj, dz, dalpha)
         bm, bc, warps = _pre_blocks(x, c)
         wrap_triton(kernels._pre_bwd_kernel)[(triton.cdiv(m, bm),)](
-            x, phi_hi, phi_lo, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
+            x, phi_pad, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
             dx, dproj, dz, dalpha, m, c, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc,
             DOT=dot, BM=bm, BC=bc, num_warps=warps,
         )
@@ -199,7 +188,7 @@ if KERNELS_AVAILABLE:
     @triton_op("mhc_compile::post_fwd", mutates_args=())
     def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         """``X_next [M, n, C] = H_res @ x + H_post^T y``."""
-        m, n, c = x.shape
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         out = torch.empty_like(x)
         _poisoned(out)
         bc = _pick(256, c)
@@ -214,7 +203,7 @@ if KERNELS_AVAILABLE:
         x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res``."""
-        m, n, c = x.shape
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
         dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
@@ -237,7 +226,7 @@ if KERNELS_AVAILABLE:
 
     def _pre_backward(ctx, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
         x, phi, bias, alpha, h_pre, h_post, q, rstd = ctx.saved_tensors
-        m, n, c = x.shape
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         du = torch.zeros(m, c, device=x.device, dtype=x.dtype) if du is None else du.contiguous()
         dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post.float().contiguous()
         dh_res = x.new_zeros(m, n, n, dtype=torch.float32) if dh_res is None else dh_res.float().contiguous()

@@ -5,8 +5,8 @@ The projection ``phi [N*C, N^2 + 2N]`` arrives padded as ``[N*C, W]`` with
 ``W = 2*NP + NR``: pre columns at ``[0, N)``, post at ``[NP, NP+N)``, res at
 ``2*NP + i*NPAD + j``; ``NPAD = max(4, next_pow2(N))``, ``NP = max(16, NPAD)``,
 ``NR = NPAD^2`` (so ``tl.dot`` gets N >= 16 and the res block reshapes to a square).
-``phi`` comes as a hi/lo pair whose sum is the float32 value, so tensor-core dots give
-float32-accurate projections (see ``_split_dot``).
+``phi`` is float32; the kernels split it (and float32 streams) into bf16 hi + lo parts
+on chip, so tensor-core dots give float32-accurate projections (see ``_split_dot``).
 All coefficient math is float32.
 """
 
@@ -29,18 +29,25 @@ def _tanh(x):
 
 
 @triton.jit
-def _split_dot(a, b_hi, b_lo, DOT: tl.constexpr):
-    """``a @ (b_hi + b_lo)`` with float32 accuracy.
+def _split_dot(a, b, DOT: tl.constexpr):
+    """``a @ b`` for a float32 ``b``, with float32 accuracy.
 
-    DOT 0: float32 IEEE dot (``b_lo`` unused); 1: ``a`` is 16-bit, two tensor-core dots;
-    2: ``a`` is float32, split into bf16 hi + lo: three tensor-core dots.
+    DOT 0: float32 IEEE dot; 1: ``a`` is 16-bit: ``b`` split on chip into hi + lo of that
+    dtype, two tensor-core dots; 2: ``a`` and ``b`` both split into bf16 hi + lo, three
+    tensor-core dots. The split happens here, in Triton, because a host-side
+    ``phi - phi.to(bf16).float()`` may be folded to zero by Inductor.
     """
     if DOT == 0:
-        return tl.dot(a.to(tl.float32), b_hi, input_precision="ieee", out_dtype=tl.float32)
+        return tl.dot(a.to(tl.float32), b, input_precision="ieee", out_dtype=tl.float32)
     if DOT == 1:
+        b_hi = b.to(a.dtype)
+        b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
         return tl.dot(a, b_hi, out_dtype=tl.float32) + tl.dot(a, b_lo, out_dtype=tl.float32)
-    a_hi = a.to(tl.bfloat16)
-    a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+    a32 = a.to(tl.float32)
+    a_hi = a32.to(tl.bfloat16)
+    a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
+    b_hi = b.to(tl.bfloat16)
+    b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
     return (tl.dot(a_hi, b_hi, out_dtype=tl.float32) + tl.dot(a_hi, b_lo, out_dtype=tl.float32)
             + tl.dot(a_lo, b_hi, out_dtype=tl.float32))
 
@@ -75,7 +82,7 @@ def _sinkhorn_step(p, axis: tl.constexpr):
 
 @triton.jit
 def _pre_fwd_kernel(
-    x_ptr, phi_hi_ptr, phi_lo_ptr, bias_ptr, alpha_ptr,
+    x_ptr, phi_ptr, bias_ptr, alpha_ptr,
     u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
     M, C, eps, iters,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
@@ -102,22 +109,13 @@ def _pre_fwd_kernel(
             xf = xt.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
             k = (j * C + rc).to(tl.int64)
-            base = phi_hi_ptr + k[:, None] * W
-            base_lo = phi_lo_ptr + k[:, None] * W
+            base = phi_ptr + k[:, None] * W
             ph_pre = tl.load(base + cp[None, :], mask=cmask[:, None], other=0.0)
             ph_post = tl.load(base + NP + cp[None, :], mask=cmask[:, None], other=0.0)
             ph_res = tl.load(base + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
-            if DOT != 0:
-                pl_pre = tl.load(base_lo + cp[None, :], mask=cmask[:, None], other=0.0)
-                pl_post = tl.load(base_lo + NP + cp[None, :], mask=cmask[:, None], other=0.0)
-                pl_res = tl.load(base_lo + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
-            else:
-                pl_pre = ph_pre
-                pl_post = ph_post
-                pl_res = ph_res
-            acc_pre += _split_dot(xt, ph_pre, pl_pre, DOT)
-            acc_post += _split_dot(xt, ph_post, pl_post, DOT)
-            acc_res += _split_dot(xt, ph_res, pl_res, DOT)
+            acc_pre += _split_dot(xt, ph_pre, DOT)
+            acc_post += _split_dot(xt, ph_post, DOT)
+            acc_res += _split_dot(xt, ph_res, DOT)
     rstd = 1.0 / tl.sqrt(sumsq / K + eps)
     q_pre = acc_pre * rstd[:, None]
     q_post = acc_post * rstd[:, None]
@@ -234,7 +232,7 @@ def _post_bwd_kernel(
 
 @triton.jit
 def _pre_bwd_kernel(
-    x_ptr, phi_hi_ptr, phi_lo_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+    x_ptr, phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
     du_ptr, dhpost_ptr, dhres_ptr,
     dx_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
     M, C, iters,
@@ -351,22 +349,13 @@ def _pre_bwd_kernel(
             du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
             xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
             k = (j * C + rc).to(tl.int64)
-            base = phi_hi_ptr + k[None, :] * W  # [1, BC] rows of phi, read transposed
+            base = phi_ptr + k[None, :] * W  # [1, BC] rows of phi, read transposed
             pt_pre = tl.load(base + cp[:, None], mask=cmask[None, :], other=0.0)  # [NP, BC]
             pt_post = tl.load(base + NP + cp[:, None], mask=cmask[None, :], other=0.0)
             pt_res = tl.load(base + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
-            if DOT != 0:
-                base_lo = phi_lo_ptr + k[None, :] * W
-                pl_pre = tl.load(base_lo + cp[:, None], mask=cmask[None, :], other=0.0)
-                pl_post = tl.load(base_lo + NP + cp[:, None], mask=cmask[None, :], other=0.0)
-                pl_res = tl.load(base_lo + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
-            else:
-                pl_pre = pt_pre
-                pl_post = pt_post
-                pl_res = pt_res
-            # dproj is float32: the split keeps dx accurate whatever the stream dtype
-            back = (_split_dot(dp_pre, pt_pre, pl_pre, 2 if DOT != 0 else 0)
-                    + _split_dot(dp_post, pt_post, pl_post, 2 if DOT != 0 else 0)
-                    + _split_dot(dp_res, pt_res, pl_res, 2 if DOT != 0 else 0))
+            # dproj is float32: the bf16 x3 split keeps dx accurate whatever the stream dtype
+            back = (_split_dot(dp_pre, pt_pre, 2 if DOT != 0 else 0)
+                    + _split_dot(dp_post, pt_post, 2 if DOT != 0 else 0)
+                    + _split_dot(dp_res, pt_res, 2 if DOT != 0 else 0))
             dxj = hj[:, None] * du + back + coef[:, None] * xj
             tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
