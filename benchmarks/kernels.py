@@ -138,12 +138,23 @@ def connection_rows(m, c, bw, with_liger):
     return rows
 
 
+def sweep(m: int, sizes: list[int], bw: float) -> None:
+    """Pre-kernel tile sizes: (tokens per program, channels per step, warps)."""
+    rows = []
+    for c in sizes:
+        for bm, bc, warps in [(64, 64, 8), (64, 128, 8), (128, 64, 8), (128, 32, 8), (32, 128, 4), (64, 64, 4), (128, 64, 16)]:
+            library.BLOCK_M_PRE, library.BLOCK_C_PRE, library.WARPS_PRE = bm, bc, warps
+            rows += [dict(r, BM=bm, BC=bc, warps=warps) for r in kernel_rows(m, c, bw) if r["kernel"].startswith("pre")]
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 7168])
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
+    parser.add_argument("--sweep", action="store_true", help="time the pre kernels over tile sizes and exit")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -152,6 +163,9 @@ def main() -> None:
     except ImportError:
         with_liger = False
     bw = copy_bandwidth()
+    if args.sweep:
+        sweep(args.tokens, args.sizes, bw)
+        return
     kern, conn = [], []
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)

@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
 BLOCK_M_PRE = 64  # tokens per program of the pre kernels on the GPU: amortises phi's L2 reads
+BLOCK_C_PRE = 64
+WARPS_PRE = 8
 BLOCK_M_POST = 4
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -124,7 +126,7 @@ def _poisoned(*tensors: Tensor) -> None:
 def _pre_blocks(x: Tensor, c: int) -> tuple[int, int, int]:
     """(tokens, channels, warps) per program of the pre kernels (small under the interpreter)."""
     if x.is_cuda:
-        return BLOCK_M_PRE, _pick(64, c), 8
+        return BLOCK_M_PRE, _pick(BLOCK_C_PRE, c), WARPS_PRE
     return 16, _pick(128, c), 4
 
 
