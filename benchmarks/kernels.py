@@ -143,7 +143,7 @@ def sweep(m: int, sizes: list[int], bw: float) -> None:
     rows = []
     for c in sizes:
         for bm, bc, warps in [(64, 64, 8), (64, 128, 8), (128, 64, 8), (128, 32, 8), (32, 128, 4), (64, 64, 4), (128, 64, 16)]:
-            library.BLOCK_M_PRE, library.BLOCK_C_PRE, library.WARPS_PRE = bm, bc, warps
+            library.PRE_FWD_TILES = library.PRE_BWD_TILES = (bm, bc, warps)
             rows += [dict(r, BM=bm, BC=bc, warps=warps) for r in kernel_rows(m, c, bw) if r["kernel"].startswith("pre")]
     print(tabulate(rows, headers="keys", tablefmt="github"))
 

@@ -28,9 +28,10 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
-BLOCK_M_PRE = 64  # tokens per program of the pre kernels on the GPU: amortises phi's L2 reads
-BLOCK_C_PRE = 64
-WARPS_PRE = 8
+# Tiles of the pre kernels on the GPU (tokens, channels, warps), from the sweep in
+# benchmarks/kernels.py --sweep on an H100; more tokens per program amortise phi's L2 reads.
+PRE_FWD_TILES = (64, 64, 4)
+PRE_BWD_TILES = (32, 128, 4)
 BLOCK_M_POST = 4
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -123,10 +124,11 @@ def _poisoned(*tensors: Tensor) -> None:
             t.fill_(float("nan"))
 
 
-def _pre_blocks(x: Tensor, c: int) -> tuple[int, int, int]:
+def _pre_blocks(x: Tensor, c: int, backward: bool = False) -> tuple[int, int, int]:
     """(tokens, channels, warps) per program of the pre kernels (small under the interpreter)."""
     if x.is_cuda:
-        return BLOCK_M_PRE, _pick(BLOCK_C_PRE, c), WARPS_PRE
+        bm, bc, warps = PRE_BWD_TILES if backward else PRE_FWD_TILES
+        return bm, _pick(bc, c), warps
     return 16, _pick(128, c), 4
 
 
@@ -176,10 +178,10 @@ if KERNELS_AVAILABLE:
         dot = _dot_mode(x)
         dx = torch.empty_like(x)
         dproj = x.new_empty(m, width, dtype=torch.float32)
+        bm, bc, warps = _pre_blocks(x, c, backward=True)
         dz = x.new_empty(m, width, dtype=torch.float32)
         dalpha = x.new_empty(m, 3, dtype=torch.float32)
         _poisoned(dx, dproj, dz, dalpha)
-        bm, bc, warps = _pre_blocks(x, c)
         wrap_triton(kernels._pre_bwd_kernel)[(triton.cdiv(m, bm),)](
             x, phi_pad, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
             dx, dproj, dz, dalpha, m, c, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc,

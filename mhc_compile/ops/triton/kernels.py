@@ -34,11 +34,13 @@ def _split_dot(a, b, DOT: tl.constexpr):
 
     DOT 0: float32 IEEE dot; 1: ``a`` is 16-bit: ``b`` split on chip into hi + lo of that
     dtype, two tensor-core dots; 2: ``a`` and ``b`` both split into bf16 hi + lo, three
-    tensor-core dots. The split happens here, in Triton, because a host-side
+    tensor-core dots; 3: one bf16 dot (for results stored in 16 bits). The split happens here, in Triton, because a host-side
     ``phi - phi.to(bf16).float()`` may be folded to zero by Inductor.
     """
     if DOT == 0:
         return tl.dot(a.to(tl.float32), b, input_precision="ieee", out_dtype=tl.float32)
+    if DOT == 3:  # one bf16 dot: enough where the result is rounded to 16 bits anyway
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     if DOT == 1:
         b_hi = b.to(a.dtype)
         b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
@@ -353,9 +355,9 @@ def _pre_bwd_kernel(
             pt_pre = tl.load(base + cp[:, None], mask=cmask[None, :], other=0.0)  # [NP, BC]
             pt_post = tl.load(base + NP + cp[:, None], mask=cmask[None, :], other=0.0)
             pt_res = tl.load(base + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
-            # dproj is float32: the bf16 x3 split keeps dx accurate whatever the stream dtype
-            back = (_split_dot(dp_pre, pt_pre, 2 if DOT != 0 else 0)
-                    + _split_dot(dp_post, pt_post, 2 if DOT != 0 else 0)
-                    + _split_dot(dp_res, pt_res, 2 if DOT != 0 else 0))
+            # float32 dx needs the bf16 x3 split; a 16-bit dx is served by one bf16 dot
+            BDOT: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 1 else 2)
+            back = (_split_dot(dp_pre, pt_pre, BDOT) + _split_dot(dp_post, pt_post, BDOT)
+                    + _split_dot(dp_res, pt_res, BDOT))
             dxj = hj[:, None] * du + back + coef[:, None] * xj
             tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
