@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 
 import mhc_compile as mhc
 from models import BY_NAME, DeepMLP, NanoGPT

@@ -15,9 +15,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_TINY = 1e-30
-
-
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
