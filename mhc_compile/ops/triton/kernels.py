@@ -81,41 +81,20 @@ def _sinkhorn_step(p, axis: tl.constexpr):
 
 
 @triton.jit
-def _pre_fwd_kernel(
-    x_ptr, phi_ptr, bias_ptr, alpha_ptr,
-    u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
-    M, C, eps, iters,
+def _coefficients(
+    acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
+    hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    HC: tl.constexpr, BM: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
-    mmask = rm < M
+    """Projections ``[BM, W]`` and ``sum(x^2) [BM]`` -> stored ``H_pre, H_post, H_res, q, rstd``.
+
+    Returns ``H_pre [BM, NP]`` (zero in the padding) for the aggregate pass.
+    """
     rm64 = rm.to(tl.int64)
     W: tl.constexpr = 2 * NP + NR
-    K = N * C
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
-    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
-    sumsq = tl.zeros((BM,), dtype=tl.float32)
-    for j in tl.static_range(N):
-        for c0 in range(0, C, BC):
-            rc = c0 + tl.arange(0, BC)
-            cmask = rc < C
-            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
-                         mask=mmask[:, None] & cmask[None, :], other=0.0)
-            xf = xt.to(tl.float32)
-            sumsq += tl.sum(xf * xf, axis=1)
-            k = (j * C + rc).to(tl.int64)
-            base = phi_ptr + k[:, None] * W
-            ph_pre = tl.load(base + cp[None, :], mask=cmask[:, None], other=0.0)
-            ph_post = tl.load(base + NP + cp[None, :], mask=cmask[:, None], other=0.0)
-            ph_res = tl.load(base + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
-            acc_pre += _split_dot(xt, ph_pre, DOT)
-            acc_post += _split_dot(xt, ph_post, DOT)
-            acc_res += _split_dot(xt, ph_res, DOT)
     rstd = 1.0 / tl.sqrt(sumsq / K + eps)
     q_pre = acc_pre * rstd[:, None]
     q_post = acc_post * rstd[:, None]
@@ -152,7 +131,15 @@ def _pre_fwd_kernel(
     tl.store(qrow + NP + cp[None, :], q_post, mask=mmask[:, None])
     tl.store(qrow + 2 * NP + cr[None, :], q_res, mask=mmask[:, None])
     tl.store(rstd_ptr + rm, rstd, mask=mmask)
-    # the aggregate u = H_pre @ X (second pass over this block's streams)
+    return h_pre
+
+
+@triton.jit
+def _aggregate(x_ptr, u_ptr, h_pre, rm64, mmask, C, N: tl.constexpr, NP: tl.constexpr,
+               BM: tl.constexpr, BC: tl.constexpr):
+    """``u [BM, C] = sum_j H_pre[:, j] x[:, j, :]``: a second pass over the block's streams."""
+    K = N * C
+    cp = tl.arange(0, NP)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         cmask = rc < C
@@ -163,6 +150,49 @@ def _pre_fwd_kernel(
             acc += _col(h_pre, cp, j)[:, None] * xt
         tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty),
                  mask=mmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _pre_fwd_kernel(
+    x_ptr, phi_ptr, bias_ptr, alpha_ptr,
+    u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
+    M, C, eps, iters,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    W: tl.constexpr = 2 * NP + NR
+    K = N * C
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for j in tl.static_range(N):
+        for c0 in range(0, C, BC):
+            rc = c0 + tl.arange(0, BC)
+            cmask = rc < C
+            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
+                         mask=mmask[:, None] & cmask[None, :], other=0.0)
+            xf = xt.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+            k = (j * C + rc).to(tl.int64)
+            base = phi_ptr + k[:, None] * W
+            ph_pre = tl.load(base + cp[None, :], mask=cmask[:, None], other=0.0)
+            ph_post = tl.load(base + NP + cp[None, :], mask=cmask[:, None], other=0.0)
+            ph_res = tl.load(base + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
+            acc_pre += _split_dot(xt, ph_pre, DOT)
+            acc_post += _split_dot(xt, ph_post, DOT)
+            acc_res += _split_dot(xt, ph_res, DOT)
+    h_pre = _coefficients(
+        acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
+        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, HC, BM,
+    )
+    _aggregate(x_ptr, u_ptr, h_pre, rm64, mmask, C, N, NP, BM, BC)
 
 
 @triton.jit
@@ -231,34 +261,23 @@ def _post_bwd_kernel(
 
 
 @triton.jit
-def _pre_bwd_kernel(
-    x_ptr, phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-    du_ptr, dhpost_ptr, dhres_ptr,
-    dx_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
-    M, C, iters,
+def _coefficient_grads(
+    d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+    dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    HC: tl.constexpr, BM: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
+    """Backward of :func:`_coefficients` on chip (Sinkhorn recomputed, not stored).
+
+    Takes ``dH_pre [BM, NP]`` and loads ``dH_post``, ``dH_res``; stores ``dproj``, ``dz``,
+    ``dalpha`` per token. Returns ``H_pre [BM, NP]``, ``dproj`` as its three column blocks
+    and ``coef [BM]``, the factor of ``x`` in ``dx`` that comes from the RMS.
+    """
     rm64 = rm.to(tl.int64)
-    mmask = rm < M
     W: tl.constexpr = 2 * NP + NR
-    K = N * C
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
     pvalid = cp < N
-    # pass 1: dH_pre[j] = sum_c du[c] x[j, c]
-    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        cmask = rc < C
-        mc = mmask[:, None] & cmask[None, :]
-        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
-    # coefficient backward (on chip)
     a0 = tl.load(alpha_ptr)
     a1 = tl.load(alpha_ptr + 1)
     a2 = tl.load(alpha_ptr + 2)
@@ -338,8 +357,43 @@ def _pre_bwd_kernel(
     tl.store(dalpha_ptr + rm64 * 3, da0, mask=mmask)
     tl.store(dalpha_ptr + rm64 * 3 + 1, da1, mask=mmask)
     tl.store(dalpha_ptr + rm64 * 3 + 2, da2, mask=mmask)
-    # pass 2: dx = H_pre^T du + dproj @ phi^T + d rstd * (-rstd^3 / K) * x
     coef = -d_rstd * rstd * rstd * rstd / K
+    return h_pre, dp_pre, dp_post, dp_res, coef
+
+
+@triton.jit
+def _pre_bwd_kernel(
+    x_ptr, phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+    du_ptr, dhpost_ptr, dhres_ptr,
+    dx_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
+    M, C, iters,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rm64 = rm.to(tl.int64)
+    mmask = rm < M
+    W: tl.constexpr = 2 * NP + NR
+    K = N * C
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    pvalid = cp < N
+    # pass 1: dH_pre[j] = sum_c du[c] x[j, c]
+    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        cmask = rc < C
+        mc = mmask[:, None] & cmask[None, :]
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
+    h_pre, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
+        d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
+    )
+    # pass 2: dx = H_pre^T du + dproj @ phi^T + d rstd * (-rstd^3 / K) * x
     for j in tl.static_range(N):
         hj = _col(h_pre, cp, j)
         for c0 in range(0, C, BC):
