@@ -80,6 +80,54 @@ def test_sinkhorn_iterations_are_respected():
     _check(9, 4, 12, torch.float32, "mhc", iters=3)
 
 
+def _two_connections(impl, x, y1, y2, params1, params2, mode, fused, use_next=True):
+    """pre(1) -> [post(1), pre(2)] -> post(2); the middle pair fused or as two ops."""
+    u1, hp1, hr1 = impl.mhc_pre(x, *params1, mode=mode)
+    y1 = y1 + u1  # the branch output depends on its input, as in a real block
+    if fused:
+        x2, u2, hp2, hr2 = impl.mhc_post_pre(x, y1, hp1, hr1, *params2, mode=mode)
+    else:
+        x2 = impl.mhc_post(x, y1, hp1, hr1)
+        u2, hp2, hr2 = impl.mhc_pre(x2, *params2, mode=mode)
+    out = impl.mhc_post(x2 if use_next else x2.detach(), y2 + u2, hp2, hr2)
+    return x2, u2, hp2, hr2, out
+
+
+def _check_post_pre(m, n, c, dtype, mode, use_next=True, tol=None):
+    x, y1, phi1, bias1, alpha1 = _inputs(m, n, c, dtype)
+    _, y2, phi2, bias2, alpha2 = _inputs(m, n, c, dtype)
+    p1, p2 = (phi1, bias1, alpha1), (phi2, bias2, alpha2)
+    got = _two_connections(library, x, y1, y2, p1, p2, mode, fused=True, use_next=use_next)
+    ref = _two_connections(reference, x, y1, y2, p1, p2, mode, fused=False, use_next=use_next)
+    tol = tol or TOL[dtype]
+    for name, a, b in zip(["x_next", "u", "h_post", "h_res", "out"], got, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) <= tol, (name, _rel(a, b))
+    g_out = torch.randn_like(got[-1])
+    leaves = [x, y1, y2, *p1, *p2]
+    grads = torch.autograd.grad((got[-1].float() * g_out.float()).sum(), leaves)
+    grads_ref = torch.autograd.grad((ref[-1].float() * g_out.float()).sum(), leaves)
+    names = ["dx", "dy1", "dy2", "dphi1", "dbias1", "dalpha1", "dphi2", "dbias2", "dalpha2"]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) <= tol, (name, _rel(a, b))
+
+
+@pytest.mark.parametrize("n, c, m", [(1, 7, 5), (2, 13, 17), (4, 33, 19), (8, 5, 6)])
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_fused_post_pre_matches_reference_fp32(n, c, m, mode):
+    _check_post_pre(m, n, c, torch.float32, mode)
+
+
+def test_fused_post_pre_when_only_the_next_pre_uses_the_streams():
+    _check_post_pre(11, 4, 20, torch.float32, "mhc", use_next=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_post_pre_16bit(dtype):
+    _check_post_pre(21, 4, 40, dtype, "mhc")
+
+
 def test_non_contiguous_inputs_give_same_results():
     x, y, phi, bias, alpha = _inputs(8, 4, 16, torch.float32)
     xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
@@ -109,7 +157,7 @@ def test_bad_inputs_give_clear_errors(monkeypatch):
 
 
 def test_ops_are_registered_with_torch_library():
-    for name in ["pre_fwd", "pre_bwd", "post_fwd", "post_bwd"]:
+    for name in ["pre_fwd", "pre_bwd", "post_fwd", "post_bwd", "post_pre_fwd", "post_pre_bwd"]:
         assert hasattr(torch.ops.mhc_compile, name)
     x, y, phi, bias, alpha = _inputs(5, 4, 8, torch.float32)
     torch.library.opcheck(torch.ops.mhc_compile.post_fwd.default,
@@ -162,6 +210,14 @@ def test_kernels_under_torch_compile_fullgraph():
 def test_kernels_full_size_on_gpu(c, dtype):
     # on the GPU float32 projections run as bf16 hi/lo splits on tensor cores (~2^-16 relative)
     _check(16384 if dtype == torch.bfloat16 else 2048, 4, c, dtype, "mhc", tol=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [2048, 4096, 7168])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_post_pre_full_size_on_gpu(c, dtype):
+    _check_post_pre(16384 if dtype == torch.bfloat16 else 2048, 4, c, dtype, "mhc",
+                    tol=1e-4 if dtype == torch.float32 else None)
 
 
 @pytest.mark.gpu

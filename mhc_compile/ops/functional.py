@@ -73,20 +73,18 @@ def _kernels_available() -> bool:
     return library.KERNELS_AVAILABLE
 
 
-def _pre_impl(backend: str, x: Tensor) -> Callable:
+def _impl(name: str, backend: str, x: Tensor) -> Callable:
+    """``ops.library.<name>`` (the fused kernels) or ``ops.reference.<name>``."""
     if _use_kernels(x, backend):
         from . import library
 
-        return library.mhc_pre
-    return reference.mhc_pre
+        return getattr(library, name)
+    return getattr(reference, name)
 
 
-def _post_impl(backend: str, x: Tensor) -> Callable:
-    if _use_kernels(x, backend):
-        from . import library
-
-        return library.mhc_post
-    return reference.mhc_post
+def _observe(streams: Tensor, h_post: Tensor, h_res: Tensor) -> None:
+    for observer in OBSERVERS:
+        observer("pre", {"streams": streams, "h_post": h_post, "h_res": h_res})
 
 
 def mhc_pre(
@@ -107,12 +105,11 @@ def mhc_pre(
     ``H_res [M, n, n]`` (float32, token-major).
     """
     tokens = streams_to_tokens(x, channel_dim)
-    u, h_post, h_res = _pre_impl(backend, tokens)(
+    u, h_post, h_res = _impl("mhc_pre", backend, tokens)(
         tokens, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps
     )
     if OBSERVERS:
-        for observer in OBSERVERS:
-            observer("pre", {"streams": tokens, "h_post": h_post, "h_res": h_res})
+        _observe(tokens, h_post, h_res)
     return tokens_to_single(u, x, channel_dim), h_post, h_res
 
 
@@ -128,8 +125,40 @@ def mhc_post(
     """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout."""
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    out = _post_impl(backend, tokens)(tokens, y_tokens, h_post, h_res)
+    out = _impl("mhc_post", backend, tokens)(tokens, y_tokens, h_post, h_res)
     return tokens_to_streams(out, x, channel_dim)
+
+
+def mhc_post_pre(
+    x: Tensor,
+    y: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor,
+    bias: Tensor,
+    alpha: Tensor,
+    *,
+    mode: str,
+    sinkhorn_iters: int,
+    eps: float,
+    channel_dim: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Post of one connection fused with the pre of the next (one kernel on the GPU).
+
+    Same results as ``mhc_post`` then ``mhc_pre``: returns ``X_next`` in the stream layout,
+    the next connection's ``u`` in the single-stream layout, its ``H_post [M, n]`` and
+    ``H_res [M, n, n]``.
+    """
+    tokens = streams_to_tokens(x, channel_dim)
+    y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
+    x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens)(
+        tokens, y_tokens, h_post, h_res, phi, bias, alpha,
+        mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps,
+    )
+    if OBSERVERS:
+        _observe(x_next, h_post2, h_res2)
+    return tokens_to_streams(x_next, x, channel_dim), tokens_to_single(u, x, channel_dim), h_post2, h_res2
 
 
 def expand(x: Tensor, n: int, *, channel_dim: int) -> Tensor:
@@ -142,4 +171,4 @@ def collapse(x: Tensor, *, channel_dim: int, reduce: str) -> Tensor:
     return reference.collapse_streams(x, stream_dim_of(channel_dim), reduce)
 
 
-__all__ = ["mhc_pre", "mhc_post", "expand", "collapse", "stream_dim_of"]
+__all__ = ["mhc_pre", "mhc_post", "mhc_post_pre", "expand", "collapse", "stream_dim_of"]

@@ -32,6 +32,9 @@ MAX_STREAMS = 8
 # benchmarks/kernels.py --sweep on an H100; more tokens per program amortise phi's L2 reads.
 PRE_FWD_TILES = (64, 64, 4)
 PRE_BWD_TILES = (32, 128, 4)
+# The fused post+pre kernels hold [tokens, n, channels] tiles of all streams.
+POST_PRE_FWD_TILES = (32, 64, 4)
+POST_PRE_BWD_TILES = (32, 32, 4)
 BLOCK_M_POST = 4
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -124,12 +127,16 @@ def _poisoned(*tensors: Tensor) -> None:
             t.fill_(float("nan"))
 
 
-def _pre_blocks(x: Tensor, c: int, backward: bool = False) -> tuple[int, int, int]:
-    """(tokens, channels, warps) per program of the pre kernels (small under the interpreter)."""
+def _pre_blocks(x: Tensor, c: int, backward: bool = False, fused: bool = False) -> tuple[int, int, int]:
+    """(tokens, channels, warps) per program of the pre and fused post+pre kernels
+    (small under the interpreter)."""
     if x.is_cuda:
-        bm, bc, warps = PRE_BWD_TILES if backward else PRE_FWD_TILES
+        if fused:
+            bm, bc, warps = POST_PRE_BWD_TILES if backward else POST_PRE_FWD_TILES
+        else:
+            bm, bc, warps = PRE_BWD_TILES if backward else PRE_FWD_TILES
         return bm, _pick(bc, c), warps
-    return 16, _pick(128, c), 4
+    return 16, _pick(32 if fused else 128, c), 4
 
 
 def _pick(block: int, c: int) -> int:
@@ -221,6 +228,97 @@ if KERNELS_AVAILABLE:
         )
         return dx, dy, dh_post, dh_res
 
+    @triton_op("mhc_compile::post_pre_fwd", mutates_args=())
+    def post_pre_fwd(
+        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
+        alpha: Tensor, hc: bool, iters: int, eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Post of one connection fused with the pre of the next: ``x [M, n, C]``, ``y [M, C]``,
+        ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
+        for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        npad, np_, nr, width = layout(n)
+        x_next = torch.empty_like(x)
+        u = x.new_empty(m, c)
+        h_pre = x.new_empty(m, n, dtype=torch.float32)
+        h_post = x.new_empty(m, n, dtype=torch.float32)
+        h_res = x.new_empty(m, n, n, dtype=torch.float32)
+        q = x.new_empty(m, width, dtype=torch.float32)
+        rstd = x.new_empty(m, dtype=torch.float32)
+        _poisoned(x_next, u, h_pre, h_post, h_res, q, rstd)
+        bm, bc, warps = _pre_blocks(x, c, fused=True)
+        wrap_triton(kernels._post_pre_fwd_kernel)[(triton.cdiv(m, bm),)](
+            x, y, h_post0, h_res0, _pad_columns(phi, n), _pad_columns(bias, n), alpha,
+            x_next, u, h_pre, h_post, h_res, q, rstd, m, c, eps, iters,
+            N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+        )
+        return x_next, u, h_pre, h_post, h_res, q, rstd
+
+    @triton_op("mhc_compile::post_pre_bwd", mutates_args=())
+    def post_pre_bwd(
+        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
+        phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor, q: Tensor,
+        rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Gradients of :func:`post_pre_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` of the
+        post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
+        ``g_next`` is the gradient reaching ``X_next`` from its other users."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        npad, np_, nr, width = layout(n)
+        dx = torch.empty_like(x)
+        dy = torch.empty_like(y)
+        dh_post0 = x.new_empty(m, n, dtype=torch.float32)
+        dh_res0 = x.new_empty(m, n, n, dtype=torch.float32)
+        dproj = x.new_empty(m, width, dtype=torch.float32)
+        dz = x.new_empty(m, width, dtype=torch.float32)
+        dalpha = x.new_empty(m, 3, dtype=torch.float32)
+        _poisoned(dx, dy, dh_post0, dh_res0, dproj, dz, dalpha)
+        bm, bc, warps = _pre_blocks(x, c, backward=True, fused=True)
+        wrap_triton(kernels._post_pre_bwd_kernel)[(triton.cdiv(m, bm),)](
+            x, y, h_post0, h_res0, x_next, g_next, _pad_columns(phi, n), _pad_columns(bias, n),
+            alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
+            dx, dy, dh_post0, dh_res0, dproj, dz, dalpha, m, c, iters,
+            N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+        )
+        return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
+
+    def _pre_grads_in(x, h_post, du, dh_post, dh_res):
+        """Zeros for the pre-side gradients autograd passes as ``None``; float32, contiguous."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        du = x.new_zeros(m, c) if du is None else du.contiguous()
+        dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post.float().contiguous()
+        dh_res = x.new_zeros(m, n, n, dtype=torch.float32) if dh_res is None else dh_res.float().contiguous()
+        return du, dh_post, dh_res
+
+    def _pre_param_grads(x, dproj, dz, dalpha):
+        """``dphi = vec(x)^T dproj`` (a matmul outside the kernel), ``dbias``, ``dalpha``."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        cols = _column_index(n, x.device)
+        flat = x.reshape(m, n * c)
+        if x.dtype == torch.float32:
+            dphi = flat.t() @ dproj[:, cols]
+        else:
+            dphi = (flat.t() @ dproj[:, cols].to(x.dtype)).float()
+        return dphi, dz.sum(0)[cols], dalpha.sum(0)
+
+    def _post_pre_setup(ctx, inputs, output) -> None:
+        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _ = inputs
+        x_next, _, h_pre, h_post, _, q, rstd = output
+        ctx.save_for_backward(x, y, h_post0, h_res0, x_next, phi, bias, alpha, h_pre, h_post, q, rstd)
+        ctx.hc, ctx.iters = hc, iters
+        ctx.mark_non_differentiable(h_pre, q, rstd)
+
+    def _post_pre_backward(ctx, g_next, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
+        x, y, h_post0, h_res0, x_next, phi, bias, alpha, h_pre, h_post, q, rstd = ctx.saved_tensors
+        du, dh_post, dh_res = _pre_grads_in(x, h_post, du, dh_post, dh_res)
+        g_next = torch.zeros_like(x_next) if g_next is None else g_next.contiguous()
+        dx, dy, dh_post0, dh_res0, dproj, dz, dalpha = torch.ops.mhc_compile.post_pre_bwd(
+            x, y, h_post0, h_res0, x_next, g_next, phi, bias, alpha, h_pre, h_post, q, rstd,
+            du, dh_post, dh_res, ctx.hc, ctx.iters,
+        )
+        dphi, dbias, dalpha = _pre_param_grads(x_next, dproj, dz, dalpha)
+        return dx, dy, dh_post0, dh_res0, dphi, dbias, dalpha, None, None, None
+
     def _pre_setup(ctx, inputs, output) -> None:
         x, phi, bias, alpha, hc, iters, _ = inputs
         _, h_pre, h_post, _, q, rstd = output
@@ -230,20 +328,11 @@ if KERNELS_AVAILABLE:
 
     def _pre_backward(ctx, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
         x, phi, bias, alpha, h_pre, h_post, q, rstd = ctx.saved_tensors
-        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        du = torch.zeros(m, c, device=x.device, dtype=x.dtype) if du is None else du.contiguous()
-        dh_post = torch.zeros_like(h_post) if dh_post is None else dh_post.float().contiguous()
-        dh_res = x.new_zeros(m, n, n, dtype=torch.float32) if dh_res is None else dh_res.float().contiguous()
+        du, dh_post, dh_res = _pre_grads_in(x, h_post, du, dh_post, dh_res)
         dx, dproj, dz, dalpha = torch.ops.mhc_compile.pre_bwd(
             x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, ctx.hc, ctx.iters
         )
-        cols = _column_index(n, x.device)
-        flat = x.reshape(m, n * c)
-        if x.dtype == torch.float32:
-            dphi = flat.t() @ dproj[:, cols]
-        else:
-            dphi = (flat.t() @ dproj[:, cols].to(x.dtype)).float()
-        return dx, dphi, dz.sum(0)[cols], dalpha.sum(0), None, None, None
+        return (dx, *_pre_param_grads(x, dproj, dz, dalpha), None, None, None)
 
     def _post_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)
@@ -253,6 +342,7 @@ if KERNELS_AVAILABLE:
         return torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous())
 
     pre_fwd.register_autograd(_pre_backward, setup_context=_pre_setup)
+    post_pre_fwd.register_autograd(_post_pre_backward, setup_context=_post_pre_setup)
     post_fwd.register_autograd(_post_backward, setup_context=_post_setup)
 
 
@@ -264,13 +354,7 @@ def mhc_pre(
 
     Same contract as :func:`mhc_compile.ops.reference.mhc_pre`.
     """
-    check_backend("triton")
-    validate(x, phi, bias, alpha)
-    if mode not in ("mhc", "hc"):
-        raise KernelInputError(f"unknown mode {mode!r}; use 'mhc' or 'hc'")
-    n, c = x.shape[1], x.shape[2]
-    if phi.shape != (n * c, n * n + 2 * n):
-        raise KernelInputError(f"phi must be [n*C, n^2+2n] = {[n * c, n * n + 2 * n]}; got {list(phi.shape)}")
+    _check_pre(x, phi, bias, alpha, mode)
     u, _, h_post, h_res, _, _ = torch.ops.mhc_compile.pre_fwd(
         x.contiguous(), phi.float().contiguous(), bias.float().contiguous(),
         alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
@@ -278,13 +362,48 @@ def mhc_pre(
     return u, h_post, h_res
 
 
-def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``."""
+def _check_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str) -> None:
+    check_backend("triton")
+    validate(x, phi, bias, alpha)
+    if mode not in ("mhc", "hc"):
+        raise KernelInputError(f"unknown mode {mode!r}; use 'mhc' or 'hc'")
+    n, c = x.shape[1], x.shape[2]
+    if phi.shape != (n * c, n * n + 2 * n):
+        raise KernelInputError(f"phi must be [n*C, n^2+2n] = {[n * c, n * n + 2 * n]}; got {list(phi.shape)}")
+
+
+def _check_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> None:
     check_backend("triton")
     validate(x, y, h_post, h_res)
     m, n, c = x.shape
     if y.shape != (m, c):
         raise KernelInputError(f"branch output must be [M, C] = {[m, c]}; got {list(y.shape)}")
+
+
+def mhc_post_pre(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused post of one connection and pre of the next, in one kernel.
+
+    ``x [M, n, C]``, ``y [M, C]``, ``h_post [M, n]``, ``h_res [M, n, n]`` of the first
+    connection; ``phi, bias, alpha`` of the second. Returns ``X_next [M, n, C]`` (dtype of
+    ``x``) and the second connection's ``u [M, C]``, ``H_post [M, n]``, ``H_res [M, n, n]``:
+    the same as :func:`mhc_post` followed by :func:`mhc_pre`.
+    """
+    _check_post(x, y, h_post, h_res)
+    _check_pre(x, phi, bias, alpha, mode)
+    x_next, u, _, h_post2, h_res2, _, _ = torch.ops.mhc_compile.post_pre_fwd(
+        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(),
+        h_res.float().contiguous(), phi.float().contiguous(), bias.float().contiguous(),
+        alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
+    )
+    return x_next, u, h_post2, h_res2
+
+
+def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``."""
+    _check_post(x, y, h_post, h_res)
     return torch.ops.mhc_compile.post_fwd(
         x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous()
     )

@@ -134,6 +134,20 @@ def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def mhc_post_pre(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Post of one connection followed by the pre of the next (what the fused kernel computes).
+
+    Returns ``X_next [M, n, C]`` and the next connection's ``u [M, C]``,
+    ``H_post [M, n]``, ``H_res [M, n, n]``.
+    """
+    x_next = mhc_post(x, y, h_post, h_res)
+    u, h_post2, h_res2 = mhc_pre(x_next, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps)
+    return x_next, u, h_post2, h_res2
+
+
 def expand_streams(x: Tensor, n: int, stream_dim: int) -> Tensor:
     """Replicate one stream ``n`` times along a new axis at ``stream_dim`` (a copy).
 

@@ -413,3 +413,159 @@ def _pre_bwd_kernel(
                     + _split_dot(dp_res, pt_res, BDOT))
             dxj = hj[:, None] * du + back + coef[:, None] * xj
             tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _stream_offsets(rm64, ri, rc, C, N: tl.constexpr):
+    """Offsets ``[BM, NPAD, BC]`` of a chunk of all streams, and their mask without tokens."""
+    off = rm64[:, None, None] * (N * C) + ri[None, :, None] * C + rc[None, None, :]
+    return off, (ri < N)[None, :, None] & (rc < C)[None, None, :]
+
+
+@triton.jit
+def _phi_rows(ri, rc, C, N: tl.constexpr, NPAD: tl.constexpr, BC: tl.constexpr):
+    """Rows ``j*C + c`` of ``phi`` for a chunk of all streams, flattened to ``[NPAD*BC]``."""
+    k = ri[:, None] * C + rc[None, :]
+    valid = (ri[:, None] < N) & (rc[None, :] < C)
+    return tl.reshape(k, (NPAD * BC,)).to(tl.int64), tl.reshape(valid, (NPAD * BC,))
+
+
+@triton.jit
+def _post_pre_fwd_kernel(
+    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, bias_ptr, alpha_ptr,
+    xn_ptr, u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
+    M, C, eps, iters,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Post of connection l fused with pre of connection l+1.
+
+    Pass 1 builds ``X_{l+1} = H_res X_l + H_post^T y`` chunk by chunk for all streams,
+    stores it and feeds the same on-chip values to the RMS and projection of connection
+    l+1; pass 2 reads ``X_{l+1}`` back once for the aggregate ``u``.
+    """
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    W: tl.constexpr = 2 * NP + NR
+    K = N * C
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    ri = tl.arange(0, NPAD)
+    mi = mmask[:, None] & (ri < N)[None, :]
+    h_post0 = tl.load(hpost0_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
+    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < C)[None, :]
+        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        acc = h_post0[:, :, None] * y[:, None, :]  # [BM, NPAD, BC]
+        for k in tl.static_range(N):
+            xk = tl.load(x_ptr + rm64[:, None] * K + k * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            h_col = tl.load(hres0_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + k, mask=mi, other=0.0)
+            acc += h_col[:, :, None] * xk[:, None, :]
+        off, smask = _stream_offsets(rm64, ri, rc, C, N)
+        xn = acc.to(xn_ptr.dtype.element_ty)
+        tl.store(xn_ptr + off, xn, mask=mmask[:, None, None] & smask)
+        xf = xn.to(tl.float32)
+        sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
+        xt = tl.reshape(xn, (BM, NPAD * BC))
+        rows, rvalid = _phi_rows(ri, rc, C, N, NPAD, BC)
+        base = phi_ptr + rows[:, None] * W
+        ph_pre = tl.load(base + cp[None, :], mask=rvalid[:, None], other=0.0)
+        ph_post = tl.load(base + NP + cp[None, :], mask=rvalid[:, None], other=0.0)
+        ph_res = tl.load(base + 2 * NP + cr[None, :], mask=rvalid[:, None], other=0.0)
+        acc_pre += _split_dot(xt, ph_pre, DOT)
+        acc_post += _split_dot(xt, ph_post, DOT)
+        acc_res += _split_dot(xt, ph_res, DOT)
+    h_pre = _coefficients(
+        acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
+        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, HC, BM,
+    )
+    tl.debug_barrier()  # this program's X_{l+1} stores are visible to all its threads
+    _aggregate(xn_ptr, u_ptr, h_pre, rm64, mmask, C, N, NP, BM, BC)
+
+
+@triton.jit
+def _post_pre_bwd_kernel(
+    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, xn_ptr, gn_ptr,
+    phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+    du_ptr, dhpost_ptr, dhres_ptr,
+    dx_ptr, dy_ptr, dhpost0_ptr, dhres0_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
+    M, C, iters,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Backward of :func:`_post_pre_fwd_kernel`.
+
+    Pass 1 reduces ``dH_pre`` of connection l+1 over ``X_{l+1}``; after its coefficient
+    backward on chip, pass 2 forms the full gradient of ``X_{l+1}`` per chunk (the
+    gradient ``gn`` from its other users + the pre side's part) and, without writing it,
+    applies the post backward: ``dX_l = H_res^T g``, ``dy = H_post g`` and the reductions
+    ``dH_post``, ``dH_res`` (whole rows per program: no atomics).
+    """
+    pid = tl.program_id(0)
+    rm = pid * BM + tl.arange(0, BM)
+    rm64 = rm.to(tl.int64)
+    mmask = rm < M
+    W: tl.constexpr = 2 * NP + NR
+    K = N * C
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    ri = tl.arange(0, NPAD)
+    mi = mmask[:, None] & (ri < N)[None, :]
+    # pass 1: dH_pre[j] = sum_c du[c] X_{l+1}[j, c]
+    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < C)[None, :]
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            xj = tl.load(xn_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
+    h_pre, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
+        d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
+        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
+    )
+    h_pre4 = tl.load(hpre_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
+    h_post0 = tl.load(hpost0_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
+    d_hpost0 = tl.zeros((BM, NPAD), dtype=tl.float32)
+    d_hres0 = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+    BDOT: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 1 else 2)
+    # pass 2: g = gn + H_pre^T du + dproj @ phi^T + coef * X_{l+1}, then the post backward
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < C)[None, :]
+        off, smask = _stream_offsets(rm64, ri, rc, C, N)
+        m3 = mmask[:, None, None] & smask
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        xn = tl.load(xn_ptr + off, mask=m3, other=0.0).to(tl.float32)
+        g = tl.load(gn_ptr + off, mask=m3, other=0.0).to(tl.float32)
+        rows, rvalid = _phi_rows(ri, rc, C, N, NPAD, BC)
+        base = phi_ptr + rows[None, :] * W  # phi rows read transposed: [NP, NPAD*BC]
+        pt_pre = tl.load(base + cp[:, None], mask=rvalid[None, :], other=0.0)
+        pt_post = tl.load(base + NP + cp[:, None], mask=rvalid[None, :], other=0.0)
+        pt_res = tl.load(base + 2 * NP + cr[:, None], mask=rvalid[None, :], other=0.0)
+        back = (_split_dot(dp_pre, pt_pre, BDOT) + _split_dot(dp_post, pt_post, BDOT)
+                + _split_dot(dp_res, pt_res, BDOT))
+        g += tl.reshape(back, (BM, NPAD, BC)) + h_pre4[:, :, None] * du[:, None, :] + coef[:, None, None] * xn
+        g = tl.where(m3, g, 0.0)
+        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        dy = tl.sum(h_post0[:, :, None] * g, axis=1)
+        tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
+        d_hpost0 += tl.sum(g * y[:, None, :], axis=2)
+        for k in tl.static_range(N):
+            xk = tl.load(x_ptr + rm64[:, None] * K + k * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            h_col = tl.load(hres0_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + k, mask=mi, other=0.0)
+            dxk = tl.sum(h_col[:, :, None] * g, axis=1)
+            tl.store(dx_ptr + rm64[:, None] * K + k * C + rc[None, :], dxk.to(dx_ptr.dtype.element_ty), mask=mc)
+            gx = tl.sum(g * xk[:, None, :], axis=2)  # dH_res[:, i, k]
+            d_hres0 += tl.where(ri[None, None, :] == k, gx[:, :, None], 0.0)
+    tl.store(dhpost0_ptr + rm64[:, None] * N + ri[None, :], d_hpost0, mask=mi)
+    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
+    rvalid = (ri[:, None] < N) & (ri[None, :] < N)
+    tl.store(dhres0_ptr + res_off, d_hres0, mask=mmask[:, None, None] & rvalid[None, :, :])
