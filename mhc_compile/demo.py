@@ -174,6 +174,7 @@ def plot(results: list[RunResult], path: str) -> bool:
     ax_gain.set_title("Amax gain magnitude")
     ax_gain.legend(fontsize=8)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

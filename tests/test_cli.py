@@ -54,7 +54,7 @@ def test_bad_config_content_exits_2(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    plot = tmp_path / "demo.png"
+    plot = tmp_path / "new-dir" / "demo.png"  # the demo creates missing directories
     result = subprocess.run(
         [sys.executable, "-m", "mhc_compile", "demo", "--steps", "4", "--log-every", "2", "--depth", "2",
          "--width", "32", "--batch", "4", "--seq-len", "32", "--corpus-bytes", "200000", "--out", str(plot)],
