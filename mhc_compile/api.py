@@ -158,6 +158,7 @@ def mhc_compile(
     collapse: str = "mean",
     channel_dim: Optional[int] = None,
     rms_eps: float = 1e-6,
+    fuse_adjacent: bool = True,
 ) -> nn.Module:
     """Rewrite ``model``'s residual connections into ``n_streams``-stream mHC, in place.
 
@@ -170,6 +171,8 @@ def mhc_compile(
             ``(args, kwargs)``); synthesised for Hugging Face models when omitted.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (reference ops).
         sinkhorn_iters, collapse, channel_dim, rms_eps: see :class:`MHCConfig`.
+        fuse_adjacent: where a block's connection feeds the next one (attention then MLP),
+            run the first's post and the second's pre as one fused op (one kernel).
 
     Returns:
         The same model object, converted: same call signature and outputs; original
@@ -188,6 +191,7 @@ def mhc_compile(
     config = MHCConfig(
         n_streams=n_streams, mode=mode, init=init, backend=backend,
         sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
+        fuse_adjacent=fuse_adjacent,
     )
     if isinstance(model, nn.Module) and is_converted(model):
         raise ConversionError(

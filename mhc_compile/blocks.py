@@ -35,6 +35,7 @@ from .config import MHCConfig
 from .layers import MHCConnection
 from .ops import functional
 from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
+from .passes.fuse import fuse_post_pre
 from .passes.rewrite import StreamPlan, inline_identities, rewrite_block
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -201,6 +202,8 @@ def build_variant(block: nn.Module, plan: BlockPlan, values: dict, training: boo
             "conversion or convert again with example_inputs= of this form"
         )
     rewrite_block(gm, residuals, _stream_plan(plan))
+    if plan.config.fuse_adjacent:
+        fuse_post_pre(gm)
     graph_forward = type(gm).forward
     names = list(values_sig.dynamic)
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhc_compile as mhc
 from mhc_compile.ops import library, reference
@@ -183,6 +184,45 @@ def test_converted_model_uses_kernels_and_matches_torch_backend():
     la.backward()
     lb.backward()
     for p, q in zip(mhc.mhc_parameters(a), mhc.mhc_parameters(b)):
+        assert _rel(p.grad, q.grad) <= 1e-4
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Names of the ``mhc_compile`` ops that run (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "mhc_compile" in str(func):
+            self.calls.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_rewrite_emits_the_fused_post_pre_kernel():
+    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+    base = NanoGPT().to(DEVICE)
+    fused, separate = copy.deepcopy(base), copy.deepcopy(base)
+    mhc.mhc_compile(fused, backend="triton", example_inputs=idx)
+    mhc.mhc_compile(separate, backend="triton", example_inputs=idx, fuse_adjacent=False)
+    with torch.no_grad():
+        for p, q in zip(mhc.mhc_parameters(fused), mhc.mhc_parameters(separate)):
+            p.copy_(q.detach() + 0.05 * torch.randn_like(q))
+            q.copy_(p)
+    fused.eval(), separate.eval()
+    with _OpRecorder() as rec:
+        loss_fused = fused(idx, idx)[1]
+        loss_fused.backward()
+    # three blocks, each attention -> MLP: one fused kernel per block, forward and backward
+    assert rec.calls.count("post_pre_fwd") == 3 and rec.calls.count("post_pre_bwd") == 3
+    assert rec.calls.count("pre_fwd") == 3 and rec.calls.count("post_fwd") == 3
+    with _OpRecorder() as rec:
+        loss_separate = separate(idx, idx)[1]
+        loss_separate.backward()
+    assert "post_pre_fwd" not in rec.calls and rec.calls.count("pre_fwd") == 6
+    assert abs(loss_fused.item() - loss_separate.item()) <= 1e-5 * abs(loss_separate.item())
+    for p, q in zip(mhc.mhc_parameters(fused), mhc.mhc_parameters(separate)):
         assert _rel(p.grad, q.grad) <= 1e-4
 
 
