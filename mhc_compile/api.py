@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
+import torch
 from torch import nn
 
 from . import blocks
@@ -159,6 +160,7 @@ def mhc_compile(
     channel_dim: Optional[int] = None,
     rms_eps: float = 1e-6,
     fuse_adjacent: bool = True,
+    stream_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Rewrite ``model``'s residual connections into ``n_streams``-stream mHC, in place.
 
@@ -173,6 +175,8 @@ def mhc_compile(
         sinkhorn_iters, collapse, channel_dim, rms_eps: see :class:`MHCConfig`.
         fuse_adjacent: where a block's connection feeds the next one (attention then MLP),
             run the first's post and the second's pre as one fused op (one kernel).
+        stream_dtype: dtype of the n streams; ``None`` keeps the residual's dtype,
+            ``torch.bfloat16`` halves the mHC memory traffic of a float32 residual.
 
     Returns:
         The same model object, converted: same call signature and outputs; original
@@ -191,7 +195,7 @@ def mhc_compile(
     config = MHCConfig(
         n_streams=n_streams, mode=mode, init=init, backend=backend,
         sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
-        fuse_adjacent=fuse_adjacent,
+        fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype,
     )
     if isinstance(model, nn.Module) and is_converted(model):
         raise ConversionError(

@@ -177,6 +177,7 @@ def _stream_plan(plan: BlockPlan) -> StreamPlan:
         eps=c.rms_eps,
         backend=c.backend,
         collapse=c.collapse,
+        stream_dtype=c.stream_dtype,
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 MODES = ("mhc", "hc", "residual")
 INITS = ("preserve", "paper")
 BACKENDS = ("auto", "triton", "torch")
@@ -35,6 +37,9 @@ class MHCConfig:
             token models and ``1`` for convolutional blocks.
         fuse_adjacent: let the lowering pass fuse ``post(l)`` with ``pre(l+1)``
             where both connections live in the same block.
+        stream_dtype: dtype of the n-stream tensor (``None``: the dtype of the residual
+            stream it replaces). ``torch.bfloat16`` halves the bytes the mHC kernels move
+            when the model keeps a float32 residual under autocast.
     """
 
     n_streams: int = 4
@@ -46,6 +51,7 @@ class MHCConfig:
     rms_eps: float = 1e-6
     channel_dim: Optional[int] = None
     fuse_adjacent: bool = True
+    stream_dtype: Optional[torch.dtype] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +72,11 @@ class MHCConfig:
             )
         if self.rms_eps <= 0:
             raise MHCConfigError(f"rms_eps must be > 0, got {self.rms_eps!r}")
+        if self.stream_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise MHCConfigError(
+                f"stream_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                f"got {self.stream_dtype!r}"
+            )
         if self.channel_dim not in (None, 1, -1):
             raise MHCConfigError(
                 f"channel_dim must be None, 1 (channels-first) or -1 (channels-last), "

@@ -101,3 +101,23 @@ def test_conv_stream_layout_is_channels_first():
     handle.remove()
     assert seen["out"].shape == (2, 4, 8, 4, 4)  # [B, n, C, H, W]: linked to the next block
     assert mhc.inspect(model, print_table=False)[0]["layout"] == "[B, n, C, *S]"
+
+
+def test_stream_dtype_stores_the_streams_in_bfloat16():
+    from mhc_compile.ops import functional
+
+    model = BY_NAME["llama"].build().eval()
+    ref = copy.deepcopy(model)
+    mhc.mhc_compile(model, stream_dtype=torch.bfloat16)
+    seen = []
+    functional.OBSERVERS.append(lambda kind, t: seen.append(t["streams"].dtype))
+    try:
+        ids = torch.randint(0, 97, (2, 8))
+        with torch.no_grad():
+            out, expected = model(ids).logits, ref(ids).logits
+    finally:
+        functional.OBSERVERS.pop()
+    assert seen == [torch.bfloat16] * 4
+    assert ((out - expected).norm() / expected.norm()).item() < 2e-2
+    with pytest.raises(mhc.MHCConfigError, match="stream_dtype"):
+        mhc.mhc_compile(BY_NAME["llama"].build(), stream_dtype=torch.int8)

@@ -13,8 +13,9 @@ The per-token coefficients ``H_post [M, n]`` and ``H_res [M, n, n]`` travel betw
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -161,8 +162,10 @@ def mhc_post_pre(
     return tokens_to_streams(x_next, x, channel_dim), tokens_to_single(u, x, channel_dim), h_post2, h_res2
 
 
-def expand(x: Tensor, n: int, *, channel_dim: int) -> Tensor:
-    """Start of a chain: one stream -> n identical streams."""
+def expand(x: Tensor, n: int, *, channel_dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Start of a chain: one stream -> n identical streams (cast to ``dtype`` if given)."""
+    if dtype is not None:
+        x = x.to(dtype)
     return reference.expand_streams(x, n, stream_dim_of(channel_dim))
 
 

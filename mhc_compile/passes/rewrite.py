@@ -55,6 +55,7 @@ class StreamPlan:
         op_kwargs: static arguments of the emitted ``mhc_pre`` calls (mode, sinkhorn
             iterations, eps, backend); collapse: ``"mean"`` or ``"sum"``.
         param_prefix: attribute of the block holding the ``MHCConnection`` list.
+        stream_dtype: dtype the expanded streams are cast to (``None``: keep the input's).
     """
 
     n: int
@@ -69,6 +70,7 @@ class StreamPlan:
     backend: str = "auto"
     collapse: str = "mean"
     param_prefix: str = "mhc"
+    stream_dtype: Optional[torch.dtype] = None
 
 
 @dataclass
@@ -183,7 +185,8 @@ def _emit_pre(graph, emit, skip, i, users, plan, stream, coeffs) -> None:
     if skip in stream:
         x = stream[skip]
     else:
-        x = emit(functional.expand, (skip, plan.n), {"channel_dim": plan.channel_dim}, after=skip)
+        x = emit(functional.expand, (skip, plan.n), {"channel_dim": plan.channel_dim, "dtype": plan.stream_dtype},
+                 after=skip)
         stream[skip] = x
         stream[x] = x
     anchor = x
