@@ -92,6 +92,9 @@ def kernel_rows(m, c, bw):
     dhp = torch.randn_like(h_post)
     dhr = torch.randn_like(h_res)
     g = torch.randn_like(xd)
+    pd, bd, ad = phi.detach(), bias.detach(), alpha.detach()
+    x_next, u2, h_pre2, h_post2, h_res2, q2, rstd2 = torch.ops.mhc_compile.post_pre_fwd(
+        xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6)
     ops = {
         "pre fwd": (lambda: torch.ops.mhc_compile.pre_fwd(xd, phi.detach(), bias.detach(), alpha.detach(), False, 20, 1e-6),
                     (2 * nc + c) * e, (nc + c) * e),
@@ -99,6 +102,13 @@ def kernel_rows(m, c, bw):
         "pre bwd": (lambda: torch.ops.mhc_compile.pre_bwd(xd, phi.detach(), bias.detach(), alpha.detach(), h_pre, h_post, q, rstd, du, dhp, dhr, False, 20),
                     (3 * nc + 2 * c) * e, (2 * nc + c) * e),
         "post bwd": (lambda: torch.ops.mhc_compile.post_bwd(xd, u, h_post, h_res, g), (3 * nc + 2 * c) * e, (3 * nc + 2 * c) * e),
+        # fused post(l) + pre(l+1): reads X, y; writes X_next; reads X_next again; writes u
+        "post+pre fwd": (lambda: torch.ops.mhc_compile.post_pre_fwd(xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6),
+                         (3 * nc + 2 * c) * e, (2 * nc + 2 * c) * e),
+        # pass 1: du, X_next; pass 2: du, X_next, g, X, y; writes dX, dy
+        "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
+            xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
+            (5 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -138,6 +148,46 @@ def connection_rows(m, c, bw, with_liger):
     return rows
 
 
+def two_connections(impl, fused):
+    """pre(1) -> branch -> post(1) -> pre(2) -> branch -> post(2): a transformer block's
+    attention -> MLP path with identity branches; the middle pair fused or not."""
+
+    def run(x, phi, bias, alpha):
+        u, h_post, h_res = impl.mhc_pre(x, phi, bias, alpha)
+        if fused:
+            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha)
+        else:
+            x2 = impl.mhc_post(x, u, h_post, h_res)
+            u2, h_post2, h_res2 = impl.mhc_pre(x2, phi, bias, alpha)
+        return impl.mhc_post(x2, u2, h_post2, h_res2)
+
+    return run
+
+
+def block_rows(m, c, bw):
+    inputs = make_inputs(m, c)
+    impls = {
+        "compiled reference (Inductor)": torch.compile(two_connections(reference, False)),
+        "kernels, post and pre separate": two_connections(library, False),
+        "kernels, post+pre fused": two_connections(library, True),
+    }
+    rows = []
+    for name, fn in impls.items():
+        t_fwd, t_all = bench_fwd_bwd(fn, inputs)
+        rows.append({"C": c, "implementation": name, "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3)})
+    return rows
+
+
+def sweep_fused(m: int, sizes: list[int], bw: float) -> list[dict]:
+    """Fused post+pre kernel tiles: (tokens per program, channels per step, warps)."""
+    rows = []
+    for c in sizes:
+        for tiles in [(32, 64, 4), (16, 64, 4), (16, 128, 4), (32, 32, 4), (64, 32, 8), (32, 64, 8)]:
+            library.POST_PRE_FWD_TILES = library.POST_PRE_BWD_TILES = tiles
+            rows += [dict(r, tiles=tiles) for r in kernel_rows(m, c, bw) if r["kernel"].startswith("post+pre")]
+    return rows
+
+
 def sweep(m: int, sizes: list[int], bw: float) -> None:
     """Pre-kernel tile sizes: (tokens per program, channels per step, warps)."""
     rows = []
@@ -155,6 +205,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
     parser.add_argument("--sweep", action="store_true", help="time the pre kernels over tile sizes and exit")
+    parser.add_argument("--sweep-fused", action="store_true", help="also time the fused kernels over tile sizes")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -166,9 +217,16 @@ def main() -> None:
     if args.sweep:
         sweep(args.tokens, args.sizes, bw)
         return
-    kern, conn = [], []
+    kern, conn, block, tiles = [], [], [], []
+    if args.sweep_fused:
+        tiles = sweep_fused(args.tokens, [4096], bw)
+        print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
+        library.POST_PRE_FWD_TILES = min((r for r in tiles if "fwd" in r["kernel"]), key=lambda r: r["ms"])["tiles"]
+        library.POST_PRE_BWD_TILES = min((r for r in tiles if "bwd" in r["kernel"]), key=lambda r: r["ms"])["tiles"]
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
+        print(tabulate(kern[-6:], headers="keys", tablefmt="github"), flush=True)
+        block += block_rows(args.tokens, c, bw)
         if not args.kernels_only:
             conn += connection_rows(args.tokens, c, bw, with_liger)
         torch.cuda.empty_cache()
@@ -176,7 +234,8 @@ def main() -> None:
     lines = [
         f"# mHC kernels on {gpu}",
         "",
-        f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}`",
+        f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
+        f"{' --sweep-fused' if args.sweep_fused else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
         f"Device-to-device copy bandwidth measured in the same run: **{bw:.0f} GB/s**.",
@@ -189,7 +248,16 @@ def main() -> None:
         "",
         tabulate(conn, headers="keys", tablefmt="github"),
         "",
+        "## Two adjacent connections (pre, post+pre, post), as in a transformer block",
+        "",
+        tabulate(block, headers="keys", tablefmt="github"),
+        "",
+        f"Fused kernel tiles used (tokens, channels, warps): forward {library.POST_PRE_FWD_TILES}, "
+        f"backward {library.POST_PRE_BWD_TILES}.",
+        "",
     ]
+    if tiles:
+        lines += ["## Fused kernel tile sweep (C = 4096)", "", tabulate(tiles, headers="keys", tablefmt="github"), ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

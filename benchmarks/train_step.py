@@ -4,8 +4,10 @@
 
 Forward + backward + AdamW step under bf16 autocast, ``triton.testing.do_bench`` median
 and peak memory, for: the plain residual model (eager, compiled), mHC with the reference
-ops (eager, compiled) and mHC with the fused kernels (eager, compiled). "Compiled" is
-regional: ``block.compile()`` on every decoder layer (identical layers share one graph).
+ops (eager, compiled) and mHC with the fused kernels (compiled: post and pre as separate
+kernels, fused post+pre, bf16 streams, bf16 streams with ``recompute="mhc"``).
+"Compiled" is regional: ``block.compile()`` on every decoder layer (identical layers
+share one graph).
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from tabulate import tabulate
 sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
 
-VARIANTS = [
+VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not converted)
     ("residual", "eager", None),
     ("residual", "compiled", None),
-    ("mhc reference ops", "eager", "torch"),
-    ("mhc reference ops", "compiled", "torch"),
-    ("mhc fused kernels", "eager", "triton"),
-    ("mhc fused kernels", "compiled", "triton"),
+    ("mhc reference ops", "eager", {"backend": "torch"}),
+    ("mhc reference ops", "compiled", {"backend": "torch"}),
+    ("mhc kernels, post/pre separate", "compiled", {"backend": "triton", "fuse_adjacent": False}),
+    ("mhc kernels, post+pre fused", "compiled", {"backend": "triton"}),
+    ("mhc kernels fused, bf16 streams", "compiled", {"backend": "triton", "stream_dtype": torch.bfloat16}),
+    ("mhc kernels fused, bf16 streams, recompute", "compiled",
+     {"backend": "triton", "stream_dtype": torch.bfloat16, "recompute": "mhc"}),
 ]
 
 
-def build(args, backend):
+def build(args, options):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 256 * 256,
@@ -39,14 +44,15 @@ def build(args, backend):
                       num_key_value_heads=args.hidden // 128, vocab_size=args.vocab,
                       max_position_embeddings=args.seq, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).cuda()
-    if backend is not None:
-        mhc.mhc_compile(model, n_streams=4, backend=backend)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    if options is not None:
+        mhc.mhc_compile(model, n_streams=4, **options)
     return model
 
 
-def measure(args, name, how, backend):
-    model = build(args, backend)
+def measure(args, name, how, options):
+    model = build(args, options)
     if how == "compiled":
         for layer in model.model.layers:
             layer.compile()
@@ -86,11 +92,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
-    for i, (name, how, backend) in enumerate(VARIANTS):
+    for i, (name, how, options) in enumerate(VARIANTS):
         if args.only is not None and str(i) not in args.only:
             continue
         try:
-            rows.append(measure(args, name, how, backend))
+            rows.append(measure(args, name, how, options))
         except Exception as err:  # noqa: BLE001 - report and go on
             rows.append({"model": name, "mode": how, "step ms": f"failed: {type(err).__name__}: {str(err)[:100]}"})
         print(rows[-1], flush=True)
@@ -104,7 +110,8 @@ def main() -> None:
         f"# Training step on {torch.cuda.get_device_name()}",
         "",
         f"Command: `python benchmarks/train_step.py --hidden {args.hidden} --layers {args.layers} "
-        f"--batch {args.batch} --seq {args.seq} --vocab {args.vocab}`",
+        f"--batch {args.batch} --seq {args.seq} --vocab {args.vocab} --rep {args.rep}"
+        f"{' --only ' + ' '.join(args.only) if args.only else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {args.hidden}, "
         f"{args.layers} layers, {args.batch * args.seq} tokens per step, bf16 autocast, fused AdamW; "
         "forward + backward + optimizer step, do_bench median; peak memory of one step.",

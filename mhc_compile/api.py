@@ -161,6 +161,7 @@ def mhc_compile(
     rms_eps: float = 1e-6,
     fuse_adjacent: bool = True,
     stream_dtype: Optional[torch.dtype] = None,
+    recompute: Optional[str] = None,
 ) -> nn.Module:
     """Rewrite ``model``'s residual connections into ``n_streams``-stream mHC, in place.
 
@@ -177,6 +178,8 @@ def mhc_compile(
             run the first's post and the second's pre as one fused op (one kernel).
         stream_dtype: dtype of the n streams; ``None`` keeps the residual's dtype,
             ``torch.bfloat16`` halves the mHC memory traffic of a float32 residual.
+        recompute: ``"mhc"`` recomputes the mHC ops (and the block's other cheap ops) in
+            backward instead of storing their outputs; ``None`` (default) stores them.
 
     Returns:
         The same model object, converted: same call signature and outputs; original
@@ -195,7 +198,7 @@ def mhc_compile(
     config = MHCConfig(
         n_streams=n_streams, mode=mode, init=init, backend=backend,
         sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
-        fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype,
+        fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype, recompute=recompute,
     )
     if isinstance(model, nn.Module) and is_converted(model):
         raise ConversionError(
@@ -212,6 +215,10 @@ def mhc_compile(
         for block in analysis.blocks:
             blocks.install(modules[block.path], block, config)
     model._mhc_analysis = analysis
+    hf_config = getattr(model, "config", None)
+    if config.recompute and getattr(hf_config, "use_cache", False):
+        hf_config.use_cache = False  # a key/value cache is state that recomputation would append to twice
+        logger.info("mhc_compile: recompute=%r sets model.config.use_cache = False", config.recompute)
     logger.info(
         "mhc_compile: %d connections in %d blocks rewritten to %d-stream %s",
         sum(len(b.connections) for b in analysis.blocks), len(analysis.blocks), n_streams, mode,

@@ -37,6 +37,7 @@ from .ops import functional
 from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
 from .passes.fuse import fuse_post_pre
 from .passes.rewrite import StreamPlan, inline_identities, rewrite_block
+from .recompute import holds_cache, run_with_recompute, warn_cache_once
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -223,16 +224,26 @@ def _dispatch(self: nn.Module, vals: dict) -> Any:
             return _run_variant(self, {**vals, **dict(zip(names, tensors))})
 
         return gc_func(inner, *[vals[n] for n in names])
+    if self._mhc_plan.config.recompute == "mhc" and torch.is_grad_enabled():
+        if not holds_cache(vals):
+            # the variant is looked up (or built) outside the checkpointed region, which
+            # must run the same ops when it is recomputed
+            return run_with_recompute(_variant_for(self, vals), self, vals)
+        warn_cache_once(type(self).__name__)
     return _run_variant(self, vals)
 
 
-def _run_variant(self: nn.Module, vals: dict) -> Any:
+def _variant_for(self: nn.Module, vals: dict) -> Callable:
     plan: BlockPlan = self._mhc_plan
     key = make_key(self.training, vals, plan.analysis.signature.passthrough)
     fn = plan.variants.get(key)
     if fn is None:
         fn = _build_missing_variant(self, plan, vals, key)
-    return fn(self, vals)
+    return fn
+
+
+def _run_variant(self: nn.Module, vals: dict) -> Any:
+    return _variant_for(self, vals)(self, vals)
 
 
 @torch.compiler.disable

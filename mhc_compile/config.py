@@ -40,6 +40,9 @@ class MHCConfig:
         stream_dtype: dtype of the n-stream tensor (``None``: the dtype of the residual
             stream it replaces). ``torch.bfloat16`` halves the bytes the mHC kernels move
             when the model keeps a float32 residual under autocast.
+        recompute: ``None`` or ``"mhc"``: in backward, recompute the mHC ops and the other
+            cheap ops of each converted block instead of storing their outputs (see
+            :mod:`mhc_compile.recompute`).
     """
 
     n_streams: int = 4
@@ -52,6 +55,7 @@ class MHCConfig:
     channel_dim: Optional[int] = None
     fuse_adjacent: bool = True
     stream_dtype: Optional[torch.dtype] = None
+    recompute: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class MHCConfig:
                 f"stream_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                 f"got {self.stream_dtype!r}"
             )
+        if self.recompute not in (None, "mhc"):
+            raise MHCConfigError(f"unknown recompute {self.recompute!r}; choose None or 'mhc'")
         if self.channel_dim not in (None, 1, -1):
             raise MHCConfigError(
                 f"channel_dim must be None, 1 (channels-first) or -1 (channels-last), "
