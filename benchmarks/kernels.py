@@ -173,7 +173,11 @@ def block_rows(m, c, bw):
     }
     rows = []
     for name, fn in impls.items():
-        t_fwd, t_all = bench_fwd_bwd(fn, inputs)
+        try:
+            t_fwd, t_all = bench_fwd_bwd(fn, inputs)
+        except Exception as err:  # noqa: BLE001 - report and continue
+            rows.append({"C": c, "implementation": name, "fwd ms": f"failed: {type(err).__name__}: {str(err)[:80]}"})
+            continue
         rows.append({"C": c, "implementation": name, "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3)})
     return rows
 

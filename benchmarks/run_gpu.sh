@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; everything lands in $OUT.
 #   bash benchmarks/run_gpu.sh            (from the repository root)
+# MHC_TESTS: test files (default tests/test_kernels.py; empty: skip the tests)
+# MHC_KERNELS_ARGS: arguments of benchmarks/kernels.py ("skip": do not run it)
+# MHC_TRAIN_ARGS: arguments of benchmarks/train_step.py ("skip": do not run it)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/local}"
@@ -11,9 +14,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # optional wheels carried along (Liger-K
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 300 python3 -m pytest -q -m gpu -p no:logging --tb=short ${MHC_TESTS:-tests/test_kernels.py} > "$OUT/gpu-tests.log" 2>&1
-grep -E "passed|failed|Error|error" "$OUT/gpu-tests.log" | tail -15
-for script in ${MHC_BENCH:-kernels}; do
-  timeout 400 python3 "benchmarks/$script.py" --out "$OUT/$script.md" ${MHC_BENCH_ARGS:-} > "$OUT/$script.log" 2>&1
-  tail -45 "$OUT/$script.log"
-done
+if [ -n "${MHC_TESTS-tests/test_kernels.py}" ]; then
+  timeout "${MHC_TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:logging --tb=short ${MHC_TESTS-tests/test_kernels.py} \
+    > "$OUT/gpu-tests.log" 2>&1
+  grep -E "passed|failed|Error|error" "$OUT/gpu-tests.log" | tail -15
+fi
+run_bench() {  # name, args, timeout
+  [ "$2" = "skip" ] && return
+  timeout "$3" python3 "benchmarks/$1.py" --out "$OUT/$1.md" $2 > "$OUT/$1.log" 2>&1
+  echo "== $1 (exit $?)"; tail -60 "$OUT/$1.log"
+}
+run_bench kernels "${MHC_KERNELS_ARGS:-}" "${MHC_KERNELS_TIMEOUT:-300}"
+run_bench train_step "${MHC_TRAIN_ARGS:-skip}" "${MHC_TRAIN_TIMEOUT:-400}"
