@@ -28,10 +28,10 @@ VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not convert
     ("residual", "compiled", None),
     ("mhc reference ops", "eager", {"backend": "torch"}),
     ("mhc reference ops", "compiled", {"backend": "torch"}),
-    ("mhc kernels, post/pre separate", "compiled", {"backend": "triton", "fuse_adjacent": False}),
-    ("mhc kernels, post+pre fused", "compiled", {"backend": "triton"}),
-    ("mhc kernels fused, bf16 streams", "compiled", {"backend": "triton", "stream_dtype": torch.bfloat16}),
-    ("mhc kernels fused, bf16 streams, recompute", "compiled",
+    ("mhc kernels, post/pre separate", "compiled", {"backend": "triton"}),
+    ("mhc kernels, post+pre fused", "compiled", {"backend": "triton", "fuse_adjacent": True}),
+    ("mhc kernels, bf16 streams", "compiled", {"backend": "triton", "stream_dtype": torch.bfloat16}),
+    ("mhc kernels, bf16 streams, recompute", "compiled",
      {"backend": "triton", "stream_dtype": torch.bfloat16, "recompute": "mhc"}),
 ]
 

@@ -33,7 +33,7 @@ MAX_STREAMS = 8
 PRE_FWD_TILES = (64, 64, 4)
 PRE_BWD_TILES = (32, 128, 4)
 # The fused post+pre kernels hold [tokens, n, channels] tiles of all streams.
-POST_PRE_FWD_TILES = (32, 64, 4)
+POST_PRE_FWD_TILES = (32, 32, 4)  # (32, 64, 4) needs more shared memory than an H100 has
 POST_PRE_BWD_TILES = (32, 32, 4)
 BLOCK_M_POST = 4
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
