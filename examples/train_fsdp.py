@@ -104,9 +104,9 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
     if args.resume_from:
-        state = {"model": None, "optim": None}
-        state["model"], state["optim"] = get_state_dict(model, opt)
-        dcp.load(state, checkpoint_id=args.resume_from)
+        model_state, optim_state = get_state_dict(model, opt)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=args.resume_from)  # in place, resharded to this world size
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         with open(os.path.join(args.resume_from, "step.json")) as f:
             start = json.load(f)["step"]

@@ -11,6 +11,7 @@ MODES = ("mhc", "hc", "residual")
 INITS = ("preserve", "paper")
 BACKENDS = ("auto", "triton", "torch")
 COLLAPSES = ("mean", "sum")
+RECOMPUTES = (None, "mhc")
 MAX_STREAMS = 8
 
 
@@ -83,7 +84,7 @@ class MHCConfig:
                 f"stream_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                 f"got {self.stream_dtype!r}"
             )
-        if self.recompute not in (None, "mhc"):
+        if self.recompute not in RECOMPUTES:
             raise MHCConfigError(f"unknown recompute {self.recompute!r}; choose None or 'mhc'")
         if self.channel_dim not in (None, 1, -1):
             raise MHCConfigError(

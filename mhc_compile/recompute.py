@@ -23,11 +23,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-RECOMPUTE_CHOICES = (None, "mhc")
 logger = logging.getLogger("mhc_compile")
 
 
-def _saved_ops() -> frozenset:
+@functools.lru_cache(maxsize=None)
+def saved_ops() -> frozenset:
+    """The ATen overloads whose outputs are kept under ``recompute="mhc"``."""
     aten = torch.ops.aten
     names = [
         "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution",
@@ -43,12 +44,6 @@ def _saved_ops() -> frozenset:
         if packet is not None:
             ops.update(getattr(packet, o) for o in packet.overloads())
     return frozenset(ops)
-
-
-@functools.lru_cache(maxsize=None)
-def saved_ops() -> frozenset:
-    """The ATen overloads whose outputs are kept under ``recompute="mhc"``."""
-    return _saved_ops()
 
 
 def _policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

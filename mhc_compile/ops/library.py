@@ -127,6 +127,17 @@ def _poisoned(*tensors: Tensor) -> None:
             t.fill_(float("nan"))
 
 
+def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty outputs of a pre side for ``x [M, n, C]``: ``u [M, C]`` (dtype of ``x``) and
+    float32 ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``, ``q [M, W]``, ``rstd [M]``."""
+    m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+    f32 = torch.float32
+    outs = (x.new_empty(m, c), x.new_empty(m, n, dtype=f32), x.new_empty(m, n, dtype=f32),
+            x.new_empty(m, n, n, dtype=f32), x.new_empty(m, layout(n)[3], dtype=f32), x.new_empty(m, dtype=f32))
+    _poisoned(*outs)
+    return outs
+
+
 def _pre_blocks(x: Tensor, c: int, backward: bool = False, fused: bool = False) -> tuple[int, int, int]:
     """(tokens, channels, warps) per program of the pre and fused post+pre kernels
     (small under the interpreter)."""
@@ -152,17 +163,11 @@ if KERNELS_AVAILABLE:
         """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
         ``q [M, W]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, width = layout(n)
+        npad, np_, nr, _ = layout(n)
         phi_pad = _pad_columns(phi, n)
         bias_pad = _pad_columns(bias, n)
         dot = _dot_mode(x)
-        u = x.new_empty(m, c)
-        h_pre = x.new_empty(m, n, dtype=torch.float32)
-        h_post = x.new_empty(m, n, dtype=torch.float32)
-        h_res = x.new_empty(m, n, n, dtype=torch.float32)
-        q = x.new_empty(m, width, dtype=torch.float32)
-        rstd = x.new_empty(m, dtype=torch.float32)
-        _poisoned(u, h_pre, h_post, h_res, q, rstd)
+        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
         bm, bc, warps = _pre_blocks(x, c)
         wrap_triton(kernels._pre_fwd_kernel)[(triton.cdiv(m, bm),)](
             x, phi_pad, bias_pad, alpha, u, h_pre, h_post, h_res, q, rstd,
@@ -237,15 +242,10 @@ if KERNELS_AVAILABLE:
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
         for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, width = layout(n)
+        npad, np_, nr, _ = layout(n)
         x_next = torch.empty_like(x)
-        u = x.new_empty(m, c)
-        h_pre = x.new_empty(m, n, dtype=torch.float32)
-        h_post = x.new_empty(m, n, dtype=torch.float32)
-        h_res = x.new_empty(m, n, n, dtype=torch.float32)
-        q = x.new_empty(m, width, dtype=torch.float32)
-        rstd = x.new_empty(m, dtype=torch.float32)
-        _poisoned(x_next, u, h_pre, h_post, h_res, q, rstd)
+        _poisoned(x_next)
+        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
         bm, bc, warps = _pre_blocks(x, c, fused=True)
         wrap_triton(kernels._post_pre_fwd_kernel)[(triton.cdiv(m, bm),)](
             x, y, h_post0, h_res0, _pad_columns(phi, n), _pad_columns(bias, n), alpha,

@@ -196,6 +196,31 @@ def _pre_fwd_kernel(
 
 
 @triton.jit
+def _stream_offsets(rm64, ri, rc, C, N: tl.constexpr):
+    """Offsets ``[BM, NPAD, BC]`` of a chunk of all streams, and their mask without tokens."""
+    off = rm64[:, None, None] * (N * C) + ri[None, :, None] * C + rc[None, None, :]
+    return off, (ri < N)[None, :, None] & (rc < C)[None, None, :]
+
+
+@triton.jit
+def _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, C, N: tl.constexpr, NPAD: tl.constexpr):
+    """``H_res X + H_post^T y`` for a chunk of all streams: ``[BM, NPAD, BC]`` float32.
+
+    ``h_post [BM, NPAD]`` is loaded by the caller (zero in the padding).
+    """
+    ri = tl.arange(0, NPAD)
+    mi = mmask[:, None] & (ri < N)[None, :]
+    mc = mmask[:, None] & (rc < C)[None, :]
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    acc = h_post[:, :, None] * y[:, None, :]
+    for k in tl.static_range(N):
+        xk = tl.load(x_ptr + rm64[:, None] * (N * C) + k * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + k, mask=mi, other=0.0)  # H[:, :, k]
+        acc += h_col[:, :, None] * xk[:, None, :]
+    return acc
+
+
+@triton.jit
 def _post_fwd_kernel(
     x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, M, C,
     N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
@@ -206,22 +231,11 @@ def _post_fwd_kernel(
     rm64 = rm.to(tl.int64)
     mmask = rm < M
     rc = pid_c * BC + tl.arange(0, BC)
-    cmask = rc < C
     ri = tl.arange(0, NPAD)
-    ivalid = ri < N
-    K = N * C
-    mc = mmask[:, None] & cmask[None, :]
-    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mmask[:, None] & ivalid[None, :], other=0.0)
-    acc = h_post[:, :, None] * y[:, None, :]
-    for j in tl.static_range(N):
-        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j,
-                        mask=mmask[:, None] & ivalid[None, :], other=0.0)
-        acc += h_col[:, :, None] * xj[:, None, :]
-    off = rm64[:, None, None] * K + ri[None, :, None] * C + rc[None, None, :]
-    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None, None] & ivalid[None, :, None] & cmask[None, None, :])
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mmask[:, None] & (ri < N)[None, :], other=0.0)
+    acc = _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, C, N, NPAD)
+    off, smask = _stream_offsets(rm64, ri, rc, C, N)
+    tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None, None] & smask)
 
 
 @triton.jit
@@ -243,9 +257,8 @@ def _post_bwd_kernel(
     K = N * C
     mc = mmask[:, None] & cmask[None, :]
     mi = mmask[:, None] & ivalid[None, :]
-    g_off = rm64[:, None, None] * K + ri[None, :, None] * C + rc[None, None, :]
-    g_mask = mmask[:, None, None] & ivalid[None, :, None] & cmask[None, None, :]
-    g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
+    g_off, g_mask = _stream_offsets(rm64, ri, rc, C, N)
+    g = tl.load(g_ptr + g_off, mask=mmask[:, None, None] & g_mask, other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
     y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
     h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
     dy = tl.sum(h_post[:, :, None] * g, axis=1)
@@ -362,6 +375,22 @@ def _coefficient_grads(
 
 
 @triton.jit
+def _reduce_dh_pre(x_ptr, du_ptr, rm64, mmask, C, N: tl.constexpr, NP: tl.constexpr,
+                   BM: tl.constexpr, BC: tl.constexpr):
+    """First backward pass of a pre side: ``dH_pre[:, j] = sum_c du[:, c] x[:, j, c]``, ``[BM, NP]``."""
+    cp = tl.arange(0, NP)
+    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < C)[None, :]
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
+    return d_hpre
+
+
+@triton.jit
 def _pre_bwd_kernel(
     x_ptr, phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
     du_ptr, dhpost_ptr, dhres_ptr,
@@ -378,17 +407,7 @@ def _pre_bwd_kernel(
     K = N * C
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
-    pvalid = cp < N
-    # pass 1: dH_pre[j] = sum_c du[c] x[j, c]
-    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        cmask = rc < C
-        mc = mmask[:, None] & cmask[None, :]
-        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
+    d_hpre = _reduce_dh_pre(x_ptr, du_ptr, rm64, mmask, C, N, NP, BM, BC)  # pass 1
     h_pre, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
         dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
@@ -413,13 +432,6 @@ def _pre_bwd_kernel(
                     + _split_dot(dp_res, pt_res, BDOT))
             dxj = hj[:, None] * du + back + coef[:, None] * xj
             tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
-
-
-@triton.jit
-def _stream_offsets(rm64, ri, rc, C, N: tl.constexpr):
-    """Offsets ``[BM, NPAD, BC]`` of a chunk of all streams, and their mask without tokens."""
-    off = rm64[:, None, None] * (N * C) + ri[None, :, None] * C + rc[None, None, :]
-    return off, (ri < N)[None, :, None] & (rc < C)[None, None, :]
 
 
 @triton.jit
@@ -461,13 +473,7 @@ def _post_pre_fwd_kernel(
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
-        mc = mmask[:, None] & (rc < C)[None, :]
-        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        acc = h_post0[:, :, None] * y[:, None, :]  # [BM, NPAD, BC]
-        for k in tl.static_range(N):
-            xk = tl.load(x_ptr + rm64[:, None] * K + k * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            h_col = tl.load(hres0_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + k, mask=mi, other=0.0)
-            acc += h_col[:, :, None] * xk[:, None, :]
+        acc = _mix_streams(x_ptr, y_ptr, h_post0, hres0_ptr, rm64, mmask, rc, C, N, NPAD)  # [BM, NPAD, BC]
         off, smask = _stream_offsets(rm64, ri, rc, C, N)
         xn = acc.to(xn_ptr.dtype.element_ty)
         tl.store(xn_ptr + off, xn, mask=mmask[:, None, None] & smask)
@@ -518,16 +524,8 @@ def _post_pre_bwd_kernel(
     cr = tl.arange(0, NR)
     ri = tl.arange(0, NPAD)
     mi = mmask[:, None] & (ri < N)[None, :]
-    # pass 1: dH_pre[j] = sum_c du[c] X_{l+1}[j, c]
-    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        mc = mmask[:, None] & (rc < C)[None, :]
-        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        for j in tl.static_range(N):
-            xj = tl.load(xn_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
-    h_pre, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
+    d_hpre = _reduce_dh_pre(xn_ptr, du_ptr, rm64, mmask, C, N, NP, BM, BC)  # pass 1, over X_{l+1}
+    _, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
         dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
     )
