@@ -254,7 +254,7 @@ def main() -> None:
         "",
         "## One connection (pre -> identity branch -> post)",
         "",
-        tabulate(conn, headers="keys", tablefmt="github"),
+        tabulate(conn, headers="keys", tablefmt="github") if conn else "(not run: --kernels-only)",
         "",
         "## Two adjacent connections (pre, post+pre, post), as in a transformer block",
         "",
