@@ -82,7 +82,8 @@ def bench_fwd_bwd(fn, inputs):
     return t_fwd, t_all
 
 
-def kernel_rows(m, c, bw):
+def kernel_rows(m, c, bw, only=None):
+    """One row per fused op (all of its launches together); ``only``: just that op."""
     x, phi, bias, alpha = make_inputs(m, c)
     xd = x.detach()
     e = 2  # bf16 bytes
@@ -103,15 +104,18 @@ def kernel_rows(m, c, bw):
                     (3 * nc + 2 * c) * e, (2 * nc + c) * e),
         "post bwd": (lambda: torch.ops.mhc_compile.post_bwd(xd, u, h_post, h_res, g), (3 * nc + 2 * c) * e, (3 * nc + 2 * c) * e),
         # fused post(l) + pre(l+1): reads X, y; writes X_next; reads X_next again; writes u
+        # (the float32 partial projections, S * 48 * 4 bytes per token, are left out)
         "post+pre fwd": (lambda: torch.ops.mhc_compile.post_pre_fwd(xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6),
                          (3 * nc + 2 * c) * e, (2 * nc + 2 * c) * e),
-        # pass 1: du, X_next; pass 2: du, X_next, g, X, y; writes dX, dy
+        # dH_pre partials: du, X_next; dx pass: du, X_next, g, X, y; writes dX, dy
         "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
             (5 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
+        if only is not None and name != only:
+            continue
         ms = triton.testing.do_bench(fn, return_mode="median")
         gbs = moved * m / ms / 1e6
         rows.append({"C": c, "kernel": name, "ms": round(ms, 3), "bytes/token": moved, "min bytes/token": minimum,
@@ -182,28 +186,38 @@ def block_rows(m, c, bw):
     return rows
 
 
-def sweep_fused(m: int, sizes: list[int], bw: float) -> list[dict]:
-    """Fused post+pre kernel tiles: (tokens per program, channels per step, warps)."""
+# Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
+KNOBS = [
+    ("PROJ_TILES", [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 32, 4)], "pre fwd"),
+    ("SPLIT_CHANNELS", [256, 512, 1024, 4096], "pre fwd"),
+    ("AGGREGATE_TILES", [(4, 256, 4), (8, 256, 4), (2, 512, 4), (4, 512, 8)], "pre fwd"),
+    ("COEF_BLOCK", [16, 32, 64], "pre fwd"),
+    ("POST_PROJ_TILES", [(64, 64, 8), (64, 64, 4), (32, 64, 4), (64, 32, 4), (128, 64, 8), (32, 128, 8)], "post+pre fwd"),
+    ("DX_TILES", [(32, 128, 8), (16, 128, 4), (64, 64, 8), (32, 64, 4), (16, 256, 8), (64, 128, 8)], "pre bwd"),
+    ("POST_PRE_DX_TILES", [(16, 128, 8), (16, 64, 4), (32, 64, 8), (32, 128, 8), (16, 256, 8), (64, 32, 8)], "post+pre bwd"),
+]
+
+
+def tune(m: int, c: int, bw: float) -> list[dict]:
+    """Set each knob of ``ops.library`` in turn to its fastest candidate at ``c`` channels."""
     rows = []
-    for c in sizes:
-        for tiles in [(32, 32, 4), (16, 64, 4), (16, 32, 4), (64, 32, 8), (32, 32, 8), (16, 128, 4)]:
-            library.POST_PRE_FWD_TILES = library.POST_PRE_BWD_TILES = tiles
+    for knob, candidates, kernel in KNOBS:
+        best = (float("inf"), getattr(library, knob))
+        for value in candidates:
+            setattr(library, knob, value)
             try:
-                rows += [dict(r, tiles=tiles) for r in kernel_rows(m, c, bw) if r["kernel"].startswith("post+pre")]
+                row = next(r for r in kernel_rows(m, c, bw, only=kernel))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: report and go on
-                rows.append({"C": c, "kernel": "post+pre", "ms": float("inf"), "tiles": tiles,
-                             "failed": f"{type(err).__name__}: {str(err)[:60]}"})
+                rows.append({"knob": knob, "value": value, "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
+                continue
+            rows.append({"knob": knob, "value": value, "kernel": kernel, "ms": row["ms"], "% copy BW": row["% copy BW"]})
+            best = min(best, (row["ms"], value))
+        setattr(library, knob, best[1])
     return rows
 
 
-def sweep(m: int, sizes: list[int], bw: float) -> None:
-    """Pre-kernel tile sizes: (tokens per program, channels per step, warps)."""
-    rows = []
-    for c in sizes:
-        for bm, bc, warps in [(64, 64, 8), (64, 128, 8), (128, 64, 8), (128, 32, 8), (32, 128, 4), (64, 64, 4), (128, 64, 16)]:
-            library.PRE_FWD_TILES = library.PRE_BWD_TILES = (bm, bc, warps)
-            rows += [dict(r, BM=bm, BC=bc, warps=warps) for r in kernel_rows(m, c, bw) if r["kernel"].startswith("pre")]
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+def chosen_knobs() -> str:
+    return ", ".join(f"{knob} = {getattr(library, knob)}" for knob, _, _ in KNOBS)
 
 
 def main() -> None:
@@ -212,8 +226,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 7168])
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
-    parser.add_argument("--sweep", action="store_true", help="time the pre kernels over tile sizes and exit")
-    parser.add_argument("--sweep-fused", action="store_true", help="also time the fused kernels over tile sizes")
+    parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -222,15 +235,11 @@ def main() -> None:
     except ImportError:
         with_liger = False
     bw = copy_bandwidth()
-    if args.sweep:
-        sweep(args.tokens, args.sizes, bw)
-        return
     kern, conn, block, tiles = [], [], [], []
-    if args.sweep_fused:
-        tiles = sweep_fused(args.tokens, [4096], bw)
+    if args.tune:
+        tiles = tune(args.tokens, 4096, bw)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
-        library.POST_PRE_FWD_TILES = min((r for r in tiles if "fwd" in r["kernel"]), key=lambda r: r["ms"])["tiles"]
-        library.POST_PRE_BWD_TILES = min((r for r in tiles if "bwd" in r["kernel"]), key=lambda r: r["ms"])["tiles"]
+        print("chosen:", chosen_knobs(), flush=True)
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
         print(tabulate(kern[-6:], headers="keys", tablefmt="github"), flush=True)
@@ -243,7 +252,7 @@ def main() -> None:
         f"# mHC kernels on {gpu}",
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
-        f"{' --sweep-fused' if args.sweep_fused else ''}`",
+        f"{' --tune' if args.tune else ''}{' --kernels-only' if args.kernels_only else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
         f"Device-to-device copy bandwidth measured in the same run: **{bw:.0f} GB/s**.",
@@ -260,12 +269,12 @@ def main() -> None:
         "",
         tabulate(block, headers="keys", tablefmt="github"),
         "",
-        f"Fused kernel tiles used (tokens, channels, warps): forward {library.POST_PRE_FWD_TILES}, "
-        f"backward {library.POST_PRE_BWD_TILES}.",
+        f"Kernel tiles used (tokens, channels, warps per program): {chosen_knobs()}.",
         "",
     ]
     if tiles:
-        lines += ["## Fused kernel tile sweep (C = 4096)", "", tabulate(tiles, headers="keys", tablefmt="github"), ""]
+        lines += ["## Tile tuning (C = 4096, one knob at a time, in this order)", "",
+                  tabulate(tiles, headers="keys", tablefmt="github"), ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -28,13 +28,18 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
-# Tiles of the pre kernels on the GPU (tokens, channels, warps), from the sweep in
-# benchmarks/kernels.py --sweep on an H100; more tokens per program amortise phi's L2 reads.
-PRE_FWD_TILES = (64, 64, 4)
-PRE_BWD_TILES = (32, 128, 4)
-# The fused post+pre kernels hold [tokens, n, channels] tiles of all streams.
-POST_PRE_FWD_TILES = (32, 32, 4)  # (32, 64, 4) needs more shared memory than an H100 has
-POST_PRE_BWD_TILES = (32, 32, 4)
+# Tiles on the GPU, (tokens, channels, warps) per program, from benchmarks/kernels.py --sweep
+# on an H100. Projections (split-K over channel ranges of SPLIT_CHANNELS per stream) take
+# many tokens per program to amortise phi's L2 reads; streaming passes take few.
+PROJ_TILES = (64, 64, 4)  # pre forward's projection and the backward's dH_pre partials
+POST_PROJ_TILES = (64, 64, 8)  # fused post + next pre's projection
+SPLIT_CHANNELS = 512
+COEF_BLOCK = 32  # tokens per program of the per-token coefficient kernels
+AGGREGATE_TILES = (4, 256, 4)
+DX_TILES = (32, 128, 8)  # tl.dot needs >= 16 tokens
+POST_PRE_DX_TILES = (16, 128, 8)
+# The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
+_INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}
 BLOCK_M_POST = 4
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -138,23 +143,96 @@ def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     return outs
 
 
-def _pre_blocks(x: Tensor, c: int, backward: bool = False, fused: bool = False) -> tuple[int, int, int]:
-    """(tokens, channels, warps) per program of the pre and fused post+pre kernels
-    (small under the interpreter)."""
-    if x.is_cuda:
-        if fused:
-            bm, bc, warps = POST_PRE_BWD_TILES if backward else POST_PRE_FWD_TILES
-        else:
-            bm, bc, warps = PRE_BWD_TILES if backward else PRE_FWD_TILES
-        return bm, _pick(bc, c), warps
-    return 16, _pick(32 if fused else 128, c), 4
+def _tiles(x: Tensor, c: int, tiles: tuple[int, int, int], kind: str) -> tuple[int, int, int]:
+    """(tokens, channels, warps) per program: ``tiles`` on the GPU, small ones under the
+    interpreter; channels capped at the next power of two of ``c``."""
+    bm, bc, warps = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
+    return bm, _pick(bc, c), warps
+
+
+def _splits(x: Tensor, c: int, bc: int) -> tuple[int, int]:
+    """(channels per split-K program, number of splits) for ``c`` channels per stream."""
+    per = SPLIT_CHANNELS if x.is_cuda else 2 * bc
+    per = max(bc, per // bc * bc)
+    return per, triton.cdiv(c, per)
 
 
 def _pick(block: int, c: int) -> int:
     return min(block, triton.next_power_of_2(c)) if KERNELS_AVAILABLE else block
 
 
+def _back_dot(dot: int) -> int:
+    """Dot mode of ``dproj @ phi^T`` in dx: a 16-bit dx is served by one bf16 dot."""
+    return 0 if dot == 0 else (3 if dot == 1 else 2)
+
+
 if KERNELS_AVAILABLE:
+
+    def _pre_projection(x: Tensor, phi_pad: Tensor, dot: int) -> tuple[Tensor, Tensor, int]:
+        """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        _, np_, nr, width = layout(n)
+        bm, bc, warps = _tiles(x, c, PROJ_TILES, "proj")
+        per, splits = _splits(x, c, bc)
+        part = x.new_empty(splits, m, width, dtype=torch.float32)
+        sq = x.new_empty(splits, m, dtype=torch.float32)
+        wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, bm), splits)](
+            x, phi_pad, part, sq, m, c, per, N=n, NP=np_, NR=nr, DOT=dot, BM=bm, BC=bc, num_warps=warps,
+        )
+        return part, sq, splits
+
+    def _finish_pre(
+        x: Tensor, part: Tensor, sq: Tensor, splits: int, bias: Tensor, alpha: Tensor,
+        hc: bool, iters: int, eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Launches 2 and 3 of a pre forward over streams ``x [M, n, C]``: coefficients from
+        the partial projections, then ``u``. Returns :func:`_pre_outputs`, filled."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        npad, np_, nr, _ = layout(n)
+        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
+        coef_block = COEF_BLOCK if x.is_cuda else 16
+        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, coef_block),)](
+            part, sq, _pad_columns(bias, n), alpha, h_pre, h_post, h_res, q, rstd,
+            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, BM=coef_block, num_warps=4,
+        )
+        bm, bc, warps = _tiles(x, c, AGGREGATE_TILES, "stream")
+        wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+            x, h_pre, u, m, c, N=n, BM=bm, BC=bc, num_warps=warps,
+        )
+        return u, h_pre, h_post, h_res, q, rstd
+
+    def _coefficient_backward(
+        x: Tensor, du: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
+        q: Tensor, rstd: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Launches 1 and 2 of a pre backward over streams ``x [M, n, C]``: ``dproj [M, W]``,
+        ``dz [M, W]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        npad, np_, nr, width = layout(n)
+        bm, bc, warps = _tiles(x, c, PROJ_TILES, "proj")
+        per, splits = _splits(x, c, bc)
+        part = x.new_empty(splits, m, np_, dtype=torch.float32)
+        wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, bm), splits)](
+            x, du, part, m, c, per, N=n, NP=np_, BM=bm, BC=bc, num_warps=warps,
+        )
+        dproj = x.new_empty(m, width, dtype=torch.float32)
+        dz = x.new_empty(m, width, dtype=torch.float32)
+        dalpha = x.new_empty(m, 3, dtype=torch.float32)
+        coef = x.new_empty(m, dtype=torch.float32)
+        _poisoned(dproj, dz, dalpha, coef)
+        coef_block = COEF_BLOCK if x.is_cuda else 16
+        wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, coef_block),)](
+            part, _pad_columns(bias, n), alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
+            dproj, dz, dalpha, coef, m, n * c, iters, splits,
+            N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, BM=coef_block, num_warps=4,
+        )
+        return dproj, dz, dalpha, coef
+
+    def _phi_t(phi: Tensor, n: int, dot: int) -> Tensor:
+        """``phi`` padded and transposed, ``[W, n*C]``, for ``dproj @ phi^T``; bf16 where
+        dx is served by one bf16 dot."""
+        phi_t = _pad_columns(phi, n).t().contiguous()
+        return phi_t.to(torch.bfloat16) if _back_dot(dot) == 3 else phi_t
 
     @triton_op("mhc_compile::pre_fwd", mutates_args=())
     def pre_fwd(
@@ -162,19 +240,8 @@ if KERNELS_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
         ``q [M, W]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
-        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, _ = layout(n)
-        phi_pad = _pad_columns(phi, n)
-        bias_pad = _pad_columns(bias, n)
-        dot = _dot_mode(x)
-        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
-        bm, bc, warps = _pre_blocks(x, c)
-        wrap_triton(kernels._pre_fwd_kernel)[(triton.cdiv(m, bm),)](
-            x, phi_pad, bias_pad, alpha, u, h_pre, h_post, h_res, q, rstd,
-            m, c, eps, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=dot,
-            BM=bm, BC=bc, num_warps=warps,
-        )
-        return u, h_pre, h_post, h_res, q, rstd
+        part, sq, splits = _pre_projection(x, _pad_columns(phi, int(x.shape[1])), _dot_mode(x))
+        return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps)
 
     @triton_op("mhc_compile::pre_bwd", mutates_args=())
     def pre_bwd(
@@ -184,20 +251,16 @@ if KERNELS_AVAILABLE:
         """Gradients of :func:`pre_fwd`: ``dx [M, n, C]``, ``dproj [M, W]`` (for
         ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, width = layout(n)
-        phi_pad = _pad_columns(phi, n)
-        bias_pad = _pad_columns(bias, n)
+        _, np_, nr, _ = layout(n)
         dot = _dot_mode(x)
+        dproj, dz, dalpha, coef = _coefficient_backward(
+            x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
         dx = torch.empty_like(x)
-        dproj = x.new_empty(m, width, dtype=torch.float32)
-        bm, bc, warps = _pre_blocks(x, c, backward=True)
-        dz = x.new_empty(m, width, dtype=torch.float32)
-        dalpha = x.new_empty(m, 3, dtype=torch.float32)
-        _poisoned(dx, dproj, dz, dalpha)
-        wrap_triton(kernels._pre_bwd_kernel)[(triton.cdiv(m, bm),)](
-            x, phi_pad, bias_pad, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
-            dx, dproj, dz, dalpha, m, c, iters, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc,
-            DOT=dot, BM=bm, BC=bc, num_warps=warps,
+        _poisoned(dx)
+        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, dx, m, c,
+            N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), BM=bm, BC=bc, num_warps=warps,
         )
         return dx, dproj, dz, dalpha
 
@@ -242,17 +305,18 @@ if KERNELS_AVAILABLE:
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
         for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, _ = layout(n)
+        _, np_, nr, width = layout(n)
         x_next = torch.empty_like(x)
         _poisoned(x_next)
-        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
-        bm, bc, warps = _pre_blocks(x, c, fused=True)
-        wrap_triton(kernels._post_pre_fwd_kernel)[(triton.cdiv(m, bm),)](
-            x, y, h_post0, h_res0, _pad_columns(phi, n), _pad_columns(bias, n), alpha,
-            x_next, u, h_pre, h_post, h_res, q, rstd, m, c, eps, iters,
-            N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+        bm, bc, warps = _tiles(x, c, POST_PROJ_TILES, "proj")
+        per, splits = _splits(x, c, bc)
+        part = x.new_empty(splits, m, width, dtype=torch.float32)
+        sq = x.new_empty(splits, m, dtype=torch.float32)
+        wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, bm), splits)](
+            x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
+            N=n, NP=np_, NR=nr, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
         )
-        return x_next, u, h_pre, h_post, h_res, q, rstd
+        return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 
     @triton_op("mhc_compile::post_pre_bwd", mutates_args=())
     def post_pre_bwd(
@@ -264,21 +328,20 @@ if KERNELS_AVAILABLE:
         post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
         ``g_next`` is the gradient reaching ``X_next`` from its other users."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, width = layout(n)
+        npad, np_, nr, _ = layout(n)
+        dot = _dot_mode(x)
+        dproj, dz, dalpha, coef = _coefficient_backward(
+            x_next, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
-        dh_post0 = x.new_empty(m, n, dtype=torch.float32)
-        dh_res0 = x.new_empty(m, n, n, dtype=torch.float32)
-        dproj = x.new_empty(m, width, dtype=torch.float32)
-        dz = x.new_empty(m, width, dtype=torch.float32)
-        dalpha = x.new_empty(m, 3, dtype=torch.float32)
-        _poisoned(dx, dy, dh_post0, dh_res0, dproj, dz, dalpha)
-        bm, bc, warps = _pre_blocks(x, c, backward=True, fused=True)
-        wrap_triton(kernels._post_pre_bwd_kernel)[(triton.cdiv(m, bm),)](
-            x, y, h_post0, h_res0, x_next, g_next, _pad_columns(phi, n), _pad_columns(bias, n),
-            alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res,
-            dx, dy, dh_post0, dh_res0, dproj, dz, dalpha, m, c, iters,
-            N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+        dh_post0 = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
+        dh_res0 = x.new_zeros(m, n, n, dtype=torch.float32)
+        _poisoned(dx, dy)
+        bm, bc, warps = _tiles(x, c, POST_PRE_DX_TILES, "dx")
+        wrap_triton(kernels._post_pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+            x, y, h_post0, h_res0, x_next, g_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef,
+            dx, dy, dh_post0, dh_res0, m, c,
+            N=n, NPAD=npad, NP=np_, NR=nr, BDOT=_back_dot(dot), BM=bm, BC=bc, num_warps=warps,
         )
         return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
 

@@ -53,12 +53,6 @@ def _split_dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _col(t, cols, j):
-    """Column ``j`` of a 2-D tile as a vector."""
-    return tl.sum(tl.where(cols[None, :] == j, t, 0.0), axis=1)
-
-
-@triton.jit
 def _sinkhorn_logits(q_res, a2, b_res, N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr):
     """Masked ``[BM, NPAD, NPAD]`` logits and the shifted ``exp`` that starts Sinkhorn."""
     logits = tl.reshape(a2 * q_res + b_res[None, :], (BM, NPAD, NPAD))
@@ -132,67 +126,6 @@ def _coefficients(
     tl.store(qrow + 2 * NP + cr[None, :], q_res, mask=mmask[:, None])
     tl.store(rstd_ptr + rm, rstd, mask=mmask)
     return h_pre
-
-
-@triton.jit
-def _aggregate(x_ptr, u_ptr, h_pre, rm64, mmask, C, N: tl.constexpr, NP: tl.constexpr,
-               BM: tl.constexpr, BC: tl.constexpr):
-    """``u [BM, C] = sum_j H_pre[:, j] x[:, j, :]``: a second pass over the block's streams."""
-    K = N * C
-    cp = tl.arange(0, NP)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        cmask = rc < C
-        acc = tl.zeros((BM, BC), dtype=tl.float32)
-        for j in tl.static_range(N):
-            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
-                         mask=mmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            acc += _col(h_pre, cp, j)[:, None] * xt
-        tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty),
-                 mask=mmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _pre_fwd_kernel(
-    x_ptr, phi_ptr, bias_ptr, alpha_ptr,
-    u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
-    M, C, eps, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
-    W: tl.constexpr = 2 * NP + NR
-    K = N * C
-    cp = tl.arange(0, NP)
-    cr = tl.arange(0, NR)
-    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
-    sumsq = tl.zeros((BM,), dtype=tl.float32)
-    for j in tl.static_range(N):
-        for c0 in range(0, C, BC):
-            rc = c0 + tl.arange(0, BC)
-            cmask = rc < C
-            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
-                         mask=mmask[:, None] & cmask[None, :], other=0.0)
-            xf = xt.to(tl.float32)
-            sumsq += tl.sum(xf * xf, axis=1)
-            k = (j * C + rc).to(tl.int64)
-            base = phi_ptr + k[:, None] * W
-            ph_pre = tl.load(base + cp[None, :], mask=cmask[:, None], other=0.0)
-            ph_post = tl.load(base + NP + cp[None, :], mask=cmask[:, None], other=0.0)
-            ph_res = tl.load(base + 2 * NP + cr[None, :], mask=cmask[:, None], other=0.0)
-            acc_pre += _split_dot(xt, ph_pre, DOT)
-            acc_post += _split_dot(xt, ph_post, DOT)
-            acc_res += _split_dot(xt, ph_res, DOT)
-    h_pre = _coefficients(
-        acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
-        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, HC, BM,
-    )
-    _aggregate(x_ptr, u_ptr, h_pre, rm64, mmask, C, N, NP, BM, BC)
 
 
 @triton.jit
@@ -374,196 +307,320 @@ def _coefficient_grads(
     return h_pre, dp_pre, dp_post, dp_res, coef
 
 
-@triton.jit
-def _reduce_dh_pre(x_ptr, du_ptr, rm64, mmask, C, N: tl.constexpr, NP: tl.constexpr,
-                   BM: tl.constexpr, BC: tl.constexpr):
-    """First backward pass of a pre side: ``dH_pre[:, j] = sum_c du[:, c] x[:, j, c]``, ``[BM, NP]``."""
-    cp = tl.arange(0, NP)
-    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        mc = mmask[:, None] & (rc < C)[None, :]
-        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
-    return d_hpre
+# ---------------------------------------------------------------------------------------
+# Pre side, forward, in three launches that each stream their data once:
+#   1. a split-K projection: programs (token block, channel range) write partial
+#      ``vec(x) @ phi`` and ``sum(x^2)`` for their channels: ``[S, M, W]``, ``[S, M]``;
+#   2. the coefficients: partials summed per token, RMS, activations, Sinkhorn on chip;
+#   3. the aggregate ``u = H_pre @ x`` over (token, channel) tiles.
+# The fused post+pre forward replaces launch 1 by :func:`_post_proj_kernel`, which builds
+# ``X_{l+1}`` stream by stream as 2-D tiles and projects them while they are on chip.
+# ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _pre_bwd_kernel(
-    x_ptr, phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-    du_ptr, dhpost_ptr, dhres_ptr,
-    dx_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
-    M, C, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
-    rm64 = rm.to(tl.int64)
-    mmask = rm < M
+def _project(xt, phi_ptr, k, kmask, acc_pre, acc_post, acc_res,
+             NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr):
+    """Add ``xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]``) to the three projection blocks."""
     W: tl.constexpr = 2 * NP + NR
-    K = N * C
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
-    d_hpre = _reduce_dh_pre(x_ptr, du_ptr, rm64, mmask, C, N, NP, BM, BC)  # pass 1
-    h_pre, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
-        d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
-    )
-    # pass 2: dx = H_pre^T du + dproj @ phi^T + d rstd * (-rstd^3 / K) * x
-    for j in tl.static_range(N):
-        hj = _col(h_pre, cp, j)
-        for c0 in range(0, C, BC):
-            rc = c0 + tl.arange(0, BC)
-            cmask = rc < C
-            mc = mmask[:, None] & cmask[None, :]
-            du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            k = (j * C + rc).to(tl.int64)
-            base = phi_ptr + k[None, :] * W  # [1, BC] rows of phi, read transposed
-            pt_pre = tl.load(base + cp[:, None], mask=cmask[None, :], other=0.0)  # [NP, BC]
-            pt_post = tl.load(base + NP + cp[:, None], mask=cmask[None, :], other=0.0)
-            pt_res = tl.load(base + 2 * NP + cr[:, None], mask=cmask[None, :], other=0.0)
-            # float32 dx needs the bf16 x3 split; a 16-bit dx is served by one bf16 dot
-            BDOT: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 1 else 2)
-            back = (_split_dot(dp_pre, pt_pre, BDOT) + _split_dot(dp_post, pt_post, BDOT)
-                    + _split_dot(dp_res, pt_res, BDOT))
-            dxj = hj[:, None] * du + back + coef[:, None] * xj
-            tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+    base = phi_ptr + k[:, None] * W
+    ph_pre = tl.load(base + cp[None, :], mask=kmask[:, None], other=0.0)
+    ph_post = tl.load(base + NP + cp[None, :], mask=kmask[:, None], other=0.0)
+    ph_res = tl.load(base + 2 * NP + cr[None, :], mask=kmask[:, None], other=0.0)
+    return (acc_pre + _split_dot(xt, ph_pre, DOT), acc_post + _split_dot(xt, ph_post, DOT),
+            acc_res + _split_dot(xt, ph_res, DOT))
 
 
 @triton.jit
-def _phi_rows(ri, rc, C, N: tl.constexpr, NPAD: tl.constexpr, BC: tl.constexpr):
-    """Rows ``j*C + c`` of ``phi`` for a chunk of all streams, flattened to ``[NPAD*BC]``."""
-    k = ri[:, None] * C + rc[None, :]
-    valid = (ri[:, None] < N) & (rc[None, :] < C)
-    return tl.reshape(k, (NPAD * BC,)).to(tl.int64), tl.reshape(valid, (NPAD * BC,))
-
-
-@triton.jit
-def _post_pre_fwd_kernel(
-    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, bias_ptr, alpha_ptr,
-    xn_ptr, u_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
-    M, C, eps, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-):
-    """Post of connection l fused with pre of connection l+1.
-
-    Pass 1 builds ``X_{l+1} = H_res X_l + H_post^T y`` chunk by chunk for all streams,
-    stores it and feeds the same on-chip values to the RMS and projection of connection
-    l+1; pass 2 reads ``X_{l+1}`` back once for the aggregate ``u``.
-    """
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
+def _store_projection(part_ptr, sq_ptr, split, acc_pre, acc_post, acc_res, sumsq, rm64, mmask, M,
+                      NP: tl.constexpr, NR: tl.constexpr):
+    """Partial projections ``[S, M, W]`` and ``sum(x^2) [S, M]`` of one channel range."""
     W: tl.constexpr = 2 * NP + NR
-    K = N * C
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
-    ri = tl.arange(0, NPAD)
-    mi = mmask[:, None] & (ri < N)[None, :]
-    h_post0 = tl.load(hpost0_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
+    row = part_ptr + (split * M + rm64)[:, None] * W
+    tl.store(row + cp[None, :], acc_pre, mask=mmask[:, None])
+    tl.store(row + NP + cp[None, :], acc_post, mask=mmask[:, None])
+    tl.store(row + 2 * NP + cr[None, :], acc_res, mask=mmask[:, None])
+    tl.store(sq_ptr + split * M + rm64, sumsq, mask=mmask)
+
+
+@triton.jit
+def _pre_proj_kernel(
+    x_ptr, phi_ptr, part_ptr, sq_ptr, M, C, CS,
+    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels)."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    K = N * C
+    c_lo = split * CS
+    c_hi = tl.minimum(c_lo + CS, C)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
     acc_post = tl.zeros((BM, NP), dtype=tl.float32)
     acc_res = tl.zeros((BM, NR), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        acc = _mix_streams(x_ptr, y_ptr, h_post0, hres0_ptr, rm64, mmask, rc, C, N, NPAD)  # [BM, NPAD, BC]
-        off, smask = _stream_offsets(rm64, ri, rc, C, N)
-        xn = acc.to(xn_ptr.dtype.element_ty)
-        tl.store(xn_ptr + off, xn, mask=mmask[:, None, None] & smask)
-        xf = xn.to(tl.float32)
-        sumsq += tl.sum(tl.sum(xf * xf, axis=2), axis=1)
-        xt = tl.reshape(xn, (BM, NPAD * BC))
-        rows, rvalid = _phi_rows(ri, rc, C, N, NPAD, BC)
-        base = phi_ptr + rows[:, None] * W
-        ph_pre = tl.load(base + cp[None, :], mask=rvalid[:, None], other=0.0)
-        ph_post = tl.load(base + NP + cp[None, :], mask=rvalid[:, None], other=0.0)
-        ph_res = tl.load(base + 2 * NP + cr[None, :], mask=rvalid[:, None], other=0.0)
-        acc_pre += _split_dot(xt, ph_pre, DOT)
-        acc_post += _split_dot(xt, ph_post, DOT)
-        acc_res += _split_dot(xt, ph_res, DOT)
-    h_pre = _coefficients(
-        acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
-        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, HC, BM,
-    )
-    tl.debug_barrier()  # this program's X_{l+1} stores are visible to all its threads
-    _aggregate(xn_ptr, u_ptr, h_pre, rm64, mmask, C, N, NP, BM, BC)
+    for j in tl.static_range(N):
+        for c0 in range(c_lo, c_hi, BC):
+            rc = c0 + tl.arange(0, BC)
+            cmask = rc < c_hi
+            xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
+                         mask=mmask[:, None] & cmask[None, :], other=0.0)
+            xf = xt.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+            acc_pre, acc_post, acc_res = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask,
+                                                  acc_pre, acc_post, acc_res, NP, NR, DOT)
+    _store_projection(part_ptr, sq_ptr, split, acc_pre, acc_post, acc_res, sumsq, rm64, mmask, M, NP, NR)
 
 
 @triton.jit
-def _post_pre_bwd_kernel(
-    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, xn_ptr, gn_ptr,
-    phi_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-    du_ptr, dhpost_ptr, dhres_ptr,
-    dx_ptr, dy_ptr, dhpost0_ptr, dhres0_ptr, dproj_ptr, dz_ptr, dalpha_ptr,
-    M, C, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
-    HC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+def _post_proj_kernel(
+    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, xn_ptr, part_ptr, sq_ptr, M, C, CS,
+    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """Backward of :func:`_post_pre_fwd_kernel`.
+    """Post of connection l + launch 1 of connection l+1's pre, on 2-D tiles.
 
-    Pass 1 reduces ``dH_pre`` of connection l+1 over ``X_{l+1}``; after its coefficient
-    backward on chip, pass 2 forms the full gradient of ``X_{l+1}`` per chunk (the
-    gradient ``gn`` from its other users + the pre side's part) and, without writing it,
-    applies the post backward: ``dX_l = H_res^T g``, ``dy = H_post g`` and the reductions
-    ``dH_post``, ``dH_res`` (whole rows per program: no atomics).
+    Per channel chunk, stream ``i`` of ``X_{l+1} = H_res X_l + H_post^T y`` is built as a
+    ``[BM, BC]`` tile from ``y`` and the ``n`` input tiles (re-read from L1), stored, and
+    projected against ``phi``'s rows ``i*C + c`` while on chip.
     """
-    pid = tl.program_id(0)
-    rm = pid * BM + tl.arange(0, BM)
-    rm64 = rm.to(tl.int64)
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
     mmask = rm < M
-    W: tl.constexpr = 2 * NP + NR
+    rm64 = rm.to(tl.int64)
     K = N * C
+    c_lo = split * CS
+    c_hi = tl.minimum(c_lo + CS, C)
+    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BC):
+        rc = c0 + tl.arange(0, BC)
+        cmask = rc < c_hi
+        mc = mmask[:, None] & cmask[None, :]
+        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for i in tl.static_range(N):
+            h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
+            xi = h_post[:, None] * y
+            for k in tl.static_range(N):
+                h_res = tl.load(hres0_ptr + rm64 * (N * N) + i * N + k, mask=mmask, other=0.0)
+                xk = tl.load(x_ptr + rm64[:, None] * K + k * C + rc[None, :], mask=mc, other=0.0)
+                xi += h_res[:, None] * xk.to(tl.float32)
+            xo = xi.to(xn_ptr.dtype.element_ty)
+            tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
+            xf = xo.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+            acc_pre, acc_post, acc_res = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask,
+                                                  acc_pre, acc_post, acc_res, NP, NR, DOT)
+    _store_projection(part_ptr, sq_ptr, split, acc_pre, acc_post, acc_res, sumsq, rm64, mmask, M, NP, NR)
+
+
+@triton.jit
+def _pre_coef_kernel(
+    part_ptr, sq_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
+    M, K, eps, iters, SPLITS,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, BM: tl.constexpr,
+):
+    """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    W: tl.constexpr = 2 * NP + NR
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
-    ri = tl.arange(0, NPAD)
-    mi = mmask[:, None] & (ri < N)[None, :]
-    d_hpre = _reduce_dh_pre(xn_ptr, du_ptr, rm64, mmask, C, N, NP, BM, BC)  # pass 1, over X_{l+1}
-    _, dp_pre, dp_post, dp_res, coef = _coefficient_grads(
+    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
+    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    sumsq = tl.zeros((BM,), dtype=tl.float32)
+    for s in range(SPLITS):
+        row = part_ptr + (s * M + rm64)[:, None] * W
+        acc_pre += tl.load(row + cp[None, :], mask=mmask[:, None], other=0.0)
+        acc_post += tl.load(row + NP + cp[None, :], mask=mmask[:, None], other=0.0)
+        acc_res += tl.load(row + 2 * NP + cr[None, :], mask=mmask[:, None], other=0.0)
+        sumsq += tl.load(sq_ptr + s * M + rm64, mask=mmask, other=0.0)
+    _coefficients(
+        acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
+        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, HC, BM,
+    )
+
+
+@triton.jit
+def _aggregate_kernel(x_ptr, hpre_ptr, u_ptr, M, C, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """Launch 3 of the pre forward: ``u [M, C] = sum_j H_pre[:, j] x[:, j, :]``."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    mc = mmask[:, None] & (rc < C)[None, :]
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for j in tl.static_range(N):
+        h = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
+        xt = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0)
+        acc += h[:, None] * xt.to(tl.float32)
+    tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty), mask=mc)
+
+
+# ---------------------------------------------------------------------------------------
+# Pre side, backward: (1) split-K partials of dH_pre = sum_c du x_j; (2) the coefficient
+# backward per token (Sinkhorn recomputed on chip); (3) dx over (token, channel) tiles.
+# The fused post+pre backward replaces (3) by :func:`_post_pre_dx_kernel`.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, M, C, CS,
+                   N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """Partial ``dH_pre [S, M, NP]`` of one channel range: ``sum_c du[:, c] x[:, j, c]``."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    cp = tl.arange(0, NP)
+    c_lo = split * CS
+    c_hi = tl.minimum(c_lo + CS, C)
+    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < c_hi)[None, :]
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0)
+            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj.to(tl.float32), axis=1)[:, None], 0.0)
+    tl.store(part_ptr + (split * M + rm64)[:, None] * NP + cp[None, :], d_hpre, mask=mmask[:, None])
+
+
+@triton.jit
+def _pre_coef_bwd_kernel(
+    part_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr, dhpost_ptr, dhres_ptr,
+    dproj_ptr, dz_ptr, dalpha_ptr, coef_ptr, M, K, iters, SPLITS,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    HC: tl.constexpr, BM: tl.constexpr,
+):
+    """Launch 2 of the pre backward: ``dproj``, ``dz``, ``dalpha`` and the RMS factor ``coef [M]``."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    cp = tl.arange(0, NP)
+    d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
+    for s in range(SPLITS):
+        d_hpre += tl.load(part_ptr + (s * M + rm64)[:, None] * NP + cp[None, :], mask=mmask[:, None], other=0.0)
+    _, _, _, _, coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
         dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
     )
-    h_pre4 = tl.load(hpre_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
-    h_post0 = tl.load(hpost0_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
-    d_hpost0 = tl.zeros((BM, NPAD), dtype=tl.float32)
-    d_hres0 = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
-    BDOT: tl.constexpr = 0 if DOT == 0 else (3 if DOT == 1 else 2)
-    # pass 2: g = gn + H_pre^T du + dproj @ phi^T + coef * X_{l+1}, then the post backward
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        mc = mmask[:, None] & (rc < C)[None, :]
-        off, smask = _stream_offsets(rm64, ri, rc, C, N)
-        m3 = mmask[:, None, None] & smask
-        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        xn = tl.load(xn_ptr + off, mask=m3, other=0.0).to(tl.float32)
-        g = tl.load(gn_ptr + off, mask=m3, other=0.0).to(tl.float32)
-        rows, rvalid = _phi_rows(ri, rc, C, N, NPAD, BC)
-        base = phi_ptr + rows[None, :] * W  # phi rows read transposed: [NP, NPAD*BC]
-        pt_pre = tl.load(base + cp[:, None], mask=rvalid[None, :], other=0.0)
-        pt_post = tl.load(base + NP + cp[:, None], mask=rvalid[None, :], other=0.0)
-        pt_res = tl.load(base + 2 * NP + cr[:, None], mask=rvalid[None, :], other=0.0)
-        back = (_split_dot(dp_pre, pt_pre, BDOT) + _split_dot(dp_post, pt_post, BDOT)
-                + _split_dot(dp_res, pt_res, BDOT))
-        g += tl.reshape(back, (BM, NPAD, BC)) + h_pre4[:, :, None] * du[:, None, :] + coef[:, None, None] * xn
-        g = tl.where(m3, g, 0.0)
-        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        dy = tl.sum(h_post0[:, :, None] * g, axis=1)
-        tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
-        d_hpost0 += tl.sum(g * y[:, None, :], axis=2)
-        for k in tl.static_range(N):
-            xk = tl.load(x_ptr + rm64[:, None] * K + k * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            h_col = tl.load(hres0_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + k, mask=mi, other=0.0)
-            dxk = tl.sum(h_col[:, :, None] * g, axis=1)
-            tl.store(dx_ptr + rm64[:, None] * K + k * C + rc[None, :], dxk.to(dx_ptr.dtype.element_ty), mask=mc)
-            gx = tl.sum(g * xk[:, None, :], axis=2)  # dH_res[:, i, k]
-            d_hres0 += tl.where(ri[None, None, :] == k, gx[:, :, None], 0.0)
-    tl.store(dhpost0_ptr + rm64[:, None] * N + ri[None, :], d_hpost0, mask=mi)
-    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
-    rvalid = (ri[:, None] < N) & (ri[None, :] < N)
-    tl.store(dhres0_ptr + res_off, d_hres0, mask=mmask[:, None, None] & rvalid[None, :, :])
+    tl.store(coef_ptr + rm64, coef, mask=mmask)
+
+
+@triton.jit
+def _load_dproj(dproj_ptr, rm64, mmask, NP: tl.constexpr, NR: tl.constexpr):
+    """The three column blocks of ``dproj [M, W]`` for a token block."""
+    W: tl.constexpr = 2 * NP + NR
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    row = dproj_ptr + rm64[:, None] * W
+    return (tl.load(row + cp[None, :], mask=mmask[:, None], other=0.0),
+            tl.load(row + NP + cp[None, :], mask=mmask[:, None], other=0.0),
+            tl.load(row + 2 * NP + cr[None, :], mask=mmask[:, None], other=0.0))
+
+
+@triton.jit
+def _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr, k, kmask, K,
+                 NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr):
+    """The pre side's gradient of stream ``j`` on a ``[BM, BC]`` tile:
+    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phit [W, K]`` is ``phi`` transposed."""
+    cp = tl.arange(0, NP)
+    cr = tl.arange(0, NR)
+    base = phit_ptr + k[None, :]
+    pt_pre = tl.load(base + cp[:, None] * K, mask=kmask[None, :], other=0.0)  # [NP, BC]
+    pt_post = tl.load(base + (NP + cp[:, None]) * K, mask=kmask[None, :], other=0.0)
+    pt_res = tl.load(base + (2 * NP + cr[:, None]) * K, mask=kmask[None, :], other=0.0)
+    back = (_split_dot(dp_pre, pt_pre, BDOT) + _split_dot(dp_post, pt_post, BDOT)
+            + _split_dot(dp_res, pt_res, BDOT))
+    return hj[:, None] * du + back + coef[:, None] * xj
+
+
+@triton.jit
+def _pre_dx_kernel(
+    x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, dx_ptr, M, C,
+    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    mmask = rm < M
+    cmask = rc < C
+    rm64 = rm.to(tl.int64)
+    K = N * C
+    mc = mmask[:, None] & cmask[None, :]
+    du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    dp_pre, dp_post, dp_res = _load_dproj(dproj_ptr, rm64, mmask, NP, NR)
+    coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
+    for j in tl.static_range(N):
+        hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
+        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        dxj = _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr,
+                           (j * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
+        tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _post_pre_dx_kernel(
+    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, xn_ptr, gn_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr,
+    dx_ptr, dy_ptr, dhpost0_ptr, dhres0_ptr, M, C,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Launch 3 of the fused post+pre backward, on ``(token, channel)`` tiles.
+
+    Stream ``i`` of ``X_{l+1}``'s full gradient, ``g_i = gn_i + (pre side's part)``, is
+    formed as a 2-D tile and applied at once to the post backward: ``dy += H_post[:, i] g_i``,
+    ``dX_l[:, k] += H_res[:, i, k] g_i`` (a ``[BM, NPAD, BC]`` accumulator), and the channel
+    sums ``dH_post[:, i]``, ``dH_res[:, i, :]`` (float32 atomics into zeroed buffers).
+    """
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    mmask = rm < M
+    cmask = rc < C
+    rm64 = rm.to(tl.int64)
+    K = N * C
+    mc = mmask[:, None] & cmask[None, :]
+    ri = tl.arange(0, NPAD)
+    mi = mmask[:, None] & (ri < N)[None, :]
+    off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
+    m3 = mmask[:, None, None] & smask3
+    x3 = tl.load(x_ptr + off3, mask=m3, other=0.0).to(tl.float32)  # [BM, NPAD, BC]
+    du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    dp_pre, dp_post, dp_res = _load_dproj(dproj_ptr, rm64, mmask, NP, NR)
+    coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
+    dx3 = tl.zeros((BM, NPAD, BC), dtype=tl.float32)
+    dy = tl.zeros((BM, BC), dtype=tl.float32)
+    for i in tl.static_range(N):
+        off_i = rm64[:, None] * K + i * C + rc[None, :]
+        hi = tl.load(hpre_ptr + rm64 * N + i, mask=mmask, other=0.0)
+        xni = tl.load(xn_ptr + off_i, mask=mc, other=0.0).to(tl.float32)
+        gi = tl.load(gn_ptr + off_i, mask=mc, other=0.0).to(tl.float32)
+        gi += _stream_grad(xni, du, hi, coef, dp_pre, dp_post, dp_res, phit_ptr,
+                           (i * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
+        gi = tl.where(mc, gi, 0.0)
+        h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
+        dy += h_post[:, None] * gi
+        tl.atomic_add(dhpost0_ptr + rm64 * N + i, tl.sum(gi * y, axis=1), mask=mmask)
+        h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)  # H[:, i, :]
+        dx3 += h_row[:, :, None] * gi[:, None, :]
+        gx = tl.sum(gi[:, None, :] * x3, axis=2)  # dH_res[:, i, k]
+        tl.atomic_add(dhres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], gx, mask=mi)
+    tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
+    tl.store(dx_ptr + off3, dx3.to(dx_ptr.dtype.element_ty), mask=m3)
