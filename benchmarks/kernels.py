@@ -211,6 +211,7 @@ def tune(m: int, c: int, bw: float) -> list[dict]:
                 rows.append({"knob": knob, "value": value, "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
                 continue
             rows.append({"knob": knob, "value": value, "kernel": kernel, "ms": row["ms"], "% copy BW": row["% copy BW"]})
+            print(rows[-1], flush=True)
             best = min(best, (row["ms"], value))
         setattr(library, knob, best[1])
     return rows
