@@ -94,8 +94,8 @@ def kernel_rows(m, c, bw, only=None):
     dhr = torch.randn_like(h_res)
     g = torch.randn_like(xd)
     pd, bd, ad = phi.detach(), bias.detach(), alpha.detach()
-    x_next, u2, h_pre2, h_post2, h_res2, q2, rstd2 = torch.ops.mhc_compile.post_pre_fwd(
-        xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6)
+    x_next = torch.ops.mhc_compile.post_fwd(xd, u, h_post, h_res)  # what post+pre computes, from separate ops
+    _, h_pre2, h_post2, _, q2, rstd2 = torch.ops.mhc_compile.pre_fwd(x_next, pd, bd, ad, False, 20, 1e-6)
     ops = {
         "pre fwd": (lambda: torch.ops.mhc_compile.pre_fwd(xd, phi.detach(), bias.detach(), alpha.detach(), False, 20, 1e-6),
                     (2 * nc + c) * e, (nc + c) * e),
@@ -107,10 +107,11 @@ def kernel_rows(m, c, bw, only=None):
         # (the float32 partial projections, S * 48 * 4 bytes per token, are left out)
         "post+pre fwd": (lambda: torch.ops.mhc_compile.post_pre_fwd(xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6),
                          (3 * nc + 2 * c) * e, (2 * nc + 2 * c) * e),
-        # dH_pre partials: du, X_next; dx pass: du, X_next, g, X, y; writes dX, dy
+        # dH_pre partials: du, X_next; gradient pass: du, X_next, g_next, writes g;
+        # post backward: g, X, y, writes dX, dy
         "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
-            (5 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+            (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -188,13 +189,12 @@ def block_rows(m, c, bw):
 
 # Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
 KNOBS = [
-    ("PROJ_TILES", [(64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4), (128, 32, 4)], "pre fwd"),
-    ("SPLIT_CHANNELS", [256, 512, 1024, 4096], "pre fwd"),
-    ("AGGREGATE_TILES", [(4, 256, 4), (8, 256, 4), (2, 512, 4), (4, 512, 8)], "pre fwd"),
+    ("PROJ_TILES", [(64, 64, 4), (128, 64, 8), (128, 32, 4), (256, 32, 8), (256, 64, 8), (128, 128, 8)], "pre fwd"),
+    ("SPLIT_CHANNELS", [256, 512, 1024, 2048], "pre fwd"),
+    ("AGGREGATE_TILES", [(4, 256, 4), (8, 256, 4), (2, 512, 4), (8, 512, 8)], "pre fwd"),
     ("COEF_BLOCK", [16, 32, 64], "pre fwd"),
-    ("POST_PROJ_TILES", [(64, 64, 8), (64, 64, 4), (32, 64, 4), (64, 32, 4), (128, 64, 8), (32, 128, 8)], "post+pre fwd"),
-    ("DX_TILES", [(32, 128, 8), (16, 128, 4), (64, 64, 8), (32, 64, 4), (16, 256, 8), (64, 128, 8)], "pre bwd"),
-    ("POST_PRE_DX_TILES", [(16, 128, 8), (16, 64, 4), (32, 64, 8), (32, 128, 8), (16, 256, 8), (64, 32, 8)], "post+pre bwd"),
+    ("POST_PROJ_TILES", [(64, 32, 4), (64, 32, 8), (128, 32, 8), (64, 64, 8), (128, 16, 4), (256, 16, 8)], "post+pre fwd"),
+    ("DX_TILES", [(32, 128, 8), (64, 64, 8), (128, 32, 8), (64, 32, 4), (128, 64, 8), (256, 32, 8)], "pre bwd"),
 ]
 
 
@@ -214,6 +214,38 @@ def tune(m: int, c: int, bw: float) -> list[dict]:
             print(rows[-1], flush=True)
             best = min(best, (row["ms"], value))
         setattr(library, knob, best[1])
+    return rows
+
+
+def launch_breakdown(m: int, c: int) -> list[dict]:
+    """Time of each kernel launch inside the fused ops (torch.profiler, mean of 10 calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, phi, bias, alpha = make_inputs(m, c)
+    xd, pd, bd, ad = x.detach(), phi.detach(), bias.detach(), alpha.detach()
+    u, h_pre, h_post, h_res, q, rstd = torch.ops.mhc_compile.pre_fwd(xd, pd, bd, ad, False, 20, 1e-6)
+    du, dhp, dhr, g = torch.randn_like(u), torch.randn_like(h_post), torch.randn_like(h_res), torch.randn_like(xd)
+    x_next = torch.ops.mhc_compile.post_fwd(xd, u, h_post, h_res)
+    _, h_pre2, h_post2, _, q2, rstd2 = torch.ops.mhc_compile.pre_fwd(x_next, pd, bd, ad, False, 20, 1e-6)
+    ops = {
+        "pre fwd": lambda: torch.ops.mhc_compile.pre_fwd(xd, pd, bd, ad, False, 20, 1e-6),
+        "pre bwd": lambda: torch.ops.mhc_compile.pre_bwd(xd, pd, bd, ad, h_pre, h_post, q, rstd, du, dhp, dhr, False, 20),
+        "post+pre fwd": lambda: torch.ops.mhc_compile.post_pre_fwd(xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6),
+        "post+pre bwd": lambda: torch.ops.mhc_compile.post_pre_bwd(
+            xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
+    }
+    rows = []
+    for name, fn in ops.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.device_type.name == "CUDA" and ev.count:
+                us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
+                rows.append({"C": c, "op": name, "launch": ev.key[:48], "us per call": round(us / 10, 1)})
     return rows
 
 
@@ -241,6 +273,8 @@ def main() -> None:
         tiles = tune(args.tokens, 4096, bw)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
         print("chosen:", chosen_knobs(), flush=True)
+    breakdown = launch_breakdown(args.tokens, 4096)
+    print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
         print(tabulate(kern[-6:], headers="keys", tablefmt="github"), flush=True)
@@ -273,6 +307,8 @@ def main() -> None:
         f"Kernel tiles used (tokens, channels, warps per program): {chosen_knobs()}.",
         "",
     ]
+    lines += ["## Where the time goes: each launch inside the ops (C = 4096, torch.profiler)", "",
+              tabulate(breakdown, headers="keys", tablefmt="github"), ""]
     if tiles:
         lines += ["## Tile tuning (C = 4096, one knob at a time, in this order)", "",
                   tabulate(tiles, headers="keys", tablefmt="github"), ""]

@@ -36,8 +36,7 @@ POST_PROJ_TILES = (64, 64, 8)  # fused post + next pre's projection
 SPLIT_CHANNELS = 512
 COEF_BLOCK = 32  # tokens per program of the per-token coefficient kernels
 AGGREGATE_TILES = (4, 256, 4)
-DX_TILES = (32, 128, 8)  # tl.dot needs >= 16 tokens
-POST_PRE_DX_TILES = (16, 128, 8)
+DX_TILES = (32, 128, 8)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}
 BLOCK_M_POST = 4
@@ -259,8 +258,8 @@ if KERNELS_AVAILABLE:
         _poisoned(dx)
         bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
         wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, dx, m, c,
-            N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), BM=bm, BC=bc, num_warps=warps,
+            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x, dx, m, c,
+            N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), ACCUM=False, BM=bm, BC=bc, num_warps=warps,
         )
         return dx, dproj, dz, dalpha
 
@@ -277,11 +276,10 @@ if KERNELS_AVAILABLE:
         )
         return out
 
-    @triton_op("mhc_compile::post_bwd", mutates_args=())
-    def post_bwd(
+    def _post_backward_launch(
         x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res``."""
+        """The post backward kernel: ``dx``, ``dy``, ``dH_post``, ``dH_res`` from ``grad [M, n, C]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
@@ -295,6 +293,13 @@ if KERNELS_AVAILABLE:
             N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=bc, num_warps=4,
         )
         return dx, dy, dh_post, dh_res
+
+    @triton_op("mhc_compile::post_bwd", mutates_args=())
+    def post_bwd(
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res``."""
+        return _post_backward_launch(x, y, h_post, h_res, grad)
 
     @triton_op("mhc_compile::post_pre_fwd", mutates_args=())
     def post_pre_fwd(
@@ -314,7 +319,7 @@ if KERNELS_AVAILABLE:
         sq = x.new_empty(splits, m, dtype=torch.float32)
         wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, bm), splits)](
             x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
-            N=n, NP=np_, NR=nr, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+            N=n, NPAD=layout(n)[0], NP=np_, NR=nr, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 
@@ -328,21 +333,18 @@ if KERNELS_AVAILABLE:
         post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
         ``g_next`` is the gradient reaching ``X_next`` from its other users."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, _ = layout(n)
+        _, np_, nr, _ = layout(n)
         dot = _dot_mode(x)
         dproj, dz, dalpha, coef = _coefficient_backward(
             x_next, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
-        dx = torch.empty_like(x)
-        dy = torch.empty_like(y)
-        dh_post0 = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
-        dh_res0 = x.new_zeros(m, n, n, dtype=torch.float32)
-        _poisoned(dx, dy)
-        bm, bc, warps = _tiles(x, c, POST_PRE_DX_TILES, "dx")
-        wrap_triton(kernels._post_pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x, y, h_post0, h_res0, x_next, g_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef,
-            dx, dy, dh_post0, dh_res0, m, c,
-            N=n, NPAD=npad, NP=np_, NR=nr, BDOT=_back_dot(dot), BM=bm, BC=bc, num_warps=warps,
+        g = torch.empty_like(x_next)  # X_next's whole gradient: g_next + the pre side's part
+        _poisoned(g)
+        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+            x_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef, g_next, g, m, c,
+            N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), ACCUM=True, BM=bm, BC=bc, num_warps=warps,
         )
+        dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g)
         return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
 
     def _pre_grads_in(x, h_post, du, dh_post, dh_res):

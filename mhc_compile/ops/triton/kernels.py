@@ -382,14 +382,14 @@ def _pre_proj_kernel(
 @triton.jit
 def _post_proj_kernel(
     x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, xn_ptr, part_ptr, sq_ptr, M, C, CS,
-    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """Post of connection l + launch 1 of connection l+1's pre, on 2-D tiles.
+    """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles.
 
-    Per channel chunk, stream ``i`` of ``X_{l+1} = H_res X_l + H_post^T y`` is built as a
-    ``[BM, BC]`` tile from ``y`` and the ``n`` input tiles (re-read from L1), stored, and
-    projected against ``phi``'s rows ``i*C + c`` while on chip.
+    Per channel chunk, all input streams are loaded once as ``[BM, NPAD, BC]``; stream ``i``
+    of ``X_{l+1} = H_res X_l + H_post^T y`` is reduced from it as a ``[BM, BC]`` tile, stored,
+    and projected against ``phi``'s rows ``i*C + c`` while on chip.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -397,6 +397,8 @@ def _post_proj_kernel(
     mmask = rm < M
     rm64 = rm.to(tl.int64)
     K = N * C
+    ri = tl.arange(0, NPAD)
+    mi = mmask[:, None] & (ri < N)[None, :]
     c_lo = split * CS
     c_hi = tl.minimum(c_lo + CS, C)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
@@ -407,14 +409,13 @@ def _post_proj_kernel(
         rc = c0 + tl.arange(0, BC)
         cmask = rc < c_hi
         mc = mmask[:, None] & cmask[None, :]
+        off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
+        x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & (rc < c_hi)[None, None, :], other=0.0)
         y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
         for i in tl.static_range(N):
             h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
-            xi = h_post[:, None] * y
-            for k in tl.static_range(N):
-                h_res = tl.load(hres0_ptr + rm64 * (N * N) + i * N + k, mask=mmask, other=0.0)
-                xk = tl.load(x_ptr + rm64[:, None] * K + k * C + rc[None, :], mask=mc, other=0.0)
-                xi += h_res[:, None] * xk.to(tl.float32)
+            h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)  # H[:, i, :]
+            xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3.to(tl.float32), axis=1)
             xo = xi.to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
             xf = xo.to(tl.float32)
@@ -473,7 +474,8 @@ def _aggregate_kernel(x_ptr, hpre_ptr, u_ptr, M, C, N: tl.constexpr, BM: tl.cons
 # ---------------------------------------------------------------------------------------
 # Pre side, backward: (1) split-K partials of dH_pre = sum_c du x_j; (2) the coefficient
 # backward per token (Sinkhorn recomputed on chip); (3) dx over (token, channel) tiles.
-# The fused post+pre backward replaces (3) by :func:`_post_pre_dx_kernel`.
+# The fused post+pre backward runs (3) with the gradient from X_{l+1}'s other users added,
+# which gives X_{l+1}'s whole gradient, and then the post backward on it.
 # ---------------------------------------------------------------------------------------
 
 
@@ -552,11 +554,12 @@ def _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr, k, kmask, 
 
 @triton.jit
 def _pre_dx_kernel(
-    x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, dx_ptr, M, C,
-    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr,
+    x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C,
+    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``."""
+    """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``, plus
+    ``gin [M, n, C]`` (the gradient from the streams' other users) where ``ACCUM``."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rc = tl.program_id(1) * BC + tl.arange(0, BC)
     mmask = rm < M
@@ -568,59 +571,11 @@ def _pre_dx_kernel(
     dp_pre, dp_post, dp_res = _load_dproj(dproj_ptr, rm64, mmask, NP, NR)
     coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
     for j in tl.static_range(N):
+        off = rm64[:, None] * K + j * C + rc[None, :]
         hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
-        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        xj = tl.load(x_ptr + off, mask=mc, other=0.0).to(tl.float32)
         dxj = _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr,
                            (j * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
-        tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
-
-
-@triton.jit
-def _post_pre_dx_kernel(
-    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, xn_ptr, gn_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr,
-    dx_ptr, dy_ptr, dhpost0_ptr, dhres0_ptr, M, C,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr,
-):
-    """Launch 3 of the fused post+pre backward, on ``(token, channel)`` tiles.
-
-    Stream ``i`` of ``X_{l+1}``'s full gradient, ``g_i = gn_i + (pre side's part)``, is
-    formed as a 2-D tile and applied at once to the post backward: ``dy += H_post[:, i] g_i``,
-    ``dX_l[:, k] += H_res[:, i, k] g_i`` (a ``[BM, NPAD, BC]`` accumulator), and the channel
-    sums ``dH_post[:, i]``, ``dH_res[:, i, :]`` (float32 atomics into zeroed buffers).
-    """
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rc = tl.program_id(1) * BC + tl.arange(0, BC)
-    mmask = rm < M
-    cmask = rc < C
-    rm64 = rm.to(tl.int64)
-    K = N * C
-    mc = mmask[:, None] & cmask[None, :]
-    ri = tl.arange(0, NPAD)
-    mi = mmask[:, None] & (ri < N)[None, :]
-    off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
-    m3 = mmask[:, None, None] & smask3
-    x3 = tl.load(x_ptr + off3, mask=m3, other=0.0).to(tl.float32)  # [BM, NPAD, BC]
-    du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-    dp_pre, dp_post, dp_res = _load_dproj(dproj_ptr, rm64, mmask, NP, NR)
-    coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
-    dx3 = tl.zeros((BM, NPAD, BC), dtype=tl.float32)
-    dy = tl.zeros((BM, BC), dtype=tl.float32)
-    for i in tl.static_range(N):
-        off_i = rm64[:, None] * K + i * C + rc[None, :]
-        hi = tl.load(hpre_ptr + rm64 * N + i, mask=mmask, other=0.0)
-        xni = tl.load(xn_ptr + off_i, mask=mc, other=0.0).to(tl.float32)
-        gi = tl.load(gn_ptr + off_i, mask=mc, other=0.0).to(tl.float32)
-        gi += _stream_grad(xni, du, hi, coef, dp_pre, dp_post, dp_res, phit_ptr,
-                           (i * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
-        gi = tl.where(mc, gi, 0.0)
-        h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
-        dy += h_post[:, None] * gi
-        tl.atomic_add(dhpost0_ptr + rm64 * N + i, tl.sum(gi * y, axis=1), mask=mmask)
-        h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)  # H[:, i, :]
-        dx3 += h_row[:, :, None] * gi[:, None, :]
-        gx = tl.sum(gi[:, None, :] * x3, axis=2)  # dH_res[:, i, k]
-        tl.atomic_add(dhres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], gx, mask=mi)
-    tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
-    tl.store(dx_ptr + off3, dx3.to(dx_ptr.dtype.element_ty), mask=m3)
+        if ACCUM:
+            dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
