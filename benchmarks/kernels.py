@@ -273,7 +273,10 @@ def main() -> None:
         tiles = tune(args.tokens, 4096, bw)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
         print("chosen:", chosen_knobs(), flush=True)
-    breakdown = launch_breakdown(args.tokens, 4096)
+    try:
+        breakdown = launch_breakdown(args.tokens, 4096)
+    except Exception as err:  # noqa: BLE001 - the tables below still matter
+        breakdown = [{"failed": f"{type(err).__name__}: {err}"}]
     print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
