@@ -31,12 +31,15 @@ MAX_STREAMS = 8
 # Tiles on the GPU, (tokens, channels, warps) per program, from benchmarks/kernels.py --sweep
 # on an H100. Projections (split-K over channel ranges of SPLIT_CHANNELS per stream) take
 # many tokens per program to amortise phi's L2 reads; streaming passes take few.
-PROJ_TILES = (64, 64, 4)  # pre forward's projection and the backward's dH_pre partials
-POST_PROJ_TILES = (64, 64, 8)  # fused post + next pre's projection
+PROJ_TILES = (256, 64, 8)  # pre forward's projection and the backward's dH_pre partials
+POST_PROJ_TILES = (64, 32, 4)  # fused post + next pre's projection
 SPLIT_CHANNELS = 512
-COEF_BLOCK = 32  # tokens per program of the per-token coefficient kernels
+PROJ_STAGES = 3  # software-pipelining depth of the projection loops
+POST_PROJ_STAGES = 3
+COEF_BLOCK = 64  # tokens per program of the per-token coefficient kernels
 AGGREGATE_TILES = (4, 256, 4)
-DX_TILES = (32, 128, 8)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
+DX_TILES = (64, 32, 4)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
+DX_SPLIT_CHANNELS = 512  # channels per dx program: dproj is read once per range, not per chunk
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}
 BLOCK_M_POST = 4
@@ -91,25 +94,23 @@ def layout(n: int) -> tuple[int, int, int, int]:
     return npad, np_, nr, 2 * np_ + nr
 
 
-@functools.lru_cache(maxsize=None)
-def _columns(n: int) -> tuple[int, ...]:
-    """Target column in the padded layout of each of the ``n^2 + 2n`` coefficient columns."""
-    npad, np_, _, _ = layout(n)
-    cols = list(range(n)) + [np_ + i for i in range(n)]
-    cols += [2 * np_ + i * npad + j for i in range(n) for j in range(n)]
-    return tuple(cols)
-
-
-def _column_index(n: int, device: torch.device) -> Tensor:
-    return torch.tensor(_columns(n), device=device, dtype=torch.long)
-
-
 def _pad_columns(t: Tensor, n: int) -> Tensor:
-    """``[..., n^2 + 2n]`` -> ``[..., W]`` with zeros in the padding."""
-    width = layout(n)[3]
-    out = t.new_zeros(*t.shape[:-1], width)
-    out[..., _column_index(n, t.device)] = t
+    """``[..., n^2 + 2n]`` -> ``[..., W]`` with zeros in the padding (pre at ``[0, n)``, post
+    at ``[NP, NP+n)``, res row ``i`` at ``2*NP + i*NPAD``); slices only, no index tensor."""
+    npad, np_, nr, width = layout(n)
+    lead = t.shape[:-1]
+    out = t.new_zeros(*lead, width)
+    out[..., :n] = t[..., :n]
+    out[..., np_:np_ + n] = t[..., n:2 * n]
+    out[..., 2 * np_:].unflatten(-1, (npad, npad))[..., :n, :n] = t[..., 2 * n:].unflatten(-1, (n, n))
     return out
+
+
+def _unpad_columns(t: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`_pad_columns`: ``[..., W]`` -> ``[..., n^2 + 2n]``."""
+    npad, np_, _, _ = layout(n)
+    res = t[..., 2 * np_:].unflatten(-1, (npad, npad))[..., :n, :n].flatten(-2)
+    return torch.cat([t[..., :n], t[..., np_:np_ + n], res], dim=-1)
 
 
 def _dot_mode(x: Tensor) -> int:
@@ -143,15 +144,19 @@ def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
 
 
 def _tiles(x: Tensor, c: int, tiles: tuple[int, int, int], kind: str) -> tuple[int, int, int]:
-    """(tokens, channels, warps) per program: ``tiles`` on the GPU, small ones under the
-    interpreter; channels capped at the next power of two of ``c``."""
+    """(tokens, channels, warps) per program: ``tiles`` on the GPU (channels halved for
+    float32 streams), small ones under the interpreter; channels capped at the next power
+    of two of ``c``."""
     bm, bc, warps = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
+    if x.is_cuda and x.element_size() == 4 and kind != "stream":
+        bc = max(16, bc // 2)  # float32 streams: the tiles tuned for 16 bits, halved to fit
     return bm, _pick(bc, c), warps
 
 
-def _splits(x: Tensor, c: int, bc: int) -> tuple[int, int]:
-    """(channels per split-K program, number of splits) for ``c`` channels per stream."""
-    per = SPLIT_CHANNELS if x.is_cuda else 2 * bc
+def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[int, int]:
+    """(channels per program, number of channel ranges) for ``c`` channels per stream:
+    ``channels`` (default SPLIT_CHANNELS) on the GPU, two chunks under the interpreter."""
+    per = (channels or SPLIT_CHANNELS) if x.is_cuda else 2 * bc
     per = max(bc, per // bc * bc)
     return per, triton.cdiv(c, per)
 
@@ -177,6 +182,7 @@ if KERNELS_AVAILABLE:
         sq = x.new_empty(splits, m, dtype=torch.float32)
         wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, bm), splits)](
             x, phi_pad, part, sq, m, c, per, N=n, NP=np_, NR=nr, DOT=dot, BM=bm, BC=bc, num_warps=warps,
+            num_stages=PROJ_STAGES,
         )
         return part, sq, splits
 
@@ -218,11 +224,12 @@ if KERNELS_AVAILABLE:
         dz = x.new_empty(m, width, dtype=torch.float32)
         dalpha = x.new_empty(m, 3, dtype=torch.float32)
         coef = x.new_empty(m, dtype=torch.float32)
+        sums = x.new_empty(0 if hc else 2 * iters, m, npad, dtype=torch.float32)  # Sinkhorn scratch
         _poisoned(dproj, dz, dalpha, coef)
         coef_block = COEF_BLOCK if x.is_cuda else 16
         wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, coef_block),)](
             part, _pad_columns(bias, n), alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
-            dproj, dz, dalpha, coef, m, n * c, iters, splits,
+            dproj, dz, dalpha, coef, sums, m, n * c, iters, splits,
             N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, BM=coef_block, num_warps=4,
         )
         return dproj, dz, dalpha, coef
@@ -257,8 +264,9 @@ if KERNELS_AVAILABLE:
         dx = torch.empty_like(x)
         _poisoned(dx)
         bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x, dx, m, c,
+        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
+            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x, dx, m, c, per,
             N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), ACCUM=False, BM=bm, BC=bc, num_warps=warps,
         )
         return dx, dproj, dz, dalpha
@@ -320,6 +328,7 @@ if KERNELS_AVAILABLE:
         wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, bm), splits)](
             x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
             N=n, NPAD=layout(n)[0], NP=np_, NR=nr, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+            num_stages=POST_PROJ_STAGES,
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 
@@ -340,8 +349,9 @@ if KERNELS_AVAILABLE:
         g = torch.empty_like(x_next)  # X_next's whole gradient: g_next + the pre side's part
         _poisoned(g)
         bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef, g_next, g, m, c,
+        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
+            x_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef, g_next, g, m, c, per,
             N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), ACCUM=True, BM=bm, BC=bc, num_warps=warps,
         )
         dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g)
@@ -358,13 +368,13 @@ if KERNELS_AVAILABLE:
     def _pre_param_grads(x, dproj, dz, dalpha):
         """``dphi = vec(x)^T dproj`` (a matmul outside the kernel), ``dbias``, ``dalpha``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        cols = _column_index(n, x.device)
         flat = x.reshape(m, n * c)
+        dproj = _unpad_columns(dproj, n)
         if x.dtype == torch.float32:
-            dphi = flat.t() @ dproj[:, cols]
+            dphi = flat.t() @ dproj
         else:
-            dphi = (flat.t() @ dproj[:, cols].to(x.dtype)).float()
-        return dphi, dz.sum(0)[cols], dalpha.sum(0)
+            dphi = (flat.t() @ dproj.to(x.dtype)).float()
+        return dphi, _unpad_columns(dz.sum(0), n), dalpha.sum(0)
 
     def _post_pre_setup(ctx, inputs, output) -> None:
         x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _ = inputs

@@ -209,11 +209,14 @@ def _post_bwd_kernel(
 @triton.jit
 def _coefficient_grads(
     d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-    dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters,
+    dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Backward of :func:`_coefficients` on chip (Sinkhorn recomputed, not stored).
+
+    The recomputation keeps the ``2*iters`` row/column sums of each token in ``sums
+    [2*iters, M, NPAD]`` (float32 scratch), so the backward walk is O(iters), not O(iters^2).
 
     Takes ``dH_pre [BM, NP]`` and loads ``dH_post``, ``dH_res``; stores ``dproj``, ``dz``,
     ``dalpha`` per token. Returns ``H_pre [BM, NP]``, ``dproj`` as its three column blocks
@@ -258,25 +261,32 @@ def _coefficient_grads(
         dz_post = d_hpost * 2.0 * s_post * (1.0 - s_post)
         b_res = tl.load(bias_ptr + 2 * NP + cr)
         p0 = _sinkhorn_logits(q_res, a2, b_res, N, NPAD, BM)
-        ri3 = tl.arange(0, NPAD)
-        valid3 = ((ri3[:, None] < N) & (ri3[None, :] < N))[None, :, :]
+        valid3 = ((ri[:, None] < N) & (ri[None, :] < N))[None, :, :]
+        # the forward again, keeping each step's row (even t) or column (odd t) sums
+        slot = sums_ptr + rm64[:, None] * NPAD + ri[None, :]
+        step = M * NPAD
+        p = p0
+        for t in range(0, 2 * iters):
+            if t % 2 == 0:
+                srow = tl.maximum(tl.sum(p, axis=2), 1e-30)
+                p = p / srow[:, :, None]
+                tl.store(slot + t * step, srow, mask=mmask[:, None])
+            else:
+                scol = tl.maximum(tl.sum(p, axis=1), 1e-30)
+                p = p / scol[:, None, :]
+                tl.store(slot + t * step, scol, mask=mmask[:, None])
+        tl.debug_barrier()  # the sums are read back below, maybe by other threads
+        # then backwards: p is step t's output; multiplying by its sums gives step t's input
         dp = d_hres
         for tt in range(0, 2 * iters):
             t = 2 * iters - 1 - tt
-            p = p0
-            for s in range(0, t):
-                if s % 2 == 0:
-                    p = _sinkhorn_step(p, 2)
-                else:
-                    p = _sinkhorn_step(p, 1)
+            sums = tl.load(slot + t * step, mask=mmask[:, None], other=1.0)
             if t % 2 == 0:
-                srow = tl.maximum(tl.sum(p, axis=2), 1e-30)
-                qn = p / srow[:, :, None]
-                dp = (dp - tl.sum(dp * qn, axis=2)[:, :, None]) / srow[:, :, None]
+                dp = (dp - tl.sum(dp * p, axis=2)[:, :, None]) / sums[:, :, None]
+                p = p * sums[:, :, None]
             else:
-                scol = tl.maximum(tl.sum(p, axis=1), 1e-30)
-                qn = p / scol[:, None, :]
-                dp = (dp - tl.sum(dp * qn, axis=1)[:, None, :]) / scol[:, None, :]
+                dp = (dp - tl.sum(dp * p, axis=1)[:, None, :]) / sums[:, None, :]
+                p = p * sums[:, None, :]
             dp = tl.where(valid3, dp, 0.0)  # padded rows/columns carry no gradient
         dz_res = tl.reshape(p0 * dp, (BM, NR))
         dq_pre = dz_pre * a0
@@ -505,7 +515,7 @@ def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, M, C, CS,
 @triton.jit
 def _pre_coef_bwd_kernel(
     part_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr, dhpost_ptr, dhres_ptr,
-    dproj_ptr, dz_ptr, dalpha_ptr, coef_ptr, M, K, iters, SPLITS,
+    dproj_ptr, dz_ptr, dalpha_ptr, coef_ptr, sums_ptr, M, K, iters, SPLITS,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
@@ -519,7 +529,7 @@ def _pre_coef_bwd_kernel(
         d_hpre += tl.load(part_ptr + (s * M + rm64)[:, None] * NP + cp[None, :], mask=mmask[:, None], other=0.0)
     _, _, _, _, coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, K, iters, N, NPAD, NP, NR, HC, BM,
+        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters, N, NPAD, NP, NR, HC, BM,
     )
     tl.store(coef_ptr + rm64, coef, mask=mmask)
 
@@ -554,28 +564,35 @@ def _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr, k, kmask, 
 
 @triton.jit
 def _pre_dx_kernel(
-    x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C,
+    x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C, CS,
     N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``, plus
-    ``gin [M, n, C]`` (the gradient from the streams' other users) where ``ACCUM``."""
+    ``gin [M, n, C]`` (the gradient from the streams' other users) where ``ACCUM``.
+
+    Grid (token blocks, channel ranges of ``CS``): a program loads its tokens' ``dproj``
+    once and walks its channel range in chunks of ``BC``.
+    """
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rc = tl.program_id(1) * BC + tl.arange(0, BC)
     mmask = rm < M
-    cmask = rc < C
     rm64 = rm.to(tl.int64)
     K = N * C
-    mc = mmask[:, None] & cmask[None, :]
-    du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    c_lo = tl.program_id(1) * CS
+    c_hi = tl.minimum(c_lo + CS, C)
     dp_pre, dp_post, dp_res = _load_dproj(dproj_ptr, rm64, mmask, NP, NR)
     coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
-    for j in tl.static_range(N):
-        off = rm64[:, None] * K + j * C + rc[None, :]
-        hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
-        xj = tl.load(x_ptr + off, mask=mc, other=0.0).to(tl.float32)
-        dxj = _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr,
-                           (j * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
-        if ACCUM:
-            dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+    for c0 in range(c_lo, c_hi, BC):
+        rc = c0 + tl.arange(0, BC)
+        cmask = rc < c_hi
+        mc = mmask[:, None] & cmask[None, :]
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        for j in tl.static_range(N):
+            off = rm64[:, None] * K + j * C + rc[None, :]
+            hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
+            xj = tl.load(x_ptr + off, mask=mc, other=0.0).to(tl.float32)
+            dxj = _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr,
+                               (j * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
+            if ACCUM:
+                dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
