@@ -189,14 +189,12 @@ def block_rows(m, c, bw):
 
 # Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
 KNOBS = [
-    ("PROJ_TILES", [(256, 64, 8), (128, 64, 8), (256, 32, 8), (128, 128, 8), (256, 64, 4)], "pre fwd"),
-    ("PROJ_STAGES", [2, 3, 4], "pre fwd"),
+    ("PROJ_TILES", [(256, 64, 4), (128, 64, 4), (256, 64, 8), (128, 128, 8), (256, 32, 4)], "pre fwd"),
     ("SPLIT_CHANNELS", [512, 1024, 2048], "pre fwd"),
-    ("AGGREGATE_TILES", [(4, 256, 4), (8, 256, 8), (4, 512, 4)], "pre fwd"),
-    ("COEF_BLOCK", [16, 32, 64], "pre bwd"),
-    ("DX_TILES", [(64, 32, 4), (128, 32, 8), (64, 64, 8), (32, 128, 8), (128, 64, 8), (256, 32, 8)], "pre bwd"),
-    ("DX_SPLIT_CHANNELS", [256, 512, 1024, 4096], "pre bwd"),
-    ("POST_PROJ_TILES", [(64, 32, 4), (128, 32, 8), (64, 16, 4), (128, 16, 4), (32, 64, 4)], "post+pre fwd"),
+    ("DH_TILES", [(64, 64, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)], "pre bwd"),
+    ("DX_TILES", [(32, 128, 8), (64, 64, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8)], "pre bwd"),
+    ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
+    ("POST_PROJ_TILES", [(64, 32, 4), (128, 32, 8), (64, 64, 8), (64, 16, 4)], "post+pre fwd"),
     ("POST_PROJ_STAGES", [1, 2, 3], "post+pre fwd"),
 ]
 

@@ -31,15 +31,16 @@ MAX_STREAMS = 8
 # Tiles on the GPU, (tokens, channels, warps) per program, from benchmarks/kernels.py --sweep
 # on an H100. Projections (split-K over channel ranges of SPLIT_CHANNELS per stream) take
 # many tokens per program to amortise phi's L2 reads; streaming passes take few.
-PROJ_TILES = (256, 64, 8)  # pre forward's projection and the backward's dH_pre partials
+PROJ_TILES = (256, 64, 4)  # pre forward's projection
 POST_PROJ_TILES = (64, 32, 4)  # fused post + next pre's projection
-SPLIT_CHANNELS = 512
-PROJ_STAGES = 3  # software-pipelining depth of the projection loops
-POST_PROJ_STAGES = 3
+SPLIT_CHANNELS = 1024
+PROJ_STAGES = 2  # software-pipelining depth of the projection loops
+POST_PROJ_STAGES = 2
 COEF_BLOCK = 64  # tokens per program of the per-token coefficient kernels
-AGGREGATE_TILES = (4, 256, 4)
-DX_TILES = (64, 32, 4)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
-DX_SPLIT_CHANNELS = 512  # channels per dx program: dproj is read once per range, not per chunk
+AGGREGATE_TILES = (8, 256, 8)
+DH_TILES = (64, 64, 4)  # the backward's dH_pre partials (no dot: few tokens per program)
+DX_TILES = (32, 128, 8)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
+DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}
 BLOCK_M_POST = 4
@@ -87,11 +88,12 @@ def validate(x: Tensor, *others: Tensor) -> None:
 
 @functools.lru_cache(maxsize=None)
 def layout(n: int) -> tuple[int, int, int, int]:
-    """``(NPAD, NP, NR, W)`` of the padded coefficient layout for ``n`` streams."""
+    """``(NPAD, NP, NR, W)`` of the padded coefficient layout for ``n`` streams; ``W`` is
+    the next power of two of ``2*NP + NR``, so that one dot covers all columns."""
     npad = max(4, 1 << (n - 1).bit_length())
     np_ = max(16, npad)
     nr = npad * npad
-    return npad, np_, nr, 2 * np_ + nr
+    return npad, np_, nr, 1 << (2 * np_ + nr - 1).bit_length()
 
 
 def _pad_columns(t: Tensor, n: int) -> Tensor:
@@ -102,14 +104,14 @@ def _pad_columns(t: Tensor, n: int) -> Tensor:
     out = t.new_zeros(*lead, width)
     out[..., :n] = t[..., :n]
     out[..., np_:np_ + n] = t[..., n:2 * n]
-    out[..., 2 * np_:].unflatten(-1, (npad, npad))[..., :n, :n] = t[..., 2 * n:].unflatten(-1, (n, n))
+    out[..., 2 * np_:2 * np_ + nr].unflatten(-1, (npad, npad))[..., :n, :n] = t[..., 2 * n:].unflatten(-1, (n, n))
     return out
 
 
 def _unpad_columns(t: Tensor, n: int) -> Tensor:
     """Inverse of :func:`_pad_columns`: ``[..., W]`` -> ``[..., n^2 + 2n]``."""
     npad, np_, _, _ = layout(n)
-    res = t[..., 2 * np_:].unflatten(-1, (npad, npad))[..., :n, :n].flatten(-2)
+    res = t[..., 2 * np_:2 * np_ + npad * npad].unflatten(-1, (npad, npad))[..., :n, :n].flatten(-2)
     return torch.cat([t[..., :n], t[..., np_:np_ + n], res], dim=-1)
 
 
@@ -175,13 +177,13 @@ if KERNELS_AVAILABLE:
     def _pre_projection(x: Tensor, phi_pad: Tensor, dot: int) -> tuple[Tensor, Tensor, int]:
         """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        _, np_, nr, width = layout(n)
+        width = layout(n)[3]
         bm, bc, warps = _tiles(x, c, PROJ_TILES, "proj")
         per, splits = _splits(x, c, bc)
         part = x.new_empty(splits, m, width, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
         wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, bm), splits)](
-            x, phi_pad, part, sq, m, c, per, N=n, NP=np_, NR=nr, DOT=dot, BM=bm, BC=bc, num_warps=warps,
+            x, phi_pad, part, sq, m, c, per, N=n, W=width, DOT=dot, BM=bm, BC=bc, num_warps=warps,
             num_stages=PROJ_STAGES,
         )
         return part, sq, splits
@@ -198,7 +200,7 @@ if KERNELS_AVAILABLE:
         coef_block = COEF_BLOCK if x.is_cuda else 16
         wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, coef_block),)](
             part, sq, _pad_columns(bias, n), alpha, h_pre, h_post, h_res, q, rstd,
-            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, BM=coef_block, num_warps=4,
+            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, W=layout(n)[3], HC=hc, BM=coef_block, num_warps=4,
         )
         bm, bc, warps = _tiles(x, c, AGGREGATE_TILES, "stream")
         wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
@@ -214,23 +216,23 @@ if KERNELS_AVAILABLE:
         ``dz [M, W]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, width = layout(n)
-        bm, bc, warps = _tiles(x, c, PROJ_TILES, "proj")
+        bm, bc, warps = _tiles(x, c, DH_TILES, "proj")
         per, splits = _splits(x, c, bc)
         part = x.new_empty(splits, m, np_, dtype=torch.float32)
         wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, bm), splits)](
             x, du, part, m, c, per, N=n, NP=np_, BM=bm, BC=bc, num_warps=warps,
         )
-        dproj = x.new_empty(m, width, dtype=torch.float32)
+        dproj = x.new_zeros(m, width, dtype=torch.float32)  # zero padding columns: one dot in dx
         dz = x.new_empty(m, width, dtype=torch.float32)
         dalpha = x.new_empty(m, 3, dtype=torch.float32)
         coef = x.new_empty(m, dtype=torch.float32)
         sums = x.new_empty(0 if hc else 2 * iters, m, npad, dtype=torch.float32)  # Sinkhorn scratch
-        _poisoned(dproj, dz, dalpha, coef)
+        _poisoned(dz, dalpha, coef)
         coef_block = COEF_BLOCK if x.is_cuda else 16
         wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, coef_block),)](
             part, _pad_columns(bias, n), alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
             dproj, dz, dalpha, coef, sums, m, n * c, iters, splits,
-            N=n, NPAD=npad, NP=np_, NR=nr, HC=hc, BM=coef_block, num_warps=4,
+            N=n, NPAD=npad, NP=np_, NR=nr, W=width, HC=hc, BM=coef_block, num_warps=4,
         )
         return dproj, dz, dalpha, coef
 
@@ -257,7 +259,6 @@ if KERNELS_AVAILABLE:
         """Gradients of :func:`pre_fwd`: ``dx [M, n, C]``, ``dproj [M, W]`` (for
         ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        _, np_, nr, _ = layout(n)
         dot = _dot_mode(x)
         dproj, dz, dalpha, coef = _coefficient_backward(
             x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
@@ -267,7 +268,7 @@ if KERNELS_AVAILABLE:
         per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
         wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
             x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x, dx, m, c, per,
-            N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), ACCUM=False, BM=bm, BC=bc, num_warps=warps,
+            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=False, BM=bm, BC=bc, num_warps=warps,
         )
         return dx, dproj, dz, dalpha
 
@@ -318,7 +319,7 @@ if KERNELS_AVAILABLE:
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
         for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        _, np_, nr, width = layout(n)
+        width = layout(n)[3]
         x_next = torch.empty_like(x)
         _poisoned(x_next)
         bm, bc, warps = _tiles(x, c, POST_PROJ_TILES, "proj")
@@ -327,7 +328,7 @@ if KERNELS_AVAILABLE:
         sq = x.new_empty(splits, m, dtype=torch.float32)
         wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, bm), splits)](
             x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
-            N=n, NPAD=layout(n)[0], NP=np_, NR=nr, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
+            N=n, NPAD=layout(n)[0], W=width, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
             num_stages=POST_PROJ_STAGES,
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
@@ -352,7 +353,7 @@ if KERNELS_AVAILABLE:
         per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
         wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
             x_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef, g_next, g, m, c, per,
-            N=n, NP=np_, NR=nr, BDOT=_back_dot(dot), ACCUM=True, BM=bm, BC=bc, num_warps=warps,
+            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=True, BM=bm, BC=bc, num_warps=warps,
         )
         dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g)
         return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha

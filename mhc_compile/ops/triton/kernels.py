@@ -1,8 +1,8 @@
 """Fused Triton kernels for one mHC connection. They know nothing of graphs.
 
 Layout: streams ``x [M, N, C]`` (C contiguous), branch ``y``/``u`` ``[M, C]``.
-The projection ``phi [N*C, N^2 + 2N]`` arrives padded as ``[N*C, W]`` with
-``W = 2*NP + NR``: pre columns at ``[0, N)``, post at ``[NP, NP+N)``, res at
+The projection ``phi [N*C, N^2 + 2N]`` arrives padded as ``[N*C, W]`` (``W`` the next
+power of two of ``2*NP + NR``, so one dot covers all columns): pre columns at ``[0, N)``, post at ``[NP, NP+N)``, res at
 ``2*NP + i*NPAD + j``; ``NPAD = max(4, next_pow2(N))``, ``NP = max(16, NPAD)``,
 ``NR = NPAD^2`` (so ``tl.dot`` gets N >= 16 and the res block reshapes to a square).
 ``phi`` is float32; the kernels split it (and float32 streams) into bf16 hi + lo parts
@@ -78,7 +78,7 @@ def _sinkhorn_step(p, axis: tl.constexpr):
 def _coefficients(
     acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
     hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Projections ``[BM, W]`` and ``sum(x^2) [BM]`` -> stored ``H_pre, H_post, H_res, q, rstd``.
@@ -86,7 +86,6 @@ def _coefficients(
     Returns ``H_pre [BM, NP]`` (zero in the padding) for the aggregate pass.
     """
     rm64 = rm.to(tl.int64)
-    W: tl.constexpr = 2 * NP + NR
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
     rstd = 1.0 / tl.sqrt(sumsq / K + eps)
@@ -210,7 +209,7 @@ def _post_bwd_kernel(
 def _coefficient_grads(
     d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
     dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Backward of :func:`_coefficients` on chip (Sinkhorn recomputed, not stored).
@@ -223,7 +222,6 @@ def _coefficient_grads(
     and ``coef [BM]``, the factor of ``x`` in ``dx`` that comes from the RMS.
     """
     rm64 = rm.to(tl.int64)
-    W: tl.constexpr = 2 * NP + NR
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
     pvalid = cp < N
@@ -329,38 +327,25 @@ def _coefficient_grads(
 
 
 @triton.jit
-def _project(xt, phi_ptr, k, kmask, acc_pre, acc_post, acc_res,
-             NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr):
-    """Add ``xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]``) to the three projection blocks."""
-    W: tl.constexpr = 2 * NP + NR
-    cp = tl.arange(0, NP)
-    cr = tl.arange(0, NR)
-    base = phi_ptr + k[:, None] * W
-    ph_pre = tl.load(base + cp[None, :], mask=kmask[:, None], other=0.0)
-    ph_post = tl.load(base + NP + cp[None, :], mask=kmask[:, None], other=0.0)
-    ph_res = tl.load(base + 2 * NP + cr[None, :], mask=kmask[:, None], other=0.0)
-    return (acc_pre + _split_dot(xt, ph_pre, DOT), acc_post + _split_dot(xt, ph_post, DOT),
-            acc_res + _split_dot(xt, ph_res, DOT))
+def _project(xt, phi_ptr, k, kmask, acc, W: tl.constexpr, DOT: tl.constexpr):
+    """``acc [BM, W] + xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]``): one dot over all columns."""
+    cw = tl.arange(0, W)
+    ph = tl.load(phi_ptr + k[:, None] * W + cw[None, :], mask=kmask[:, None], other=0.0)
+    return acc + _split_dot(xt, ph, DOT)
 
 
 @triton.jit
-def _store_projection(part_ptr, sq_ptr, split, acc_pre, acc_post, acc_res, sumsq, rm64, mmask, M,
-                      NP: tl.constexpr, NR: tl.constexpr):
+def _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W: tl.constexpr):
     """Partial projections ``[S, M, W]`` and ``sum(x^2) [S, M]`` of one channel range."""
-    W: tl.constexpr = 2 * NP + NR
-    cp = tl.arange(0, NP)
-    cr = tl.arange(0, NR)
-    row = part_ptr + (split * M + rm64)[:, None] * W
-    tl.store(row + cp[None, :], acc_pre, mask=mmask[:, None])
-    tl.store(row + NP + cp[None, :], acc_post, mask=mmask[:, None])
-    tl.store(row + 2 * NP + cr[None, :], acc_res, mask=mmask[:, None])
+    cw = tl.arange(0, W)
+    tl.store(part_ptr + (split * M + rm64)[:, None] * W + cw[None, :], acc, mask=mmask[:, None])
     tl.store(sq_ptr + split * M + rm64, sumsq, mask=mmask)
 
 
 @triton.jit
 def _pre_proj_kernel(
     x_ptr, phi_ptr, part_ptr, sq_ptr, M, C, CS,
-    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
+    N: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels)."""
@@ -372,9 +357,7 @@ def _pre_proj_kernel(
     K = N * C
     c_lo = split * CS
     c_hi = tl.minimum(c_lo + CS, C)
-    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    acc = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for j in tl.static_range(N):
         for c0 in range(c_lo, c_hi, BC):
@@ -384,15 +367,14 @@ def _pre_proj_kernel(
                          mask=mmask[:, None] & cmask[None, :], other=0.0)
             xf = xt.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
-            acc_pre, acc_post, acc_res = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask,
-                                                  acc_pre, acc_post, acc_res, NP, NR, DOT)
-    _store_projection(part_ptr, sq_ptr, split, acc_pre, acc_post, acc_res, sumsq, rm64, mmask, M, NP, NR)
+            acc = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, W, DOT)
+    _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
 @triton.jit
 def _post_proj_kernel(
     x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, xn_ptr, part_ptr, sq_ptr, M, C, CS,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles.
@@ -411,9 +393,7 @@ def _post_proj_kernel(
     mi = mmask[:, None] & (ri < N)[None, :]
     c_lo = split * CS
     c_hi = tl.minimum(c_lo + CS, C)
-    acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_post = tl.zeros((BM, NP), dtype=tl.float32)
-    acc_res = tl.zeros((BM, NR), dtype=tl.float32)
+    acc = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
@@ -430,23 +410,21 @@ def _post_proj_kernel(
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
             xf = xo.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
-            acc_pre, acc_post, acc_res = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask,
-                                                  acc_pre, acc_post, acc_res, NP, NR, DOT)
-    _store_projection(part_ptr, sq_ptr, split, acc_pre, acc_post, acc_res, sumsq, rm64, mmask, M, NP, NR)
+            acc = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, W, DOT)
+    _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
 @triton.jit
 def _pre_coef_kernel(
     part_ptr, sq_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
     M, K, eps, iters, SPLITS,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     mmask = rm < M
     rm64 = rm.to(tl.int64)
-    W: tl.constexpr = 2 * NP + NR
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
@@ -461,7 +439,7 @@ def _pre_coef_kernel(
         sumsq += tl.load(sq_ptr + s * M + rm64, mask=mmask, other=0.0)
     _coefficients(
         acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
-        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, HC, BM,
+        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, W, HC, BM,
     )
 
 
@@ -516,7 +494,7 @@ def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, M, C, CS,
 def _pre_coef_bwd_kernel(
     part_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr, dhpost_ptr, dhres_ptr,
     dproj_ptr, dz_ptr, dalpha_ptr, coef_ptr, sums_ptr, M, K, iters, SPLITS,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Launch 2 of the pre backward: ``dproj``, ``dz``, ``dalpha`` and the RMS factor ``coef [M]``."""
@@ -529,43 +507,25 @@ def _pre_coef_bwd_kernel(
         d_hpre += tl.load(part_ptr + (s * M + rm64)[:, None] * NP + cp[None, :], mask=mmask[:, None], other=0.0)
     _, _, _, _, coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters, N, NPAD, NP, NR, HC, BM,
+        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters, N, NPAD, NP, NR, W, HC, BM,
     )
     tl.store(coef_ptr + rm64, coef, mask=mmask)
 
 
 @triton.jit
-def _load_dproj(dproj_ptr, rm64, mmask, NP: tl.constexpr, NR: tl.constexpr):
-    """The three column blocks of ``dproj [M, W]`` for a token block."""
-    W: tl.constexpr = 2 * NP + NR
-    cp = tl.arange(0, NP)
-    cr = tl.arange(0, NR)
-    row = dproj_ptr + rm64[:, None] * W
-    return (tl.load(row + cp[None, :], mask=mmask[:, None], other=0.0),
-            tl.load(row + NP + cp[None, :], mask=mmask[:, None], other=0.0),
-            tl.load(row + 2 * NP + cr[None, :], mask=mmask[:, None], other=0.0))
-
-
-@triton.jit
-def _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr, k, kmask, K,
-                 NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr):
+def _stream_grad(xj, du, hj, coef, dproj, phit_ptr, k, kmask, K, W: tl.constexpr, BDOT: tl.constexpr):
     """The pre side's gradient of stream ``j`` on a ``[BM, BC]`` tile:
-    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phit [W, K]`` is ``phi`` transposed."""
-    cp = tl.arange(0, NP)
-    cr = tl.arange(0, NR)
-    base = phit_ptr + k[None, :]
-    pt_pre = tl.load(base + cp[:, None] * K, mask=kmask[None, :], other=0.0)  # [NP, BC]
-    pt_post = tl.load(base + (NP + cp[:, None]) * K, mask=kmask[None, :], other=0.0)
-    pt_res = tl.load(base + (2 * NP + cr[:, None]) * K, mask=kmask[None, :], other=0.0)
-    back = (_split_dot(dp_pre, pt_pre, BDOT) + _split_dot(dp_post, pt_post, BDOT)
-            + _split_dot(dp_res, pt_res, BDOT))
-    return hj[:, None] * du + back + coef[:, None] * xj
+    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phit [W, K]`` is ``phi`` transposed
+    and ``dproj [BM, W]`` is zero in the padding columns."""
+    cw = tl.arange(0, W)
+    pt = tl.load(phit_ptr + cw[:, None] * K + k[None, :], mask=kmask[None, :], other=0.0)  # [W, BC]
+    return hj[:, None] * du + _split_dot(dproj, pt, BDOT) + coef[:, None] * xj
 
 
 @triton.jit
 def _pre_dx_kernel(
     x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C, CS,
-    N: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
+    N: tl.constexpr, W: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``, plus
@@ -580,7 +540,8 @@ def _pre_dx_kernel(
     K = N * C
     c_lo = tl.program_id(1) * CS
     c_hi = tl.minimum(c_lo + CS, C)
-    dp_pre, dp_post, dp_res = _load_dproj(dproj_ptr, rm64, mmask, NP, NR)
+    cw = tl.arange(0, W)
+    dproj = tl.load(dproj_ptr + rm64[:, None] * W + cw[None, :], mask=mmask[:, None], other=0.0)
     coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
@@ -591,8 +552,7 @@ def _pre_dx_kernel(
             off = rm64[:, None] * K + j * C + rc[None, :]
             hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
             xj = tl.load(x_ptr + off, mask=mc, other=0.0).to(tl.float32)
-            dxj = _stream_grad(xj, du, hj, coef, dp_pre, dp_post, dp_res, phit_ptr,
-                               (j * C + rc).to(tl.int64), cmask, K, NP, NR, BDOT)
+            dxj = _stream_grad(xj, du, hj, coef, dproj, phit_ptr, (j * C + rc).to(tl.int64), cmask, K, W, BDOT)
             if ACCUM:
                 dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
