@@ -3,7 +3,10 @@ torch.compile (Inductor's own fusion) and Liger-Kernel's mHC ops, same run, same
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-<gpu>.md
 
-Times are ``triton.testing.do_bench`` medians (ms). "bytes" are what each kernel moves
+Times are ``triton.testing`` medians (ms). Per-kernel rows time the op's launches replayed
+from a CUDA graph (``do_bench_cudagraph``: the GPU time, as inside a compiled model) and,
+beside it, the eager call (``do_bench``: plus Python launch overhead of the op's 3-5
+launches); the connection tables time eager and compiled calls with ``do_bench``. "bytes" are what each kernel moves
 (counted from its loads and stores); "min bytes" is the fewest any implementation must
 move (each input read once, each output written once). Bandwidth is compared with a
 device-to-device copy measured in the same run.
@@ -117,9 +120,15 @@ def kernel_rows(m, c, bw, only=None):
     for name, (fn, moved, minimum) in ops.items():
         if only is not None and name != only:
             continue
-        ms = triton.testing.do_bench(fn, return_mode="median")
+        eager_ms = triton.testing.do_bench(fn, return_mode="median")
+        try:
+            ms = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        except Exception as err:  # noqa: BLE001 - a capture failure must not lose the row
+            print(f"{name}: no CUDA graph ({type(err).__name__}: {err}); eager time used", flush=True)
+            ms = eager_ms
         gbs = moved * m / ms / 1e6
-        rows.append({"C": c, "kernel": name, "ms": round(ms, 3), "bytes/token": moved, "min bytes/token": minimum,
+        rows.append({"C": c, "kernel": name, "ms": round(ms, 3), "ms, eager call": round(eager_ms, 3),
+                     "bytes/token": moved, "min bytes/token": minimum,
                      "GB/s": round(gbs), "% copy BW": round(100 * gbs / bw, 1),
                      "% of limit": round(100 * (minimum * m / bw / 1e6) / ms, 1)})
     return rows

@@ -159,7 +159,7 @@ def mhc_compile(
     collapse: str = "mean",
     channel_dim: Optional[int] = None,
     rms_eps: float = 1e-6,
-    fuse_adjacent: bool = False,
+    fuse_adjacent: bool = True,
     stream_dtype: Optional[torch.dtype] = None,
     recompute: Optional[str] = None,
 ) -> nn.Module:
@@ -175,8 +175,8 @@ def mhc_compile(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (reference ops).
         sinkhorn_iters, collapse, channel_dim, rms_eps: see :class:`MHCConfig`.
         fuse_adjacent: where a block's connection feeds the next one (attention then MLP),
-            run the first's post and the second's pre as one fused op (one kernel;
-            off by default until it beats the two separate kernels).
+            run the first's post and the second's pre as one fused op (on by default;
+            ``False`` keeps them separate).
         stream_dtype: dtype of the n streams; ``None`` keeps the residual's dtype,
             ``torch.bfloat16`` halves the mHC memory traffic of a float32 residual.
         recompute: ``"mhc"`` recomputes the mHC ops (and the block's other cheap ops) in

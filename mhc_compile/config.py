@@ -37,8 +37,8 @@ class MHCConfig:
         channel_dim: channel axis of the residual stream; ``None`` picks ``-1`` for
             token models and ``1`` for convolutional blocks.
         fuse_adjacent: let the lowering pass fuse ``post(l)`` with ``pre(l+1)``
-            where both connections live in the same block (off by default: on an H100
-            the fused kernel is still slower than the two separate ones, see
+            where both connections live in the same block (on by default: two adjacent
+            connections train about a fifth faster fused, see
             ``benchmarks/results/kernels-h100.md``).
         stream_dtype: dtype of the n-stream tensor (``None``: the dtype of the residual
             stream it replaces). ``torch.bfloat16`` halves the bytes the mHC kernels move
@@ -56,7 +56,7 @@ class MHCConfig:
     backend: str = "auto"
     rms_eps: float = 1e-6
     channel_dim: Optional[int] = None
-    fuse_adjacent: bool = False
+    fuse_adjacent: bool = True
     stream_dtype: Optional[torch.dtype] = None
     recompute: Optional[str] = None
     extra: dict = field(default_factory=dict)

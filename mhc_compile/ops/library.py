@@ -31,15 +31,15 @@ MAX_STREAMS = 8
 # Tiles on the GPU, (tokens, channels, warps) per program, from benchmarks/kernels.py --sweep
 # on an H100. Projections (split-K over channel ranges of SPLIT_CHANNELS per stream) take
 # many tokens per program to amortise phi's L2 reads; streaming passes take few.
-PROJ_TILES = (256, 64, 4)  # pre forward's projection
-POST_PROJ_TILES = (64, 32, 4)  # fused post + next pre's projection
+PROJ_TILES = (256, 64, 8)  # pre forward's projection
+POST_PROJ_TILES = (128, 32, 8)  # fused post + next pre's projection
 SPLIT_CHANNELS = 1024
 PROJ_STAGES = 2  # software-pipelining depth of the projection loops
-POST_PROJ_STAGES = 2
+POST_PROJ_STAGES = 3
 COEF_BLOCK = 64  # tokens per program of the per-token coefficient kernels
 AGGREGATE_TILES = (8, 256, 8)
-DH_TILES = (64, 64, 4)  # the backward's dH_pre partials (no dot: few tokens per program)
-DX_TILES = (32, 128, 8)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
+DH_TILES = (16, 256, 4)  # the backward's dH_pre partials (no dot: few tokens per program)
+DX_TILES = (64, 64, 4)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}

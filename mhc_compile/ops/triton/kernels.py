@@ -400,12 +400,13 @@ def _post_proj_kernel(
         cmask = rc < c_hi
         mc = mmask[:, None] & cmask[None, :]
         off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
-        x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & (rc < c_hi)[None, None, :], other=0.0)
+        x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & (rc < c_hi)[None, None, :],
+                     other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
         for i in tl.static_range(N):
             h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
             h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)  # H[:, i, :]
-            xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3.to(tl.float32), axis=1)
+            xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
             xo = xi.to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
             xf = xo.to(tl.float32)
