@@ -204,8 +204,8 @@ def test_rewrite_emits_the_fused_post_pre_kernel():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
     base = NanoGPT().to(DEVICE)
     fused, separate = copy.deepcopy(base), copy.deepcopy(base)
-    mhc.mhc_compile(fused, backend="triton", example_inputs=idx, fuse_adjacent=True)
-    mhc.mhc_compile(separate, backend="triton", example_inputs=idx)
+    mhc.mhc_compile(fused, backend="triton", example_inputs=idx)  # fuse_adjacent is the default
+    mhc.mhc_compile(separate, backend="triton", example_inputs=idx, fuse_adjacent=False)
     with torch.no_grad():
         for p, q in zip(mhc.mhc_parameters(fused), mhc.mhc_parameters(separate)):
             p.copy_(q.detach() + 0.05 * torch.randn_like(q))

@@ -1,12 +1,14 @@
 """``torch.library`` registration of the fused Triton kernels.
 
-Four custom ops (``mhc_compile::pre_fwd``, ``pre_bwd``, ``post_fwd``, ``post_bwd``) are
-declared with ``torch.library.triton_op`` so that eager mode, autograd and Inductor all
-call the same kernels (Inductor sees the Triton kernels inside them), with fake
-implementations derived from the op bodies and autograd formulas registered with
-``register_autograd``. :func:`mhc_pre` and :func:`mhc_post` are what
-``ops.functional`` calls for ``backend="triton"`` (and for ``"auto"`` on CUDA).
-"""
+Six custom ops (``mhc_compile::pre_fwd``, ``pre_bwd``, ``post_fwd``, ``post_bwd``,
+``post_pre_fwd``, ``post_pre_bwd``) are declared with ``torch.library.triton_op`` so that
+eager mode, autograd and Inductor all call the same kernels (Inductor sees the Triton
+kernels inside them), with fake implementations derived from the op bodies and autograd
+formulas registered with ``register_autograd``. A pre side runs as three launches (a
+split-K projection, the per-token coefficients, a streaming aggregate or dx pass); the
+fused post+pre op replaces the projection launch by one that also writes ``X_{l+1}``.
+:func:`mhc_pre`, :func:`mhc_post` and :func:`mhc_post_pre` are what ``ops.functional``
+calls for ``backend="triton"`` (and for ``"auto"`` on CUDA)."""
 
 from __future__ import annotations
 
