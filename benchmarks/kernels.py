@@ -203,15 +203,18 @@ KNOBS = [
     ("DH_TILES", [(64, 64, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)], "pre bwd"),
     ("DX_TILES", [(32, 128, 8), (64, 64, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8)], "pre bwd"),
     ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
-    ("POST_PROJ_TILES", [(64, 32, 4), (128, 32, 8), (64, 64, 8), (64, 16, 4)], "post+pre fwd"),
+    ("POST_PROJ_TILES", [(128, 32, 8), (64, 32, 4), (64, 64, 4), (128, 64, 8), (64, 64, 8), (256, 32, 8)], "post+pre fwd"),
     ("POST_PROJ_STAGES", [1, 2, 3], "post+pre fwd"),
 ]
 
 
-def tune(m: int, c: int, bw: float) -> list[dict]:
-    """Set each knob of ``ops.library`` in turn to its fastest candidate at ``c`` channels."""
+def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict]:
+    """Set each knob of ``ops.library`` (or those named) in turn to its fastest candidate
+    at ``c`` channels."""
     rows = []
     for knob, candidates, kernel in KNOBS:
+        if knobs and knob not in knobs:
+            continue
         best = (float("inf"), getattr(library, knob))
         for value in candidates:
             setattr(library, knob, value)
@@ -270,6 +273,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
+    parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -280,7 +284,7 @@ def main() -> None:
     bw = copy_bandwidth()
     kern, conn, block, tiles = [], [], [], []
     if args.tune:
-        tiles = tune(args.tokens, 4096, bw)
+        tiles = tune(args.tokens, 4096, bw, args.knobs)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
         print("chosen:", chosen_knobs(), flush=True)
     try:
@@ -300,7 +304,7 @@ def main() -> None:
         f"# mHC kernels on {gpu}",
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
-        f"{' --tune' if args.tune else ''}{' --kernels-only' if args.kernels_only else ''}`",
+        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --kernels-only' if args.kernels_only else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
         f"Device-to-device copy bandwidth measured in the same run: **{bw:.0f} GB/s**.",
