@@ -379,10 +379,9 @@ def _post_proj_kernel(
 ):
     """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles.
 
-    Per channel chunk, the input streams are loaded once (n <= 4: as four 2-D tiles; up to
-    8: as one ``[BM, NPAD, BC]`` tile); stream ``i`` of ``X_{l+1} = H_res X_l + H_post^T y``
-    is formed from them as a ``[BM, BC]`` tile, stored, and projected against ``phi``'s rows
-    ``i*C + c`` while on chip.
+    Per channel chunk, all input streams are loaded once as ``[BM, NPAD, BC]``; stream ``i``
+    of ``X_{l+1} = H_res X_l + H_post^T y`` is reduced from it as a ``[BM, BC]`` tile, stored,
+    and projected against ``phi``'s rows ``i*C + c`` while on chip.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -400,29 +399,14 @@ def _post_proj_kernel(
         rc = c0 + tl.arange(0, BC)
         cmask = rc < c_hi
         mc = mmask[:, None] & cmask[None, :]
+        off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
+        x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & (rc < c_hi)[None, None, :],
+                     other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        if NPAD == 4:  # n <= 4: the input streams as four 2-D tiles (zero beyond n)
-            xrow = x_ptr + rm64[:, None] * K + rc[None, :]
-            x0 = tl.load(xrow, mask=mc, other=0.0).to(tl.float32)
-            x1 = tl.load(xrow + C, mask=mc & (N > 1), other=0.0).to(tl.float32)
-            x2 = tl.load(xrow + 2 * C, mask=mc & (N > 2), other=0.0).to(tl.float32)
-            x3 = tl.load(xrow + 3 * C, mask=mc & (N > 3), other=0.0).to(tl.float32)
-        else:  # up to 8 streams: one [BM, NPAD, BC] tile, reduced over the streams
-            off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
-            x3d = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & (rc < c_hi)[None, None, :],
-                          other=0.0).to(tl.float32)
         for i in tl.static_range(N):
             h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
-            hrow = hres0_ptr + rm64 * (N * N) + i * N  # H[:, i, :]
-            if NPAD == 4:
-                xi = (h_post[:, None] * y
-                      + tl.load(hrow, mask=mmask, other=0.0)[:, None] * x0
-                      + tl.load(hrow + 1, mask=mmask & (N > 1), other=0.0)[:, None] * x1
-                      + tl.load(hrow + 2, mask=mmask & (N > 2), other=0.0)[:, None] * x2
-                      + tl.load(hrow + 3, mask=mmask & (N > 3), other=0.0)[:, None] * x3)
-            else:
-                h_row = tl.load(hrow[:, None] + ri[None, :], mask=mi, other=0.0)
-                xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3d, axis=1)
+            h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)  # H[:, i, :]
+            xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
             xo = xi.to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
             xf = xo.to(tl.float32)
