@@ -238,6 +238,27 @@ if KERNELS_AVAILABLE:
         )
         return dproj, dz, dalpha, coef
 
+    def _pre_side_backward(
+        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
+        q: Tensor, rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+        g_in: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A pre backward over streams ``x [M, n, C]``: ``dx`` (plus ``g_in``, the gradient
+        from the streams' other users, when given), ``dproj``, ``dz``, ``dalpha``."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        dot = _dot_mode(x)
+        dproj, dz, dalpha, coef = _coefficient_backward(
+            x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
+        dx = torch.empty_like(x)
+        _poisoned(dx)
+        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
+        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
+            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
+            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=g_in is not None, BM=bm, BC=bc, num_warps=warps,
+        )
+        return dx, dproj, dz, dalpha
+
     def _phi_t(phi: Tensor, n: int, dot: int) -> Tensor:
         """``phi`` padded and transposed, ``[W, n*C]``, for ``dproj @ phi^T``; bf16 where
         dx is served by one bf16 dot."""
@@ -260,19 +281,7 @@ if KERNELS_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`pre_fwd`: ``dx [M, n, C]``, ``dproj [M, W]`` (for
         ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
-        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        dot = _dot_mode(x)
-        dproj, dz, dalpha, coef = _coefficient_backward(
-            x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
-        dx = torch.empty_like(x)
-        _poisoned(dx)
-        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
-        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
-            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x, dx, m, c, per,
-            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=False, BM=bm, BC=bc, num_warps=warps,
-        )
-        return dx, dproj, dz, dalpha
+        return _pre_side_backward(x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters)
 
     @triton_op("mhc_compile::post_fwd", mutates_args=())
     def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
@@ -344,19 +353,8 @@ if KERNELS_AVAILABLE:
         """Gradients of :func:`post_pre_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` of the
         post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
         ``g_next`` is the gradient reaching ``X_next`` from its other users."""
-        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        _, np_, nr, _ = layout(n)
-        dot = _dot_mode(x)
-        dproj, dz, dalpha, coef = _coefficient_backward(
-            x_next, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
-        g = torch.empty_like(x_next)  # X_next's whole gradient: g_next + the pre side's part
-        _poisoned(g)
-        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
-        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
-            x_next, du, _phi_t(phi, n, dot), h_pre, dproj, coef, g_next, g, m, c, per,
-            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=True, BM=bm, BC=bc, num_warps=warps,
-        )
+        g, dproj, dz, dalpha = _pre_side_backward(  # g: X_next's whole gradient, g_next included
+            x_next, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters, g_in=g_next)
         dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g)
         return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
 

@@ -81,10 +81,7 @@ def _coefficients(
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
-    """Projections ``[BM, W]`` and ``sum(x^2) [BM]`` -> stored ``H_pre, H_post, H_res, q, rstd``.
-
-    Returns ``H_pre [BM, NP]`` (zero in the padding) for the aggregate pass.
-    """
+    """Projections ``[BM, W]`` and ``sum(x^2) [BM]`` -> stored ``H_pre, H_post, H_res, q, rstd``."""
     rm64 = rm.to(tl.int64)
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
@@ -124,7 +121,6 @@ def _coefficients(
     tl.store(qrow + NP + cp[None, :], q_post, mask=mmask[:, None])
     tl.store(qrow + 2 * NP + cr[None, :], q_res, mask=mmask[:, None])
     tl.store(rstd_ptr + rm, rstd, mask=mmask)
-    return h_pre
 
 
 @triton.jit
@@ -218,8 +214,8 @@ def _coefficient_grads(
     [2*iters, M, NPAD]`` (float32 scratch), so the backward walk is O(iters), not O(iters^2).
 
     Takes ``dH_pre [BM, NP]`` and loads ``dH_post``, ``dH_res``; stores ``dproj``, ``dz``,
-    ``dalpha`` per token. Returns ``H_pre [BM, NP]``, ``dproj`` as its three column blocks
-    and ``coef [BM]``, the factor of ``x`` in ``dx`` that comes from the RMS.
+    ``dalpha`` per token. Returns ``coef [BM]``, the factor of ``x`` in ``dx`` that comes
+    from the RMS.
     """
     rm64 = rm.to(tl.int64)
     cp = tl.arange(0, NP)
@@ -312,7 +308,7 @@ def _coefficient_grads(
     tl.store(dalpha_ptr + rm64 * 3 + 1, da1, mask=mmask)
     tl.store(dalpha_ptr + rm64 * 3 + 2, da2, mask=mmask)
     coef = -d_rstd * rstd * rstd * rstd / K
-    return h_pre, dp_pre, dp_post, dp_res, coef
+    return coef
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,11 +323,22 @@ def _coefficient_grads(
 
 
 @triton.jit
-def _project(xt, phi_ptr, k, kmask, acc, W: tl.constexpr, DOT: tl.constexpr):
-    """``acc [BM, W] + xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]``): one dot over all columns."""
+def _range_program(M, C, CS, BM: tl.constexpr):
+    """Grid (token blocks, channel ranges of ``CS``): this program's token rows ``rm [BM]``,
+    their mask and int64 form, and its channel range ``[c_lo, c_hi)``."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    c_lo = tl.program_id(1) * CS
+    return rm, rm < M, rm.to(tl.int64), c_lo, tl.minimum(c_lo + CS, C)
+
+
+@triton.jit
+def _project(xt, phi_ptr, k, kmask, acc, sumsq, W: tl.constexpr, DOT: tl.constexpr):
+    """Add ``xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]``; one dot over all columns) to
+    ``acc [BM, W]`` and ``xt``'s row sums of squares to ``sumsq [BM]``."""
     cw = tl.arange(0, W)
     ph = tl.load(phi_ptr + k[:, None] * W + cw[None, :], mask=kmask[:, None], other=0.0)
-    return acc + _split_dot(xt, ph, DOT)
+    xf = xt.to(tl.float32)
+    return acc + _split_dot(xt, ph, DOT), sumsq + tl.sum(xf * xf, axis=1)
 
 
 @triton.jit
@@ -349,14 +356,9 @@ def _pre_proj_kernel(
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels)."""
-    pid_m = tl.program_id(0)
+    rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
     K = N * C
-    c_lo = split * CS
-    c_hi = tl.minimum(c_lo + CS, C)
     acc = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for j in tl.static_range(N):
@@ -365,9 +367,7 @@ def _pre_proj_kernel(
             cmask = rc < c_hi
             xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
                          mask=mmask[:, None] & cmask[None, :], other=0.0)
-            xf = xt.to(tl.float32)
-            sumsq += tl.sum(xf * xf, axis=1)
-            acc = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, W, DOT)
+            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
@@ -383,16 +383,11 @@ def _post_proj_kernel(
     of ``X_{l+1} = H_res X_l + H_post^T y`` is reduced from it as a ``[BM, BC]`` tile, stored,
     and projected against ``phi``'s rows ``i*C + c`` while on chip.
     """
-    pid_m = tl.program_id(0)
+    rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
     K = N * C
     ri = tl.arange(0, NPAD)
     mi = mmask[:, None] & (ri < N)[None, :]
-    c_lo = split * CS
-    c_hi = tl.minimum(c_lo + CS, C)
     acc = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
@@ -409,9 +404,7 @@ def _post_proj_kernel(
             xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
             xo = xi.to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
-            xf = xo.to(tl.float32)
-            sumsq += tl.sum(xf * xf, axis=1)
-            acc = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, W, DOT)
+            acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
@@ -472,14 +465,9 @@ def _aggregate_kernel(x_ptr, hpre_ptr, u_ptr, M, C, N: tl.constexpr, BM: tl.cons
 def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, M, C, CS,
                    N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     """Partial ``dH_pre [S, M, NP]`` of one channel range: ``sum_c du[:, c] x[:, j, c]``."""
-    pid_m = tl.program_id(0)
+    rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
     cp = tl.arange(0, NP)
-    c_lo = split * CS
-    c_hi = tl.minimum(c_lo + CS, C)
     d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
@@ -506,7 +494,7 @@ def _pre_coef_bwd_kernel(
     d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
     for s in range(SPLITS):
         d_hpre += tl.load(part_ptr + (s * M + rm64)[:, None] * NP + cp[None, :], mask=mmask[:, None], other=0.0)
-    _, _, _, _, coef = _coefficient_grads(
+    coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
         dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters, N, NPAD, NP, NR, W, HC, BM,
     )
@@ -535,12 +523,8 @@ def _pre_dx_kernel(
     Grid (token blocks, channel ranges of ``CS``): a program loads its tokens' ``dproj``
     once and walks its channel range in chunks of ``BC``.
     """
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
+    rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     K = N * C
-    c_lo = tl.program_id(1) * CS
-    c_hi = tl.minimum(c_lo + CS, C)
     cw = tl.arange(0, W)
     dproj = tl.load(dproj_ptr + rm64[:, None] * W + cw[None, :], mask=mmask[:, None], other=0.0)
     coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
