@@ -86,13 +86,6 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
     args, kwargs = resolve_example_inputs(model, example_inputs)
     exported = export_model(model, args, kwargs)
     residuals, cuts = find_residual_adds(exported.graph, exported.is_param)
-    for cut in cuts:
-        if cut.fatal:
-            raise ConversionError(
-                f"residual add {cut.add.name!r} in module "
-                f"{exported.module_path(cut.add) or '(root)'!r}: {cut.reason}; make the "
-                "shapes equal (e.g. expand the branch output) before converting"
-            )
     if not residuals:
         raise NoResidualError(
             f"found no residual add (x + F(x), both of the same shape, F with trained "
@@ -120,15 +113,20 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
                 f"residual adds in it but tracing the block found {len(a.connections)}; "
                 "the block's forward may branch on its inputs in a way tracing cannot follow"
             )
-    _link_chains(analyses, records)
+    chain_notes = _link_chains(analyses, records)
     cut_notes = [f"{exported.module_path(c.add) or '(root)'}: {c.reason}" for c in cuts]
-    return ModelAnalysis(config, analyses, cut_notes + [n for a in analyses for n in a.cuts])
+    return ModelAnalysis(config, analyses, cut_notes + chain_notes + [n for a in analyses for n in a.cuts])
 
 
-def _link_chains(analyses: list[BlockAnalysis], records: dict) -> None:
-    """Link block i to block j when j's stream input *is* i's stream output tensor."""
+def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
+    """Link block i to block j when j's stream input *is* i's stream output tensor.
+
+    Returns one note per chain cut: where a block follows another without being linked
+    to it, the reason the streams are collapsed and expanded again there.
+    """
     outs = [blocks.stream_out_value(a, records[a.path]) for a in analyses]
     chain = -1
+    notes = []
     for j, b in enumerate(analyses):
         x_in = blocks.stream_in_value(b)
         for i in range(j):
@@ -145,6 +143,26 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> None:
         if b.chain < 0:
             chain += 1
             b.chain = chain
+            if j > 0:
+                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in)}")
+    return notes
+
+
+def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
+    """Why block ``b`` does not continue the streams of the block ``a`` called before it."""
+    if b.stream_input is None:
+        return "its first connection's skip is computed inside the block, not passed in"
+    if out is None:
+        return f"{a.path or '(root)'} returns no value that carries its streams"
+    if a.link_out:
+        return f"{a.path or '(root)'}'s streams already continue into another block"
+    if a.channel_dim != b.channel_dim:
+        return f"the channel axis changes ({a.channel_dim} in {a.path}, {b.channel_dim} here)"
+    if isinstance(out, torch.Tensor) and isinstance(x_in, torch.Tensor) and out.shape != x_in.shape:
+        return (f"the parent reshapes the stream between the blocks ({list(out.shape)} -> "
+                f"{list(x_in.shape)}, e.g. a downsampling stage)")
+    return (f"the parent computes on {a.path or '(root)'}'s output before passing it on "
+            f"(a norm, a scale or another op outside the blocks)")
 
 
 def mhc_compile(

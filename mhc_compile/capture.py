@@ -18,6 +18,7 @@ arguments (for tracing and shape propagation) and outputs (for linking blocks in
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -102,6 +103,17 @@ def _model_device(model: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- sample runs
 
 
+def without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` with ``use_cache=False`` where the forward takes it and the caller did not say.
+
+    A key/value cache is state: a sample forward that filled one would hand every block a
+    cache already holding the sample's keys, and a block traced with it would replay them.
+    """
+    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
 @contextlib.contextmanager
 def side_effect_free(model: nn.Module):
     """Run analysis forwards without changing buffers (batch-norm statistics) or RNG state."""
@@ -156,6 +168,7 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
     for p in paths:
         handles.append(modules[p].register_forward_pre_hook(pre_hook(p), with_kwargs=True))
         handles.append(modules[p].register_forward_hook(post_hook(p), with_kwargs=True))
+    kwargs = without_cache(model, kwargs)
     try:
         with side_effect_free(model):
             model(*args, **kwargs)
@@ -209,8 +222,7 @@ class ExportedGraph:
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     """Capture ``model`` with ``torch.export`` (non-strict) for analysis."""
     wrapper = _TensorOutputs(model)
-    if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
-        kwargs = {**kwargs, "use_cache": False}  # caches are no graph outputs; analysis only
+    kwargs = without_cache(model, kwargs)
     try:
         with side_effect_free(model):
             ep = torch.export.export(wrapper, (args, kwargs), strict=False)
@@ -377,6 +389,27 @@ def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, 
     return frozenset(found) if found and same_graph(found) else frozenset()
 
 
+def _copy_state(value: Any) -> Any:
+    """A copy of a stateful argument (a key/value cache object) for a shape-propagation run.
+
+    Shape propagation runs the block once; a cache it was given would keep that run's keys
+    and the real call would then append them a second time. Tensors are not copied (the
+    block does not change its inputs in place), static values need no copy.
+    """
+    if isinstance(value, torch.Tensor) or classify(value) is not _DYNAMIC:
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in tree_leaves(value)):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(
+            f"cannot copy the {type(value).__name__} argument for a shape-propagation run "
+            f"({type(err).__name__}: {err}); call the converted model once without it "
+            "(e.g. use_cache=False) or pass example_inputs= of the form used at run time"
+        ) from err
+
+
 def trace_block(
     block: nn.Module, values: dict, signature: BlockSignature, training: bool, shapes: bool = True
 ) -> fx.GraphModule:
@@ -424,7 +457,7 @@ def trace_block(
     with side_effect_free(block):
         block.train(training)
         try:
-            ShapeProp(gm).propagate(*[values[n] for n in names])
+            ShapeProp(gm).propagate(*[_copy_state(values[n]) for n in names])
         finally:
             block.train(was_training)
     return gm

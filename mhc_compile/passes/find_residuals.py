@@ -2,7 +2,10 @@
 
 A residual add is ``add(skip, branch)`` where ``skip`` is an ancestor of ``branch`` in the
 dataflow graph, both have the same shape, and the path from ``skip`` to ``branch`` holds
-a trained computation (a parameter is used on it): ``x + F(x)``. Adds of two values that
+a trained computation (a parameter is used on it): ``x + F(x)``. The skip may reach the
+add through value-preserving ops (``x.to(float32) + F(x)``), and the branch may be scaled
+or subtracted (``x - F(x)``, ``torch.add(x, F(x), alpha=a)``). Adds that broadcast
+(attention masks, position biases) are never connections. Adds of two values that
 share an ancestor but where neither descends from the other (``shortcut(x) + F(x)`` with a
 projection shortcut, ``attn(x) + mlp(x)``) are reported as *cuts*: not rewritten, the
 chain ends there.
@@ -21,12 +24,20 @@ import torch
 from torch import fx
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_SUB_FUNCTIONS = {operator.sub, operator.isub, torch.sub}
 _ADD_METHODS = {"add", "add_"}
+_SUB_METHODS = {"sub", "sub_"}
+# value-preserving ops that may stand on the skip (``residual.to(torch.float32)``)
+_SKIP_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as", "contiguous", "clone"}
 
 
-def _aten_adds() -> set:
+def _aten_ops() -> tuple[set, set, set]:
     aten = torch.ops.aten
-    return {aten.add.Tensor, aten.add_.Tensor}
+    adds = {aten.add.Tensor, aten.add_.Tensor}
+    subs = {aten.sub.Tensor, aten.sub_.Tensor}
+    keeps = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+             aten.contiguous.default, aten.clone.default, aten.alias.default}
+    return adds, subs, keeps
 
 
 @dataclass
@@ -38,6 +49,12 @@ class ResidualAdd:
     branch: fx.Node
     shape: tuple[int, ...]
     branch_nodes: list[fx.Node] = field(default_factory=list)  # skip -> branch path, topo order
+    skip_operand: Optional[fx.Node] = None  # the add's skip operand: ``skip`` or a cast of it
+    branch_scale: float = 1.0  # ``x - f(x)``: -1; ``torch.add(x, f(x), alpha=a)``: a
+
+    def __post_init__(self) -> None:
+        if self.skip_operand is None:
+            self.skip_operand = self.skip
 
 
 @dataclass
@@ -46,21 +63,40 @@ class CutAdd:
 
     add: fx.Node
     reason: str
-    fatal: bool = False  # True: looks like a residual connection that cannot be rewritten
 
 
-def is_add(node: fx.Node) -> bool:
-    """True for a tensor add of two graph values (``+``, ``+=``, ``torch.add``, ``aten.add``)."""
+def operand_scale(node: fx.Node) -> Optional[float]:
+    """For ``a + s * b`` of two graph values, ``s``; ``None`` for any other node.
+
+    ``+``, ``+=``, ``torch.add`` and ``aten.add`` give ``alpha`` (1 by default), ``-``,
+    ``-=``, ``torch.sub`` and ``aten.sub`` give ``-alpha``.
+    """
+    adds, subs, _ = _aten_ops()
     if node.op == "call_function":
-        is_add_op = node.target in _ADD_FUNCTIONS or node.target in _aten_adds()
+        sign = 1 if node.target in _ADD_FUNCTIONS or node.target in adds else (
+            -1 if node.target in _SUB_FUNCTIONS or node.target in subs else 0)
+    elif node.op == "call_method":
+        sign = 1 if node.target in _ADD_METHODS else (-1 if node.target in _SUB_METHODS else 0)
     else:
-        is_add_op = node.op == "call_method" and node.target in _ADD_METHODS
-    if not is_add_op:
-        return False
-    if len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return False
-    alpha = node.kwargs.get("alpha", 1)
-    return alpha == 1
+        sign = 0
+    if not sign or len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return None
+    alpha = node.args[2] if len(node.args) > 2 else node.kwargs.get("alpha", 1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None
+    return float(sign * alpha)
+
+
+def skip_source(node: fx.Node) -> fx.Node:
+    """``node`` with value-preserving ops (casts, ``contiguous``, ``clone``) walked back."""
+    _, _, keeps = _aten_ops()
+    while isinstance(node.args[0] if node.args else None, fx.Node) and (
+        (node.op == "call_method" and node.target in _SKIP_METHODS
+         and not any(isinstance(a, fx.Node) for a in node.args[1:]))
+        or (node.op == "call_function" and node.target in keeps)
+    ):
+        node = node.args[0]
+    return node
 
 
 def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
@@ -74,8 +110,30 @@ def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     return None
 
 
+_SHAPE_METHODS = {"size", "dim", "numel"}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """True for a node that reads only its input's shape (``x.size(-1)``, ``aten.sym_size``).
+
+    Its users depend on the input's shape, not on its values: a mask sliced to the key
+    length is not computed *from* the keys.
+    """
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device")
+        name = getattr(node.target, "__name__", "") or ""
+        return name.startswith(("sym_size", "sym_numel", "sym_stride")) or node.target is torch.ops.aten.sym_size.int
+    return False
+
+
 class Ancestry:
-    """Ancestor sets of every node of a graph as integer bitmasks (fast for big graphs)."""
+    """Value-ancestor sets of every node of a graph as integer bitmasks (fast for big graphs).
+
+    Edges out of shape queries (:func:`is_shape_query`) carry no values and are left out.
+    """
 
     def __init__(self, graph: fx.Graph) -> None:
         self.nodes = list(graph.nodes)
@@ -83,8 +141,9 @@ class Ancestry:
         self.mask: dict[fx.Node, int] = {}
         for n in self.nodes:
             m = 0
-            for inp in n.all_input_nodes:
-                m |= self.mask[inp] | (1 << self.index[inp])
+            if not is_shape_query(n):
+                for inp in n.all_input_nodes:
+                    m |= self.mask[inp] | (1 << self.index[inp])
             self.mask[n] = m
 
     def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
@@ -118,29 +177,18 @@ def find_residual_adds(
     found: list[ResidualAdd] = []
     cuts: list[CutAdd] = []
     for node in anc.nodes:
-        if not is_add(node):
+        scale = operand_scale(node)
+        if scale is None:
             continue
         a, b = node.args[0], node.args[1]
         shape_a, shape_b = node_shape(a), node_shape(b)
         if shape_a is None or shape_b is None or len(shape_a) < 2:
             continue
         if shape_a != shape_b:
-            if _is_broadcast_residual(anc, a, b, is_param):
-                cuts.append(
-                    CutAdd(
-                        node,
-                        f"operands have different shapes {list(shape_a)} and {list(shape_b)}; "
-                        "a residual connection needs the branch to return the skip's shape",
-                        fatal=True,
-                    )
-                )
-            continue
-        if anc.is_ancestor(a, b):
-            skip, branch = a, b
-        elif anc.is_ancestor(b, a):
-            skip, branch = b, a
-        else:
-            if _parallel_trained_paths(anc, a, b, is_param):
+            continue  # a broadcasting add (attention mask, position bias) is no connection
+        pair = _skip_and_branch(anc, a, b, scale)
+        if pair is None:
+            if scale == 1.0 and _parallel_trained_paths(anc, a, b, is_param):
                 cuts.append(
                     CutAdd(
                         node,
@@ -150,21 +198,29 @@ def find_residual_adds(
                     )
                 )
             continue
+        skip, skip_operand, branch = pair
         path = anc.between(skip, branch)
         if not any(_uses_params(n, is_param) for n in path):
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
-        found.append(ResidualAdd(node, skip, branch, shape_a, path))
+        found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand, scale))
     return found, cuts
 
 
-def _is_broadcast_residual(anc: Ancestry, a: fx.Node, b: fx.Node, is_param) -> bool:
-    """``x + F(x)`` whose trained branch returns a differently shaped (broadcast) value."""
-    for skip, branch in ((a, b), (b, a)):
-        if anc.is_ancestor(skip, branch) and any(
-            _uses_params(n, is_param) for n in anc.between(skip, branch)
-        ):
-            return True
-    return False
+def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node, scale: float):
+    """``(skip, skip_operand, branch)`` of ``a + scale * b``, or ``None`` if it is no ``x + F(x)``.
+
+    The skip may reach the add through value-preserving ops (``residual.to(float32)``);
+    a scaled or subtracted operand must be the branch (``x - f(x)``, not ``f(x) - x``).
+    """
+    orders = ((a, b), (b, a)) if scale == 1.0 else ((a, b),)
+    for operand, branch in orders:
+        if anc.is_ancestor(operand, branch):
+            return operand, operand, branch
+    for operand, branch in orders:
+        source = skip_source(operand)
+        if source is not operand and anc.is_ancestor(source, branch):
+            return source, operand, branch
+    return None
 
 
 def _parallel_trained_paths(anc: Ancestry, a: fx.Node, b: fx.Node, is_param) -> bool:

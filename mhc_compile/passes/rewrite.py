@@ -127,8 +127,10 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
     replaced: dict[fx.Node, fx.Node] = {}  # erased add -> its mhc_post
     coeffs: dict[int, tuple[fx.Node, fx.Node]] = {}
     inserted: set[fx.Node] = set()
+    skip_casts = {n for res in residuals for n in _skip_casts(res)}
     first_skip = residuals[0].skip if residuals else None
-    stream_input = first_skip.name if first_skip is not None and first_skip.op == "placeholder" else None
+    # a placeholder's target is the argument's name (its node name may differ: ``input_1``)
+    stream_input = first_skip.target if first_skip is not None and first_skip.op == "placeholder" else None
 
     def emit(fn, args, kwargs=None, after=None, before=None):
         if after is not None and after.op == "placeholder":
@@ -141,15 +143,24 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
 
     for node in list(graph.nodes):
         current = node
-        if node.op == "placeholder" and node.name == stream_input and plan.link_in:
+        if node.op == "placeholder" and node.target == stream_input and plan.link_in:
             stream[node] = node
+        elif node in skip_casts and node.args[0] in stream and stream[node.args[0]] is not node.args[0]:
+            # ``x.to(float32)`` standing on the skip: the same op on the streams
+            with graph.inserting_after(node):
+                cast = graph.create_node(node.op, node.target, (stream[node.args[0]], *node.args[1:]), node.kwargs)
+            inserted.add(cast)
+            stream[node] = stream[cast] = cast
         elif node in by_add:
             i = by_add[node]
             res = residuals[i]
-            skip = replaced.get(res.skip, res.skip)
+            skip = replaced.get(res.skip_operand, res.skip_operand)
+            branch = res.branch
+            if res.branch_scale != 1.0:  # x - f(x), torch.add(x, f(x), alpha=a)
+                branch = emit(operator.mul, (branch, res.branch_scale), before=node)
             post = emit(
                 functional.mhc_post,
-                (stream[skip], res.branch, *coeffs[i]),
+                (stream[skip], branch, *coeffs[i]),
                 {"channel_dim": plan.channel_dim, "backend": plan.backend},
                 before=node,
             )
@@ -178,6 +189,15 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
     _collapse_other_uses(emit, stream_values, inserted, output, kept, plan)
     gm.recompile()
     return RewriteResult(stream_input, out_leaf)
+
+
+def _skip_casts(res: ResidualAdd) -> list[fx.Node]:
+    """The value-preserving ops between ``res.skip`` and the add's skip operand."""
+    out, node = [], res.skip_operand
+    while node is not res.skip:
+        out.append(node)
+        node = node.args[0]
+    return out
 
 
 def _emit_pre(graph, emit, skip, i, users, plan, stream, coeffs) -> None:
