@@ -20,17 +20,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import (
-    BlockSignature,
-    CaptureError,
-    CallRecord,
-    bind_call,
-    classify,
-    find_passthrough,
-    make_key,
-    split_signature,
-    trace_block,
-)
+from .capture import CallRecord, CaptureError
+from .trace import BlockSignature, bind_call, classify, find_passthrough, make_key, split_signature, trace_block
 from .config import MHCConfig
 from .layers import MHCConnection
 from .ops import functional

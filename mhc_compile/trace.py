@@ -1,0 +1,386 @@
+"""Per-block capture: one owning block's forward -> a torch-level FX graph.
+
+:func:`trace_block` traces a block with ``torch.fx`` for one *specialisation* of its call:
+
+* arguments that were ``None``, Python constants or tuples of constants in the call are
+  baked in (``split_signature``); tensors and other objects (caches) are placeholders;
+* tensor metadata that does not depend on sizes (``dtype``, ``device``, ``ndim``) reads
+  as the concrete value from the call (:class:`BlockTracer` runs each op on the call's
+  values while it traces), so ``if x.dtype == torch.float16:`` traces; the specialisation
+  key (:func:`make_key`) holds every tensor argument's dtype and device, so a call with
+  other dtypes gets a graph of its own. Sizes stay symbolic: one graph serves every batch
+  size and sequence length;
+* child modules are inlined where their code traces and kept as opaque module calls
+  where it does not (attention implementations with data-dependent Python);
+* shapes are then propagated with the call's values (caches copied first: they are state).
+
+:func:`find_passthrough` finds constant arguments that do not change the graph (an
+attention mask handed straight to the attention module), so they are not specialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .capture import CaptureError, side_effect_free
+
+STATIC_TYPES = (bool, int, float, str, torch.dtype, torch.device)
+_DYNAMIC = "<mhc:dynamic>"  # a plain string, so that torch.compile can hash specialisation keys
+# tensor metadata that does not depend on sizes: read concretely while tracing
+_CONCRETE_ATTRS = ("dtype", "device", "is_cuda", "ndim", "is_sparse", "layout", "is_quantized")
+_CONCRETE_METHODS = ("dim", "is_floating_point", "is_complex", "get_device", "element_size")
+
+
+# --------------------------------------------------------------------------- specialisation
+
+
+def is_static(value: Any) -> bool:
+    """``None``, a Python constant, or a tuple/list of them (``input_dimensions=(7, 7)``)."""
+    if value is None or isinstance(value, STATIC_TYPES):
+        return True
+    return isinstance(value, (tuple, list)) and all(is_static(v) for v in value)
+
+
+def classify(value: Any) -> Any:
+    """The specialisation key of one argument: its value if static (lists as tuples), a
+    tensor's dtype and device type, else a marker."""
+    if is_static(value):
+        return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
+    if isinstance(value, torch.Tensor):
+        return (_DYNAMIC, value.dtype, value.device.type)
+    return _DYNAMIC
+
+
+def is_dynamic(value: Any) -> bool:
+    """True for an argument that becomes a placeholder of the traced graph."""
+    return not is_static(value)
+
+
+def make_key(training: bool, values: dict, passthrough: frozenset = frozenset()) -> tuple:
+    """Specialisation key: the training flag, every non-passthrough constant argument and
+    the dtype/device of every tensor argument."""
+    return (training,) + tuple(
+        (name, _DYNAMIC if name in passthrough else classify(values[name])) for name in sorted(values)
+    )
+
+
+@dataclass
+class BlockSignature:
+    """A block's forward signature, split into traced placeholders and specialised constants."""
+
+    params: list[inspect.Parameter]
+    dynamic: list[str]  # placeholder names, in call order
+    static: dict[str, Any]  # specialised names -> values
+    var_keyword: Optional[str]
+    passthrough: frozenset = frozenset()  # constants/None that never change the graph
+
+
+def unwrapped_forward(block: nn.Module):
+    """The block class's own forward, below wrappers such as HF's checkpointing layer."""
+    return inspect.unwrap(type(block).forward)
+
+
+def bind_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, list[inspect.Parameter], Optional[str]]:
+    """Bind a recorded call to the block's forward: ``{name: value}`` with ``**kwargs`` flattened."""
+    fn = unwrapped_forward(block)
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())[1:]  # drop self
+    bound = sig.bind(block, *args, **kwargs)
+    bound.apply_defaults()
+    values: dict[str, Any] = {}
+    var_kw = None
+    for p in params:
+        value = bound.arguments.get(p.name, p.default)
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise CaptureError(
+                    f"{type(block).__name__}.forward received *{p.name} positional "
+                    "arguments; blocks called with *args cannot be rewritten"
+                )
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = p.name
+            values.update(value or {})
+            continue
+        values[p.name] = value
+    return values, params, var_kw
+
+
+def split_signature(
+    values: dict, params: list[inspect.Parameter], var_kw: Optional[str], passthrough: frozenset = frozenset()
+) -> BlockSignature:
+    """Placeholders (tensors, objects, and ``passthrough`` constants) vs baked-in constants."""
+    dynamic = [n for n, v in values.items() if is_dynamic(v) or n in passthrough]
+    static = {n: v for n, v in values.items() if n not in dynamic}
+    return BlockSignature(params, dynamic, static, var_kw, frozenset(passthrough))
+
+
+# --------------------------------------------------------------------------- the tracer
+
+
+class ConcreteProxy(fx.Proxy):
+    """A proxy that answers size-independent metadata (``dtype``, ``device``, ``dim()``)
+    from the value its node had in the traced call."""
+
+    def __getattr__(self, name: str) -> Any:
+        value = self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
+        if isinstance(value, torch.Tensor):
+            if name in _CONCRETE_ATTRS:
+                return getattr(value, name)
+            if name in _CONCRETE_METHODS:
+                return getattr(value, name)
+        return super().__getattr__(name)
+
+
+class BlockTracer(fx.Tracer):
+    """Traces one block, inlining child modules where possible.
+
+    Leaves: ``torch.nn`` layers, normalisation modules (any class whose name holds
+    "norm"), and any child whose own code cannot be traced (it is retried as an opaque
+    call, so attention implementations with data-dependent Python stay modules).
+
+    With ``sample`` (placeholder name -> value) every node is also run on concrete values
+    as it is created, so :class:`ConcreteProxy` can answer metadata queries. While such a
+    run is under way (``_concrete``), fx's patched module calls and attribute reads pass
+    straight through, so the run records nothing.
+    """
+
+    def __init__(self, sample: Optional[dict] = None) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self.forced_leaves: set[str] = set()
+        self.sample = sample
+        self.values: dict[fx.Node, Any] = {}
+        self._concrete = False  # True while a node runs on concrete values
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.forced_leaves:
+            return True
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        if type(m).__module__.startswith("torch.nn"):
+            return True
+        return "norm" in type(m).__name__.lower()
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._concrete:  # a child called by a concrete run: run it, record nothing
+            return forward(*args, **kwargs)
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        before = list(self.graph.nodes)
+        stack = self.module_stack.copy()
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:  # noqa: BLE001 - fall back to an opaque call of this child
+            for node in reversed(list(self.graph.nodes)[len(before) :]):
+                self.values.pop(node, None)
+                self.graph.erase_node(node)
+            self.module_stack = stack
+            self.forced_leaves.add(qualname)
+            return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._concrete:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ConcreteProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.sample is not None:
+            self._run_concrete(proxy.node)
+        return proxy
+
+    def _run_concrete(self, node: fx.Node) -> None:
+        """Compute ``node``'s value from its inputs' values; leave it unknown on failure."""
+        missing = object()
+
+        def value_of(a: Any) -> Any:
+            return self.values.get(a, missing) if isinstance(a, fx.Node) else a
+
+        args, kwargs = tree_map(value_of, node.args), tree_map(value_of, node.kwargs)
+        if any(v is missing for v in tree_leaves((args, kwargs))):
+            return
+        self._concrete = True
+        try:
+            if node.op == "placeholder":
+                value = self.sample.get(node.target, missing)
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().clone()  # in-place ops of the block hit this copy
+            elif node.op == "get_attr":
+                value = self.root
+                for atom in str(node.target).split("."):
+                    value = getattr(value, atom)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                value = self.root.get_submodule(node.target)(*args, **kwargs)
+            else:
+                return
+        except Exception:  # noqa: BLE001 - metadata of this node stays symbolic
+            return
+        finally:
+            self._concrete = False
+        if value is not missing:
+            self.values[node] = value
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def copy_state(value: Any) -> Any:
+    """A copy of a stateful argument (a key/value cache object) for a sample run.
+
+    Shape propagation runs the block once; a cache it was given would keep that run's keys
+    and the real call would then append them a second time. Tensors are not copied (the
+    block does not change its inputs in place), static values need no copy.
+    """
+    if isinstance(value, torch.Tensor) or is_static(value):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in tree_leaves(value)):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(
+            f"cannot copy the {type(value).__name__} argument for a shape-propagation run "
+            f"({type(err).__name__}: {err}); call the converted model once without it "
+            "(e.g. use_cache=False) or pass example_inputs= of the form used at run time"
+        ) from err
+
+
+def _user_frame(err: BaseException) -> str:
+    """``file:line: code`` of the innermost frame outside torch.fx and this package."""
+    frames = traceback.extract_tb(err.__traceback__)
+    skip = ("torch/fx", "mhc_compile", "<mhc trace root")
+    for frame in reversed(frames):
+        if not any(s in frame.filename.replace("\\", "/") for s in skip):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return ""
+
+
+def _trace_root_source(values: dict, signature: BlockSignature) -> str:
+    """Source of ``_mhc_trace_root(self, <placeholders>)`` calling the forward with the
+    constants of this specialisation filled in."""
+    names = signature.dynamic
+    positional_only = [p.name for p in signature.params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    call_parts = [name if name in names else f"_static[{name!r}]" for name in positional_only]
+    for name in values:
+        if name not in positional_only:
+            call_parts.append(f"{name}={name}" if name in names else f"{name}=_static[{name!r}]")
+    return (
+        f"def _mhc_trace_root(self, {', '.join(names)}):\n"
+        f"    return _orig(self, {', '.join(call_parts)})\n"
+    )
+
+
+def trace_block(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, shapes: bool = True
+) -> fx.GraphModule:
+    """Trace ``block`` for one specialisation; shapes are propagated from ``values``.
+
+    The returned GraphModule's placeholders are ``signature.dynamic`` in order; its
+    ``get_attr``/``call_module`` targets are paths relative to ``block``. fx traces a
+    method of the root's class, so ``_mhc_trace_root`` is set on the class for the
+    duration of the trace only.
+    """
+    names = signature.dynamic
+    scope: dict[str, Any] = {"_orig": unwrapped_forward(block), "_static": signature.static}
+    exec(compile(_trace_root_source(values, signature), f"<mhc trace root of {type(block).__name__}>", "exec"), scope)  # noqa: S102
+    cls = type(block)
+    was_training = block.training
+    tracer = BlockTracer({n: copy_state(values[n]) for n in names})
+    tracer.traced_func_name = "_mhc_trace_root"
+    setattr(cls, "_mhc_trace_root", scope["_mhc_trace_root"])
+    try:
+        with side_effect_free(block):
+            block.train(training)
+            graph = tracer.trace(block)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        where = _user_frame(err)
+        raise CaptureError(
+            f"torch.fx could not trace the forward of {type(block).__name__}"
+            f"{' at ' + where if where else ''} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "this block's own code (not its children) must be traceable to be rewritten: "
+            "data-dependent Python (branching on tensor values) is the usual cause"
+        ) from err
+    finally:
+        delattr(cls, "_mhc_trace_root")
+        block.train(was_training)
+        tracer.values.clear()
+    gm = fx.GraphModule(block, graph)
+    if not shapes:
+        return gm
+    with side_effect_free(block):
+        block.train(training)
+        try:
+            ShapeProp(gm).propagate(*[copy_state(values[n]) for n in names])
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise CaptureError(
+                f"running the traced forward of {type(block).__name__} on its recorded "
+                f"arguments failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "the block's graph depends on something its arguments do not carry"
+            ) from err
+        finally:
+            block.train(was_training)
+    return gm
+
+
+# --------------------------------------------------------------------------- passthrough
+
+
+def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
+    """Nodes as comparable tuples; placeholders named in ``probes`` read as their values."""
+    probes = probes or {}
+
+    def norm(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if a.op == "placeholder" and a.target in probes:
+                return ("const", repr(probes[a.target]))
+            return ("node", a.name)
+        if isinstance(a, (tuple, list)):
+            return tuple(norm(b) for b in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, norm(v)) for k, v in a.items()))
+        return ("const", repr(a))
+
+    return [
+        (n.op, str(n.target), norm(n.args), norm(n.kwargs)) for n in graph.nodes if n.op != "placeholder"
+    ]
+
+
+def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> frozenset:
+    """Constant or ``None`` arguments whose value does not change the traced graph.
+
+    An attention mask that the block only hands to its attention module is such an
+    argument: tracing it as a placeholder gives the same graph with the value swapped for
+    a placeholder. Those arguments are not specialised, so a caller that passes a tensor
+    where the sample call passed ``None`` (as Hugging Face models do under
+    ``torch.compile``) reuses the same graph.
+    """
+    base = _graph_shape(trace_block(block, values, signature, training, shapes=False).graph)
+
+    def same_graph(names: list[str]) -> bool:
+        probe = split_signature(values, signature.params, signature.var_keyword, frozenset(names))
+        try:
+            gm = trace_block(block, values, probe, training, shapes=False)
+        except CaptureError:
+            return False
+        return _graph_shape(gm.graph, {n: values[n] for n in names}) == base
+
+    found = [name for name in signature.static if same_graph([name])]
+    return frozenset(found) if found and same_graph(found) else frozenset()
