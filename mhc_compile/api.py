@@ -22,7 +22,8 @@ from . import blocks
 from .blocks import BlockAnalysis, ConversionError
 from .capture import CaptureError, export_model, record_calls, resolve_example_inputs
 from .config import MHCConfig
-from .passes.find_residuals import find_residual_adds, owner_module, topmost
+from .heuristics import is_mhc_parameter_name
+from .passes.find_residuals import find_residual_adds, inside, owner_module, topmost
 
 logger = logging.getLogger("mhc_compile")
 
@@ -75,7 +76,7 @@ def is_converted(model: nn.Module) -> bool:
 def mhc_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters that conversion added (``phi``, ``bias``, ``alpha`` of each connection)."""
     for name, p in model.named_parameters():
-        if name == "mhc" or name.startswith("mhc.") or ".mhc." in name:
+        if is_mhc_parameter_name(name):
             yield p
 
 
@@ -114,7 +115,13 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
                 "the block's forward may branch on its inputs in a way tracing cannot follow"
             )
     chain_notes = _link_chains(analyses, records)
-    cut_notes = [f"{exported.module_path(c.add) or '(root)'}: {c.reason}" for c in cuts]
+    # adds inside a block are reported by the block's own trace
+    cut_paths = [exported.module_path(c.add) for c in cuts]
+    cut_notes = [
+        f"{path or '(root)'}: {c.reason}"
+        for c, path in zip(cuts, cut_paths)
+        if not any(path == b or inside(path, b) for b in block_paths)
+    ]
     return ModelAnalysis(config, analyses, cut_notes + chain_notes + [n for a in analyses for n in a.cuts])
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .heuristics import is_cache
+
 logger = logging.getLogger("mhc_compile")
 
 
@@ -65,7 +67,7 @@ def holds_cache(values: dict) -> bool:
     A cache is global state that the forward appends to; recomputing the block in backward
     would append again, so such calls run without recomputation.
     """
-    return any(v is not None and type(v).__name__.endswith("Cache") for v in values.values())
+    return any(is_cache(v) for v in values.values())
 
 
 @functools.lru_cache(maxsize=None)

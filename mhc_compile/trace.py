@@ -33,6 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .capture import CaptureError, side_effect_free
+from .heuristics import is_norm_module
 
 STATIC_TYPES = (bool, int, float, str, torch.dtype, torch.device)
 _DYNAMIC = "<mhc:dynamic>"  # a plain string, so that torch.compile can hash specialisation keys
@@ -145,8 +146,8 @@ class ConcreteProxy(fx.Proxy):
 class BlockTracer(fx.Tracer):
     """Traces one block, inlining child modules where possible.
 
-    Leaves: ``torch.nn`` layers, normalisation modules (any class whose name holds
-    "norm"), and any child whose own code cannot be traced (it is retried as an opaque
+    Leaves: ``torch.nn`` layers, normalisation modules (:func:`~mhc_compile.heuristics.is_norm_module`),
+    and any child whose own code cannot be traced (it is retried as an opaque
     call, so attention implementations with data-dependent Python stay modules).
 
     With ``sample`` (placeholder name -> value) every node is also run on concrete values
@@ -169,7 +170,7 @@ class BlockTracer(fx.Tracer):
             return False
         if type(m).__module__.startswith("torch.nn"):
             return True
-        return "norm" in type(m).__name__.lower()
+        return is_norm_module(m)
 
     def call_module(self, m, forward, args, kwargs):
         if self._concrete:  # a child called by a concrete run: run it, record nothing

@@ -129,6 +129,14 @@ def is_shape_query(node: fx.Node) -> bool:
     return False
 
 
+def _is_float(node: fx.Node) -> bool:
+    """``node`` holds a floating-point tensor (from ``meta['val']`` or ``meta['tensor_meta']``)."""
+    val = node.meta.get("val")
+    meta = val if isinstance(val, torch.Tensor) else node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    return dtype is not None and dtype.is_floating_point
+
+
 class Ancestry:
     """Value-ancestor sets of every node of a graph as integer bitmasks (fast for big graphs).
 
@@ -160,8 +168,10 @@ class Ancestry:
         ]
 
 
-def _uses_params(node: fx.Node, is_param: Callable[[fx.Node], bool]) -> bool:
-    return is_param(node) or any(is_param(a) for a in node.all_input_nodes)
+def _uses_params(node: fx.Node, is_param: Callable[[fx.Node], bool], source: fx.Node) -> bool:
+    """``node`` is trained (a module call with parameters) or reads a parameter other than
+    ``source``, the value the path starts from."""
+    return is_param(node) or any(is_param(a) for a in node.all_input_nodes if a is not source)
 
 
 def find_residual_adds(
@@ -200,10 +210,11 @@ def find_residual_adds(
             continue
         skip, skip_operand, branch = pair
         path = anc.between(skip, branch)
-        if not any(_uses_params(n, is_param) for n in path):
+        if not any(_uses_params(n, is_param, skip) for n in path):
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
         found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand, scale))
-    return found, cuts
+    on_branches = {n for res in found for n in res.branch_nodes}
+    return found, [c for c in cuts if c.add not in on_branches]  # ``x + (attn(x) + mlp(x))``
 
 
 def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node, scale: float):
@@ -224,12 +235,15 @@ def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node, scale: float):
 
 
 def _parallel_trained_paths(anc: Ancestry, a: fx.Node, b: fx.Node, is_param) -> bool:
-    """Both operands are trained computations forked from their latest common ancestor."""
+    """Both operands are trained computations forked from their latest common ancestor,
+    a floating-point value (sums of embeddings of the same token ids are no stream)."""
     common = anc.mask[a] & anc.mask[b]
     if not common:
         return False
     fork = anc.nodes[common.bit_length() - 1]
-    return all(any(_uses_params(n, is_param) for n in anc.between(fork, x)) for x in (a, b))
+    if not _is_float(fork):
+        return False
+    return all(any(_uses_params(n, is_param, fork) for n in anc.between(fork, x)) for x in (a, b))
 
 
 def branch_users(res: ResidualAdd) -> list[fx.Node]:
@@ -265,12 +279,12 @@ def topmost(paths: Sequence[str]) -> list[str]:
     for p in paths:
         if p in out:
             continue
-        if any(_inside(p, q) for q in paths if q != p):
+        if any(inside(p, q) for q in paths if q != p):
             continue
         out.append(p)
     return out
 
 
-def _inside(p: str, q: str) -> bool:
+def inside(p: str, q: str) -> bool:
     """True when module ``p`` lies strictly inside module ``q``."""
     return q == "" and p != "" or p.startswith(q + ".")

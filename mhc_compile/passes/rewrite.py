@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from ..heuristics import is_per_position_norm
 from ..ops import functional
 from .find_residuals import ResidualAdd, branch_users
 
@@ -100,8 +101,7 @@ def is_stream_safe(node: fx.Node, modules: dict[str, nn.Module], channel_dim: in
             return False
         if isinstance(mod, nn.LayerNorm):
             return len(mod.normalized_shape) == 1
-        name = type(mod).__name__.lower()
-        return "rmsnorm" in name or "layernorm" in name
+        return is_per_position_norm(mod)
     if node.op == "call_function":
         return node.target in _ELEMENTWISE_FUNCTIONS
     if node.op == "call_method":
