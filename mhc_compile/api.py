@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 from torch import nn
 
-from . import blocks
+from . import blocks, runtime, verify
 from .blocks import BlockAnalysis, ConversionError
 from .capture import CaptureError, export_model, record_calls, resolve_example_inputs
 from .config import MHCConfig
@@ -69,7 +69,7 @@ def disabled() -> bool:
 def is_converted(model: nn.Module) -> bool:
     """True for a model returned by :func:`mhc_compile` (or containing converted blocks)."""
     return getattr(model, "_mhc_analysis", None) is not None or any(
-        hasattr(m, "_mhc_plan") for m in model.modules()
+        runtime.is_converted_block(m) for m in model.modules()
     )
 
 
@@ -166,10 +166,11 @@ def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
     if a.channel_dim != b.channel_dim:
         return f"the channel axis changes ({a.channel_dim} in {a.path}, {b.channel_dim} here)"
     if isinstance(out, torch.Tensor) and isinstance(x_in, torch.Tensor) and out.shape != x_in.shape:
-        return (f"the parent reshapes the stream between the blocks ({list(out.shape)} -> "
-                f"{list(x_in.shape)}, e.g. a downsampling stage)")
-    return (f"the parent computes on {a.path or '(root)'}'s output before passing it on "
-            f"(a norm, a scale or another op outside the blocks)")
+        return (f"the parent passes on a value of another shape ({list(out.shape)} -> "
+                f"{list(x_in.shape)}): a downsampling stage, or another stream (a decoder after its encoder)")
+    return (f"its stream input is not {a.path or '(root)'}'s output: the parent computes on "
+            "that output before passing it on (a norm, a scale), or the stream starts anew "
+            "(a decoder's own embeddings)")
 
 
 def mhc_compile(
@@ -235,11 +236,10 @@ def mhc_compile(
         from .ops import library
 
         library.check_backend(config.backend)
-    analysis = analyse(model, config, example_inputs)
+    args, kwargs = resolve_example_inputs(model, example_inputs)
+    analysis = analyse(model, config, (args, kwargs))
     if config.mode != "residual":
-        modules = dict(model.named_modules())
-        for block in analysis.blocks:
-            blocks.install(modules[block.path], block, config)
+        _install_checked(model, analysis, config, args, kwargs)
     model._mhc_analysis = analysis
     hf_config = getattr(model, "config", None)
     if config.recompute and getattr(hf_config, "use_cache", False):
@@ -250,6 +250,24 @@ def mhc_compile(
         sum(len(b.connections) for b in analysis.blocks), len(analysis.blocks), n_streams, mode,
     )
     return model
+
+
+def _install_checked(model: nn.Module, analysis: ModelAnalysis, config: MHCConfig, args: tuple, kwargs: dict) -> None:
+    """Install every block's rewrite, then check the converted model on probe inputs
+    (:mod:`mhc_compile.verify`); on any failure every block is restored."""
+    calls = verify.probes(args, kwargs)
+    reference = verify.run_probes(model, calls)
+    modules = dict(model.named_modules())
+    installed = []
+    try:
+        for block in analysis.blocks:
+            runtime.install(modules[block.path], block, config)
+            installed.append(modules[block.path])
+        verify.check(model, calls, reference, compare=config.init == "preserve")
+    except Exception:
+        for module in installed:
+            runtime.uninstall(module)
+        raise
 
 
 def inspect(model: nn.Module, example_inputs: Any = None, *, print_table: bool = True) -> list[dict]:

@@ -60,7 +60,14 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple
 
 
 def synthesize_hf_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> tuple[tuple, dict]:
-    """Random inputs for a Hugging Face model built from a config (``input_ids`` or ``pixel_values``)."""
+    """Random inputs for a Hugging Face model built from a config.
+
+    Every input the forward takes among ``input_ids``, ``decoder_input_ids`` (encoder-
+    decoders), ``pixel_values``, ``input_features`` and ``input_values`` is synthesised
+    when it is the model's main input or the model needs it beside the main one (CLIP's
+    ``input_ids`` and ``pixel_values``, T5's ``decoder_input_ids``). Sizes come from the
+    config or its ``text_config`` / ``vision_config`` / ``audio_config``.
+    """
     config = getattr(model, "config", None)
     main_input = getattr(model, "main_input_name", None)
     if config is None or main_input is None:
@@ -69,22 +76,65 @@ def synthesize_hf_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> 
             "Hugging Face model with a config; pass example_inputs= (a tensor, a tuple of "
             "arguments or a dict of keyword arguments for one forward call)"
         )
+    takes = set(inspect.signature(model.forward).parameters)
     device = _model_device(model)
+    wanted = [main_input]
+    if main_input == "input_ids" and "pixel_values" in takes and _sub_config(config, "vision") is not None:
+        wanted.append("pixel_values")
+    if main_input == "pixel_values" and "input_ids" in takes and _sub_config(config, "text") is not None:
+        wanted.append("input_ids")
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in takes:
+        wanted.append("decoder_input_ids")
     kwargs: dict[str, Any] = {}
-    if main_input == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or 2
-        kwargs["input_ids"] = torch.randint(0, vocab, (batch, seq_len), device=device)
-    elif main_input == "pixel_values":
-        channels = getattr(config, "num_channels", 3)
-        size = getattr(config, "image_size", 32)
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        kwargs["pixel_values"] = torch.randn(batch, channels, size, size, device=device)
-    else:
-        raise CaptureError(
-            f"cannot synthesise example inputs for main input {main_input!r} of "
-            f"{type(model).__name__}; pass example_inputs="
-        )
+    for name in wanted:
+        value = _synthesize_input(name, config, batch, seq_len, device)
+        if value is None:
+            raise CaptureError(
+                f"cannot synthesise example inputs for input {name!r} of "
+                f"{type(model).__name__}; pass example_inputs= (a dict of keyword arguments)"
+            )
+        kwargs[name] = value
     return (), kwargs
+
+
+def _sub_config(config: Any, kind: str) -> Any:
+    """``config.<kind>_config`` (``text``, ``vision``, ``audio``), or ``None``."""
+    return getattr(config, f"{kind}_config", None)
+
+
+def _config_value(config: Any, names: tuple[str, ...], kinds: tuple[str, ...], default: Any) -> Any:
+    """The first of ``names`` set on ``config`` or on one of its sub-configs ``kinds``."""
+    for cfg in (config, *[_sub_config(config, k) for k in kinds]):
+        for name in names:
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value is not None:
+                return value
+    return default
+
+
+def _synthesize_input(name: str, config: Any, batch: int, seq_len: int, device: torch.device) -> Any:
+    """One random input tensor named ``name`` sized from ``config``; ``None`` if unknown."""
+    if name in ("input_ids", "decoder_input_ids"):
+        vocab = _config_value(config, ("vocab_size",), ("text", "decoder"), 2)
+        return torch.randint(0, min(int(vocab), 1 << 15), (batch, seq_len), device=device)
+    if name == "pixel_values":
+        channels = _config_value(config, ("num_channels",), ("vision",), 3)
+        size = _config_value(config, ("image_size",), ("vision",), 32)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return torch.randn(batch, channels, size, size, device=device)
+    if name == "input_features":
+        mels = _config_value(config, ("num_mel_bins",), ("audio",), None)
+        if mels is not None:  # Whisper-style [B, mels, frames]: frames fixed by the encoder
+            frames = 2 * _config_value(config, ("max_source_positions",), ("audio",), 1500)
+            return torch.randn(batch, mels, frames, device=device)
+        feats = _config_value(config, ("input_feat_per_channel",), ("audio",), None)
+        if feats is not None:  # Speech2Text-style [B, frames, features * channels]
+            channels = _config_value(config, ("input_channels",), ("audio",), 1)
+            return torch.randn(batch, 4 * seq_len, feats * channels, device=device)
+        return None
+    if name == "input_values":
+        return torch.randn(batch, 400 * seq_len, device=device)
+    return None
 
 
 def _model_device(model: nn.Module) -> torch.device:

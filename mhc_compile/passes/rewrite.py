@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..heuristics import is_per_position_norm
 from ..ops import functional
-from .find_residuals import ResidualAdd, branch_users
+from .find_residuals import ResidualAdd, branch_users, is_shape_query, node_shape
 
 _ELEMENTWISE_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -42,6 +42,10 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.nn.functional.mish,
 }
 _ELEMENTWISE_METHODS = {"to", "contiguous", "float", "half", "bfloat16", "type_as", "relu", "clone"}
+# ``x * s`` / ``x / s`` with ``s`` a constant or a tensor computed without the streams
+# (drop-path's per-sample mask, a layer scale): the same scaling of every stream
+_SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
+_SCALE_METHODS = {"mul", "div", "mul_", "div_"}
 
 
 @dataclass
@@ -176,9 +180,12 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
             and isinstance(node.args[0], fx.Node)
             and stream.get(node.args[0]) is node.args[0]
             and not any(a in stream for a in node.all_input_nodes[1:])
-            and is_stream_safe(node, modules, plan.channel_dim)
         ):
-            stream[node] = node
+            if is_stream_safe(node, modules, plan.channel_dim):
+                stream[node] = node
+            elif _is_stream_scale(node, stream):
+                _align_scale(graph, node, plan, inserted)
+                stream[node] = node
         for i in by_skip.get(node, ()):
             _emit_pre(graph, emit, current, i, users_of_branch[i], plan, stream, coeffs)
 
@@ -189,6 +196,48 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
     _collapse_other_uses(emit, stream_values, inserted, output, kept, plan)
     gm.recompile()
     return RewriteResult(stream_input, out_leaf)
+
+
+def _is_stream_scale(node: fx.Node, stream: dict) -> bool:
+    """``stream * s`` or ``stream / s`` where ``s`` does not depend on any stream value."""
+    is_scale = (node.op == "call_function" and node.target in _SCALE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _SCALE_METHODS
+    )
+    if not is_scale or len(node.args) != 2 or node.kwargs:
+        return False
+    other = node.args[1]
+    return not isinstance(other, fx.Node) or not _depends_on(other, stream)
+
+
+def _depends_on(node: fx.Node, values: dict) -> bool:
+    """``node``'s value is computed from one of ``values`` (shape queries do not count)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in values:
+            return True
+        if n in seen or is_shape_query(n):
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _align_scale(graph: fx.Graph, node: fx.Node, plan: StreamPlan, inserted: set) -> None:
+    """Give a tensor scale of the single stream's rank (``[B, 1, 1]``) a stream axis, so it
+    broadcasts over ``[B, T, n, C]`` as it did over ``[B, T, C]``."""
+    other = node.args[1]
+    if not isinstance(other, fx.Node):
+        return
+    single = node_shape(node.args[0]) or node_shape(node)
+    scale = node_shape(other)
+    if single is None or scale is None or len(scale) != len(single):
+        return
+    axis = functional.stream_dim_of(plan.channel_dim)
+    with graph.inserting_before(node):
+        aligned = graph.call_function(torch.unsqueeze, (other, axis))
+    inserted.add(aligned)
+    node.replace_input_with(other, aligned)
 
 
 def _skip_casts(res: ResidualAdd) -> list[fx.Node]:

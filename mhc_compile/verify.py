@@ -1,0 +1,103 @@
+"""Conversion checks its own result before it returns.
+
+The converted model runs on the sample inputs and on a second probe with one more batch
+row, in eval mode; with ``init="preserve"`` its outputs must equal the original model's
+(computed before the rewrite) within rounding. A failure raises
+:class:`~mhc_compile.blocks.ConversionError` and the caller restores the model, so a wrong
+layout or a graph that only fits the sample's sizes never reaches the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .blocks import ConversionError
+from .capture import side_effect_free, without_cache
+
+Probe = tuple[tuple, dict]
+
+
+def probes(args: tuple, kwargs: dict) -> list[Probe]:
+    """The sample call and, where every tensor input shares its leading size, the same
+    call with one more batch row (the first row repeated)."""
+    leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    sizes = {int(t.shape[0]) for t in leaves}
+    out = [(args, kwargs)]
+    if len(sizes) == 1:
+        grow = lambda t: torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t  # noqa: E731
+        out.append(tree_map(grow, (args, kwargs)))
+    return out
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the duration, each module's own flag restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def run_probes(model: nn.Module, calls: list[Probe]) -> list[Optional[list[torch.Tensor]]]:
+    """Float output tensors of each probe call (``None`` where the call fails)."""
+    outs: list[Optional[list[torch.Tensor]]] = []
+    with eval_mode(model), side_effect_free(model):
+        for args, kwargs in calls:
+            try:
+                out = model(*args, **without_cache(model, kwargs))
+            except Exception:  # noqa: BLE001 - a probe the model itself does not accept
+                outs.append(None)
+                continue
+            outs.append([t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()])
+    return outs
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+def check(model: nn.Module, calls: list[Probe], reference: list[Optional[list[torch.Tensor]]],
+          compare: bool) -> None:
+    """Run the converted ``model`` on every probe the original accepted; with ``compare``
+    its outputs must equal ``reference``. Raises ConversionError otherwise."""
+    for i, ((args, kwargs), ref) in enumerate(zip(calls, reference)):
+        if ref is None:
+            continue
+        what = "the sample inputs" if i == 0 else "the sample inputs with one more batch row"
+        with eval_mode(model), side_effect_free(model):
+            try:
+                out = model(*args, **without_cache(model, kwargs))
+            except Exception as err:  # noqa: BLE001 - re-raised with context
+                raise ConversionError(
+                    f"the converted {type(model).__name__} fails on {what} ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); the model was left unchanged"
+                ) from err
+        got = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not compare:
+            continue
+        for a, b in zip(ref, got):
+            if a.shape != b.shape:
+                raise ConversionError(
+                    f"the converted {type(model).__name__} returns shape {list(b.shape)} where the "
+                    f"original returns {list(a.shape)} on {what}; the model was left unchanged"
+                )
+            scale = a.detach().abs().max().float().clamp_min(1e-12)
+            err = ((a.detach().float() - b.detach().float()).abs().max() / scale).item()
+            if not err <= _tolerance(a.dtype):
+                raise ConversionError(
+                    f"the converted {type(model).__name__} differs from the original at init on "
+                    f"{what} (max relative error {err:.3g}); a connection was rewritten with the "
+                    "wrong stream layout (try channel_dim=) or a block's structure was misread; "
+                    "the model was left unchanged"
+                )
+
+
+__all__ = ["probes", "run_probes", "check", "eval_mode", "Probe"]
