@@ -263,7 +263,7 @@ def _install_checked(model: nn.Module, analysis: ModelAnalysis, config: MHCConfi
         for block in analysis.blocks:
             runtime.install(modules[block.path], block, config)
             installed.append(modules[block.path])
-        verify.check(model, calls, reference, compare=config.init == "preserve")
+        verify.check(model, calls, reference, compare=config.init == "preserve", stream_dtype=config.stream_dtype)
     except Exception:
         for module in installed:
             runtime.uninstall(module)
