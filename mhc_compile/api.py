@@ -22,7 +22,7 @@ from . import blocks, runtime, verify
 from .blocks import BlockAnalysis, ConversionError
 from .capture import CaptureError, export_model, record_calls, resolve_example_inputs
 from .config import MHCConfig
-from .heuristics import is_mhc_parameter_name
+from .heuristics import hyper_connection_modules, is_mhc_parameter_name
 from .passes.find_residuals import find_residual_adds, inside, owner_module, topmost
 
 logger = logging.getLogger("mhc_compile")
@@ -93,27 +93,39 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
             f"parameters) in {type(model).__name__}; mhc_compile rewrites residual "
             "connections, so this model has nothing to convert"
         )
-    owners = [owner_module(r, exported.module_path) for r in residuals]
+    modules = dict(model.named_modules())
+    owners = [_called_owner(owner_module(r, exported.module_path), modules) for r in residuals]
     block_paths = topmost(owners)
     records = record_calls(model, block_paths, args, kwargs)
-    modules = dict(model.named_modules())
     for path, rec in records.items():
-        if rec.calls != 1:
+        if rec.calls == 0:
             raise ConversionError(
-                f"module {path or '(root)'!r} ({type(modules[path]).__name__}) owns residual "
-                f"adds but was called {rec.calls} times in one forward; mhc_compile needs "
-                "each block called once (weight-shared blocks are not supported)"
+                f"module {path or '(root)'!r} ({type(modules[path]).__name__}) owns residual adds "
+                "but was not called in the sample forward; pass example_inputs= that run it"
             )
     ordered = sorted(block_paths, key=lambda p: records[p].order)
     analyses = [blocks.analyse_block(p, modules[p], records[p], config) for p in ordered]
+    dropped = []
     for a in analyses:
-        expected = sum(1 for o in owners if o == a.path or o.startswith(a.path + ".") or a.path == "")
-        if len(a.connections) != expected:
+        a.calls = records[a.path].calls
+        found = sum(1 for o in owners if o == a.path or o.startswith(a.path + ".") or a.path == "")
+        expected = found // a.calls  # a weight-shared block's adds appear once per call
+        if len(a.connections) > expected:
             raise ConversionError(
                 f"block {a.path or '(root)'!r}: the whole-model capture found {expected} "
                 f"residual adds in it but tracing the block found {len(a.connections)}; "
                 "the block's forward may branch on its inputs in a way tracing cannot follow"
             )
+        if len(a.connections) < expected:  # adds inside children that do not trace
+            a.cuts.append(f"{a.path or '(root)'}: {expected - len(a.connections)} of its {expected} residual adds are not rewritten")
+        if not a.connections:
+            dropped.append(a)
+    analyses = [a for a in analyses if a.connections]
+    if not analyses:
+        raise ConversionError(
+            f"{type(model).__name__} has residual adds, but none lies in code torch.fx can trace: "
+            + "; ".join(n for a in dropped for n in a.cuts)
+        )
     chain_notes = _link_chains(analyses, records)
     # adds inside a block are reported by the block's own trace
     cut_paths = [exported.module_path(c.add) for c in cuts]
@@ -122,7 +134,16 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
         for c, path in zip(cuts, cut_paths)
         if not any(path == b or inside(path, b) for b in block_paths)
     ]
-    return ModelAnalysis(config, analyses, cut_notes + chain_notes + [n for a in analyses for n in a.cuts])
+    block_notes = [n for a in dropped + analyses for n in a.cuts]
+    return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
+
+
+def _called_owner(path: str, modules: dict[str, nn.Module]) -> str:
+    """``path``, or its nearest parent that is called: a ``ModuleList``/``ModuleDict`` that
+    holds the adds' modules is a container, never called itself."""
+    while path and isinstance(modules[path], (nn.ModuleList, nn.ModuleDict)):
+        path = path.rpartition(".")[0]
+    return path
 
 
 def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
@@ -140,6 +161,7 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
             a = analyses[i]
             if (
                 outs[i] is not None
+                and a.calls == b.calls == 1
                 and outs[i] is x_in
                 and not a.link_out
                 and a.channel_dim == b.channel_dim
@@ -159,6 +181,10 @@ def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
     """Why block ``b`` does not continue the streams of the block ``a`` called before it."""
     if b.stream_input is None:
         return "its first connection's skip is computed inside the block, not passed in"
+    if a.calls > 1 or b.calls > 1:
+        shared = a if a.calls > 1 else b
+        return (f"{shared.path} is called {shared.calls} times per forward (weight-shared): "
+                "its streams are expanded and collapsed within each call")
     if out is None:
         return f"{a.path or '(root)'} returns no value that carries its streams"
     if a.link_out:
@@ -231,6 +257,14 @@ def mhc_compile(
         raise ConversionError(
             f"{type(model).__name__} is already converted by mhc_compile; convert the "
             "original model once (build a fresh one to change options)"
+        )
+    own = hyper_connection_modules(model) if isinstance(model, nn.Module) else []
+    if own:
+        raise ConversionError(
+            f"{type(model).__name__} already carries hyper-connections of its own "
+            f"({type(model.get_submodule(own[0])).__name__} at {own[0]!r} and {len(own) - 1} more): "
+            "its residual is already n mixed streams; mhc_compile would stack a second set on "
+            "them. Train it as it is (or convert the plain-residual variant of the architecture)"
         )
     if config.backend != "torch":
         from .ops import library

@@ -54,6 +54,7 @@ class BlockAnalysis:
     link_in: bool = False
     link_out: bool = False
     chain: int = -1
+    calls: int = 1  # > 1: a weight-shared block, called that often per forward
 
 
 def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
@@ -92,12 +93,12 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
     passthrough = find_passthrough(block, values, signature, block.training)
     signature = split_signature(values, params, var_kw, passthrough)
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
+    opaque = [f"{child} ({why})" for child, why in gm.meta.get("mhc_opaque", {}).items()]
+    hidden = (f"; children whose code torch.fx cannot trace stay single calls and their adds "
+              f"are not rewritten: {', '.join(opaque)}") if opaque else ""
     if not residuals:
-        raise ConversionError(
-            f"the analysis placed residual adds in module {path or '(root)'!r} "
-            f"({type(block).__name__}) but tracing its forward found none; "
-            "its forward must contain the adds in traceable code"
-        )
+        return BlockAnalysis(path, values, signature, [], [f"{path or '(root)'}: no residual add in traceable code{hidden}"],
+                             -1, None, None)
     channel_dim = channel_axis(gm, residuals, config.channel_dim)
     infos = []
     for i, res in enumerate(residuals):
@@ -110,7 +111,7 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
         values=values,
         signature=signature,
         connections=infos,
-        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts],
+        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts] + ([f"{path}: {hidden[2:]}"] if hidden else []),
         channel_dim=channel_dim,
         stream_input=dry.stream_input,
         output_leaf=dry.stream_output_leaf,

@@ -7,7 +7,9 @@ Structure decides everything else; these name tests cover what structure cannot 
   (it acts on each stream alike) when its input carries n streams;
 * :func:`is_cache` : a key/value cache object (transformers' ``Cache`` classes), which is
   state: never a constant, never recomputed;
-* :func:`is_mhc_parameter_name`: a parameter that conversion added (``<block>.mhc.<i>.phi``).
+* :func:`is_mhc_parameter_name`: a parameter that conversion added (``<block>.mhc.<i>.phi``);
+* :func:`hyper_connection_modules`: modules of a model that already carries its own
+  hyper-connections (transformers' ``DeepseekV4HyperConnection``).
 """
 
 from __future__ import annotations
@@ -42,3 +44,13 @@ def is_cache(value: Any) -> bool:
 def is_mhc_parameter_name(name: str) -> bool:
     """A parameter name that lies under a block's ``mhc`` child."""
     return name == MHC_ATTRIBUTE or name.startswith(MHC_ATTRIBUTE + ".") or f".{MHC_ATTRIBUTE}." in name
+
+
+def hyper_connection_modules(model: nn.Module) -> list[str]:
+    """Paths of modules whose class is a hyper-connection of the model's own
+    (``...HyperConnection``, ``...HyperHead``): its residual is already n streams."""
+    return [
+        path for path, m in model.named_modules()
+        if any(tag in type(m).__name__ for tag in ("HyperConnection", "HyperHead"))
+        and not type(m).__module__.startswith("mhc_compile")
+    ]

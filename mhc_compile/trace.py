@@ -4,11 +4,11 @@
 
 * arguments that were ``None``, Python constants or tuples of constants in the call are
   baked in (``split_signature``); tensors and other objects (caches) are placeholders;
-* tensor metadata that does not depend on sizes (``dtype``, ``device``, ``ndim``) reads
+* tensor metadata that does not depend on sizes (``dtype``, ``device``, rank) reads
   as the concrete value from the call (:class:`BlockTracer` runs each op on the call's
   values while it traces), so ``if x.dtype == torch.float16:`` traces; the specialisation
-  key (:func:`make_key`) holds every tensor argument's dtype and device, so a call with
-  other dtypes gets a graph of its own. Sizes stay symbolic: one graph serves every batch
+  key (:func:`make_key`) holds every tensor argument's dtype, device and rank, so a call
+  with other dtypes gets a graph of its own. Sizes stay symbolic: one graph serves every batch
   size and sequence length;
 * child modules are inlined where their code traces and kept as opaque module calls
   where it does not (attention implementations with data-dependent Python);
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 import traceback
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .capture import CaptureError, side_effect_free
 from .heuristics import is_norm_module
 
+logger = logging.getLogger("mhc_compile")
 STATIC_TYPES = (bool, int, float, str, torch.dtype, torch.device)
 _DYNAMIC = "<mhc:dynamic>"  # a plain string, so that torch.compile can hash specialisation keys
 # tensor metadata that does not depend on sizes: read concretely while tracing
@@ -54,11 +56,11 @@ def is_static(value: Any) -> bool:
 
 def classify(value: Any) -> Any:
     """The specialisation key of one argument: its value if static (lists as tuples), a
-    tensor's dtype and device type, else a marker."""
+    tensor's dtype, device type and rank, else a marker."""
     if is_static(value):
         return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
     if isinstance(value, torch.Tensor):
-        return (_DYNAMIC, value.dtype, value.device.type)
+        return (_DYNAMIC, value.dtype, value.device.type, value.dim())
     return _DYNAMIC
 
 
@@ -131,10 +133,26 @@ def split_signature(
 
 class ConcreteProxy(fx.Proxy):
     """A proxy that answers size-independent metadata (``dtype``, ``device``, ``dim()``)
-    from the value its node had in the traced call."""
+    from the value its node had in the traced call, and iterates over a shape or a tuple
+    (``(*x.shape[:-1], -1)``) by its concrete length, each item staying symbolic."""
+
+    def _concrete(self) -> Any:
+        return self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
+
+    def __iter__(self):
+        value = self._concrete()
+        if isinstance(value, (tuple, list)):  # torch.Size too
+            return iter([self[i] for i in range(len(value))])
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        value = self._concrete()
+        if isinstance(value, (tuple, list)):
+            return len(value)
+        return super().__len__()
 
     def __getattr__(self, name: str) -> Any:
-        value = self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
+        value = self._concrete()
         if isinstance(value, torch.Tensor):
             if name in _CONCRETE_ATTRS:
                 return getattr(value, name)
@@ -162,6 +180,7 @@ class BlockTracer(fx.Tracer):
         self.sample = sample
         self.values: dict[fx.Node, Any] = {}
         self._concrete = False  # True while a node runs on concrete values
+        self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced_leaves:
@@ -182,7 +201,10 @@ class BlockTracer(fx.Tracer):
         stack = self.module_stack.copy()
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception:  # noqa: BLE001 - fall back to an opaque call of this child
+        except Exception as err:  # noqa: BLE001 - fall back to an opaque call of this child
+            where = _user_frame(err)
+            self.opaque[qualname] = f"{type(err).__name__}{' at ' + where if where else ''}"
+            logger.debug("trace: %s kept as an opaque call (%s: %s)", qualname, type(err).__name__, err)
             for node in reversed(list(self.graph.nodes)[len(before) :]):
                 self.values.pop(node, None)
                 self.graph.erase_node(node)
@@ -324,6 +346,7 @@ def trace_block(
         block.train(was_training)
         tracer.values.clear()
     gm = fx.GraphModule(block, graph)
+    gm.meta["mhc_opaque"] = dict(tracer.opaque)
     if not shapes:
         return gm
     with side_effect_free(block):
