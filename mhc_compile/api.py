@@ -117,7 +117,11 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
                 "the block's forward may branch on its inputs in a way tracing cannot follow"
             )
         if len(a.connections) < expected:  # adds inside children that do not trace
-            a.cuts.append(f"{a.path or '(root)'}: {expected - len(a.connections)} of its {expected} residual adds are not rewritten")
+            a.cuts.append(
+                f"{a.path or '(root)'}: {expected - len(a.connections)} of its {expected} residual adds "
+                "are not rewritten: they lie in children whose code torch.fx cannot trace, kept as "
+                f"single calls: {', '.join(a.opaque) or '(none recorded)'}"
+            )
         if not a.connections:
             dropped.append(a)
     analyses = [a for a in analyses if a.connections]

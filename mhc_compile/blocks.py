@@ -8,7 +8,7 @@ variants is :mod:`mhc_compile.runtime`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from torch import fx, nn
@@ -55,6 +55,7 @@ class BlockAnalysis:
     link_out: bool = False
     chain: int = -1
     calls: int = 1  # > 1: a weight-shared block, called that often per forward
+    opaque: list[str] = field(default_factory=list)  # children kept as single calls, and why
 
 
 def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
@@ -94,11 +95,8 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
     signature = split_signature(values, params, var_kw, passthrough)
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
     opaque = [f"{child} ({why})" for child, why in gm.meta.get("mhc_opaque", {}).items()]
-    hidden = (f"; children whose code torch.fx cannot trace stay single calls and their adds "
-              f"are not rewritten: {', '.join(opaque)}") if opaque else ""
     if not residuals:
-        return BlockAnalysis(path, values, signature, [], [f"{path or '(root)'}: no residual add in traceable code{hidden}"],
-                             -1, None, None)
+        return BlockAnalysis(path, values, signature, [], [], -1, None, None, opaque=opaque)
     channel_dim = channel_axis(gm, residuals, config.channel_dim)
     infos = []
     for i, res in enumerate(residuals):
@@ -111,10 +109,11 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
         values=values,
         signature=signature,
         connections=infos,
-        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts] + ([f"{path}: {hidden[2:]}"] if hidden else []),
+        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts],
         channel_dim=channel_dim,
         stream_input=dry.stream_input,
         output_leaf=dry.stream_output_leaf,
+        opaque=opaque,
     )
 
 

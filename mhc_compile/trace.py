@@ -270,20 +270,50 @@ def copy_state(value: Any) -> Any:
 
     Shape propagation runs the block once; a cache it was given would keep that run's keys
     and the real call would then append them a second time. Tensors are not copied (the
-    block does not change its inputs in place), static values need no copy.
+    block does not change its inputs in place), static values need no copy; an object is
+    copied with every tensor inside it detached and cloned (caches hold activations that
+    are part of an autograd graph, which ``copy.deepcopy`` refuses).
     """
     if isinstance(value, torch.Tensor) or is_static(value):
         return value
     if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in tree_leaves(value)):
         return value
     try:
-        return copy.deepcopy(value)
+        return _copy_detached(value, {})
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CaptureError(
             f"cannot copy the {type(value).__name__} argument for a shape-propagation run "
             f"({type(err).__name__}: {err}); call the converted model once without it "
             "(e.g. use_cache=False) or pass example_inputs= of the form used at run time"
         ) from err
+
+
+def _copy_detached(value: Any, memo: dict) -> Any:
+    """Deep copy of containers and plain objects; tensors detached and cloned; modules,
+    functions and other objects without a ``__dict__`` shared."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, torch.Tensor):
+        out: Any = value.detach().clone()
+    elif isinstance(value, (list, tuple)):
+        items = [_copy_detached(v, memo) for v in value]
+        out = type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    elif isinstance(value, dict):
+        out = type(value)()
+        memo[id(value)] = out
+        for k, v in value.items():
+            out[k] = _copy_detached(v, memo)
+    elif isinstance(value, nn.Module) or callable(value) and not hasattr(value, "__dict__"):
+        out = value
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        out = copy.copy(value)
+        memo[id(value)] = out
+        for k, v in vars(value).items():
+            setattr(out, k, _copy_detached(v, memo))
+    else:
+        out = value
+    memo[id(value)] = out
+    return out
 
 
 def _user_frame(err: BaseException) -> str:

@@ -1,7 +1,7 @@
 """Conversion checks its own result before it returns.
 
-The converted model runs on the sample inputs and on a second probe with one more batch
-row, in eval mode; with ``init="preserve"`` its outputs must equal the original model's
+The converted model runs on the sample inputs and on probes one batch row and one position
+longer, in eval mode; with ``init="preserve"`` its outputs must equal the original model's
 (computed before the rewrite) within rounding. A failure raises
 :class:`~mhc_compile.blocks.ConversionError` and the caller restores the model, so a wrong
 layout or a graph that only fits the sample's sizes never reaches the user.
@@ -23,15 +23,24 @@ Probe = tuple[tuple, dict]
 
 
 def probes(args: tuple, kwargs: dict) -> list[Probe]:
-    """The sample call and, where every tensor input shares its leading size, the same
-    call with one more batch row (the first row repeated)."""
+    """The sample call; where every tensor input shares its leading size, the same call
+    with one more batch row; and the call with one more position along axis 1 of every
+    input of two or more axes (a longer sequence). Probes the original model rejects
+    (an image with a fourth channel) are skipped by :func:`run_probes`."""
     leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    sizes = {int(t.shape[0]) for t in leaves}
     out = [(args, kwargs)]
-    if len(sizes) == 1:
-        grow = lambda t: torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else t  # noqa: E731
-        out.append(tree_map(grow, (args, kwargs)))
+    if len({int(t.shape[0]) for t in leaves}) == 1:
+        out.append(tree_map(lambda t: _grow(t, 0), (args, kwargs)))
+    if leaves and all(t.dim() >= 2 for t in leaves):
+        out.append(tree_map(lambda t: _grow(t, 1), (args, kwargs)))
     return out
+
+
+def _grow(value: object, axis: int) -> object:
+    """A tensor with its first slice along ``axis`` repeated once more at the end."""
+    if isinstance(value, torch.Tensor) and value.dim() > axis:
+        return torch.cat([value, value.narrow(axis, 0, 1)], dim=axis)
+    return value
 
 
 @contextlib.contextmanager
@@ -74,7 +83,8 @@ def check(model: nn.Module, calls: list[Probe], reference: list[Optional[list[to
     for i, ((args, kwargs), ref) in enumerate(zip(calls, reference)):
         if ref is None:
             continue
-        what = "the sample inputs" if i == 0 else "the sample inputs with one more batch row"
+        what = ("the sample inputs", "the sample inputs with one more batch row",
+                "the sample inputs one position longer")[i]
         with eval_mode(model), side_effect_free(model):
             try:
                 out = model(*args, **without_cache(model, kwargs))

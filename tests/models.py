@@ -132,6 +132,66 @@ def _resnet():
                                     num_channels=3, downsample_in_first_stage=False))
 
 
+def _llama_eager():
+    model = _llama()
+    model.config._attn_implementation = "eager"  # [B,H,T,T] + [B,1,T,T] mask adds in every block
+    return model
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=8, vocab_size=97, max_position_embeddings=64,
+                                          sliding_window=4))
+
+
+def _falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=97))
+
+
+def _mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    # residual_in_fp32: the skip is ``residual.to(float32)``
+    return MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=97, state_size=4,
+                                        residual_in_fp32=True))
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=97,
+                                               decoder_start_token_id=0))
+
+
+def _seq2seq_ids(vocab: int) -> Callable[[int, int], dict]:
+    return lambda b, t: {"input_ids": torch.randint(0, vocab, (b, t)),
+                         "decoder_input_ids": torch.randint(0, vocab, (b, max(1, t - 2)))}
+
+
+def _whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration(WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=97, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+
+
+def _audio(mels: int, frames: int, vocab: int) -> Callable[[int, int], dict]:
+    return lambda b, t: {"input_features": torch.randn(b, mels, frames),
+                         "decoder_input_ids": torch.randint(0, vocab, (b, t))}
+
+
+def _swin():
+    from transformers import SwinConfig, SwinModel
+
+    return SwinModel(SwinConfig(image_size=16, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[2, 4], window_size=2))
+
+
 CATALOGUE = [
     CatalogueEntry("gpt2", _gpt2, _ids(97), 4, ["transformer.h.0", "transformer.h.1"], lambda o: o.logits, has_labels=True),
     CatalogueEntry("llama", _llama, _ids(97), 4, ["model.layers.0", "model.layers.1"], lambda o: o.logits, has_labels=True),
@@ -143,6 +203,21 @@ CATALOGUE = [
                                                        "encoder.stages.1.layers.1"], lambda o: o.last_hidden_state),
     CatalogueEntry("nanogpt", NanoGPT, lambda b, t: {"idx": torch.randint(0, 97, (b, t))}, 6,
                    ["blocks.0", "blocks.1", "blocks.2"], lambda o: o, example_inputs=True),
+    CatalogueEntry("llama_eager", _llama_eager, _ids(97), 4, ["model.layers.0", "model.layers.1"], lambda o: o.logits,
+                   has_labels=True),
+    CatalogueEntry("gemma2", _gemma2, _ids(97), 4, ["model.layers.0", "model.layers.1"], lambda o: o.logits, has_labels=True),
+    CatalogueEntry("falcon", _falcon, _ids(97), 2, ["transformer.h.0", "transformer.h.1"], lambda o: o.logits,
+                   has_labels=True),
+    CatalogueEntry("mamba", _mamba, _ids(97), 2, ["backbone.layers.0", "backbone.layers.1"], lambda o: o.logits,
+                   has_labels=True),
+    CatalogueEntry("t5", _t5, _seq2seq_ids(97), 10,
+                   [f"{part}.block.{i}.layer.{j}" for part, layers in (("encoder", 2), ("decoder", 3))
+                    for i in range(2) for j in range(layers)], lambda o: o.logits, example_inputs=True),
+    CatalogueEntry("whisper", _whisper, _audio(8, 32, 97), 10,
+                   [f"model.{part}.layers.{i}" for part in ("encoder", "decoder") for i in range(2)],
+                   lambda o: o.logits),
+    CatalogueEntry("swin", _swin, _pixels(16), 8,
+                   [f"encoder.layers.{s}.blocks.{b}" for s in range(2) for b in range(2)], lambda o: o.last_hidden_state),
     CatalogueEntry("deep_mlp", DeepMLP, lambda b, t: {"x": torch.randn(b, t, 10)}, 6, [""], lambda o: o, example_inputs=True),
 ]
 

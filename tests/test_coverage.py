@@ -1,0 +1,368 @@
+"""The mechanisms behind "any model": one test per failure class that stopped conversions
+(tiny Hugging Face configs and hand-written idioms, CPU). Each test converts the way a user
+would and checks the outputs against the unconverted model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import mhc_compile as mhc
+from mhc_compile.passes.find_residuals import find_residual_adds
+from models import BY_NAME
+
+transformers = pytest.importorskip("transformers")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _convert_and_compare(model: nn.Module, inputs: dict, out=lambda o: o.logits, **options) -> nn.Module:
+    """Convert ``model`` (HF inputs synthesised) and check it equals the original on ``inputs``."""
+    model.eval()
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, **options)
+    with torch.no_grad():
+        assert _rel_err(out(model(**inputs)), out(original(**inputs))) <= 1e-5
+    return original
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.forward
+
+
+def _assert_untouched(model, snap):
+    state, forward = snap
+    assert set(model.state_dict()) == set(state)
+    assert not mhc.is_converted(model)
+    assert "forward" not in vars(model) and not any("forward" in vars(m) for m in model.modules())
+    assert not any(hasattr(m, "mhc") for m in model.modules())
+
+
+# ---------------------------------------------------------------- 1. broadcasting adds
+
+
+def test_broadcasting_adds_are_not_connections():
+    class MaskedScores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.f = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, mask):  # x [B, T, C]; mask [B, 1, T]
+            scores = self.q(x) @ x.transpose(1, 2)  # [B, T, T]
+            scores = scores + mask  # broadcasting: never a connection
+            return x + self.f(scores.softmax(-1) @ x)
+
+    x, mask = torch.randn(2, 5, 8), torch.randn(2, 1, 5)
+    ep = torch.export.export(MaskedScores(), (x, mask), strict=False)
+    params = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "PARAMETER"}
+    found, cuts = find_residual_adds(ep.graph, lambda n: n.op == "placeholder" and n.name in params)
+    assert len(found) == 1 and not cuts
+    model = MaskedScores()
+    ref = model(x, mask)
+    mhc.mhc_compile(model, example_inputs=(x, mask))
+    assert len(mhc.inspect(model, print_table=False)) == 1
+    assert _rel_err(model(x, mask), ref) <= 1e-5
+
+
+# ---------------------------------------------------------------- 2. per-layer arguments and caches
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "falcon"])
+def test_generate_with_cache_equals_original(name):
+    """A cache is state: each block is traced with its own call and a copy of the cache,
+    so greedy generation (prefill + decode steps with a growing cache) is unchanged."""
+    entry = BY_NAME[name]
+    model = entry.build().eval()
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model)
+    ids = torch.randint(3, 97, (1, 6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), original.generate(ids, **kwargs))
+    with torch.no_grad():  # the default forward (use_cache=True) matches as well
+        assert _rel_err(model(ids).logits, original(ids).logits) <= 1e-5
+
+
+# ---------------------------------------------------------------- 3. tensor metadata while tracing
+
+
+class _ClampsHalf(nn.Module):
+    """Whisper/BART style: Python branching on the dtype and unpacking a shape."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        y = self.f(x).reshape(batch, length, -1)
+        if y.dtype == torch.float16:
+            y = y.clamp(-1000, 1000)
+        return x + y
+
+
+def test_dtype_branches_trace_and_respecialise():
+    model = nn.Sequential(_ClampsHalf(), _ClampsHalf())
+    x = torch.randn(2, 5, 8)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    assert _rel_err(model(x), ref) <= 1e-5
+    model.double()  # a new dtype: a new graph, traced on first use
+    assert _rel_err(model(x.double()), ref.double()) <= 1e-5
+
+
+def test_untraceable_block_error_names_the_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            width = int(x.shape[-1])  # a Python int from a size: export specialises, torch.fx cannot
+            return x + self.f(x) * (width / 8)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block = nn.Linear(4, 8), Branchy()
+
+        def forward(self, x):
+            return self.block(self.inp(x))
+
+    model = Root()
+    snap = _snapshot(model)
+    with pytest.raises(mhc.CaptureError, match=r"could not trace the forward of Branchy at .*test_coverage.py:\d+: width = int"):
+        mhc.mhc_compile(model, example_inputs=torch.randn(2, 4))
+    _assert_untouched(model, snap)
+
+
+# ---------------------------------------------------------------- 4. ops on the skip, scaled branches
+
+
+class _Idiom(nn.Module):
+    def __init__(self, kind: str, dim: int = 8):
+        super().__init__()
+        self.kind, self.f = kind, nn.Linear(dim, dim)
+
+    def forward(self, x):
+        if self.kind == "cast":
+            return x.to(torch.float32) + self.f(x)
+        if self.kind == "contiguous":
+            return x.contiguous() + self.f(x)
+        if self.kind == "alpha":
+            return torch.add(x, self.f(x), alpha=0.5)
+        if self.kind == "sub":
+            return x - self.f(x)
+        return x + self.f(x)
+
+
+@pytest.mark.parametrize("kind", ["cast", "contiguous", "alpha", "sub"])
+def test_ops_on_the_skip_and_scaled_branches_are_connections(kind):
+    model = nn.Sequential(nn.Linear(4, 8), *[_Idiom(kind) for _ in range(3)], nn.Linear(8, 3))
+    x = torch.randn(2, 5, 4)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    rows = mhc.inspect(model, print_table=False)
+    assert len(rows) == 3 and {r["chain"] for r in rows} == {0}  # one linked chain
+    assert _rel_err(model(x), ref) <= 1e-5
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
+def test_scaled_skip_is_not_a_connection():
+    class ScaledSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.add(self.f(x), x, alpha=0.5)  # f(x) + 0.5 x: the skip is scaled
+
+    with pytest.raises(mhc.NoResidualError):
+        mhc.mhc_compile(ScaledSkip(), example_inputs=torch.randn(2, 8))
+
+
+# ---------------------------------------------------------------- 5. analysis and trace agree
+
+
+@pytest.mark.parametrize("family", ["phi", "roberta_prelayernorm"])
+def test_parallel_residual_and_norm_named_containers(family):
+    if family == "phi":
+        cfg = transformers.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=97)
+        model, out = transformers.PhiForCausalLM(cfg), (lambda o: o.logits)
+    else:
+        cfg = transformers.RobertaPreLayerNormConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, vocab_size=97)
+        model, out = transformers.RobertaPreLayerNormModel(cfg), (lambda o: o.last_hidden_state)
+    inputs = {"input_ids": torch.randint(3, 97, (2, 7))}
+    _convert_and_compare(model, inputs, out)
+    assert len(mhc.inspect(model, print_table=False)) == (2 if family == "phi" else 4)
+
+
+def test_adds_across_a_module_list_belong_to_its_parent():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, x):
+            return x + self.layers[1](torch.relu(self.layers[0](x)))
+
+    model = nn.Sequential(nn.Linear(4, 8), Pair(), Pair())
+    x = torch.randn(3, 4)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert {r["block"] for r in mhc.inspect(model, print_table=False)} == {"1", "2"}
+    assert _rel_err(model(x), ref) <= 1e-5
+
+
+# ---------------------------------------------------------------- 6. every chain cut has a reason
+
+
+def test_block_argument_named_input_links():
+    class Block(nn.Module):  # torchvision's ViT/ConvNeXt blocks name their argument ``input``
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, input):  # noqa: A002 - the idiom under test
+            return input + self.f(input)
+
+    model = nn.Sequential(nn.Linear(4, 8), Block(), Block(), Block())
+    x = torch.randn(2, 4)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert [r["chain"] for r in mhc.inspect(model, print_table=False)] == [0, 0, 0]
+
+
+def test_chain_cuts_are_listed_with_reasons(capsys):
+    model = BY_NAME["resnet"].build()
+    mhc.mhc_compile(model)
+    mhc.inspect(model)
+    printed = capsys.readouterr().out
+    assert "chain cut before encoder.stages.1.layers.1" in printed and "another shape" in printed
+    assert "projection shortcut" in printed
+
+
+# ---------------------------------------------------------------- 7. synthesised inputs
+
+
+def test_default_inputs_for_t5_and_clip():
+    t5 = BY_NAME["t5"].build()
+    inputs = BY_NAME["t5"].inputs(2, 7)
+    _convert_and_compare(t5, inputs)  # input_ids + decoder_input_ids synthesised
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=97),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8)))
+    inputs = {"input_ids": torch.randint(3, 97, (2, 6)), "pixel_values": torch.randn(2, 3, 16, 16)}
+    _convert_and_compare(clip, inputs, lambda o: o.logits_per_image)
+    assert len(mhc.inspect(clip, print_table=False)) == 8
+
+
+# ---------------------------------------------------------------- 8. the channel axis from structure
+
+
+def test_cvt_channel_axis_follows_the_layers_not_the_sizes():
+    """Stage 0 at 16x16 pixels has 4x4 = 16 tokens of width 16: both axes fit the sizes;
+    the branch ends in a Linear, so the channels are last. Other sizes and train mode run."""
+    cfg = transformers.CvtConfig(embed_dim=[16, 24, 32], num_heads=[1, 1, 2], depth=[1, 2, 3], num_labels=5)
+    model = transformers.CvtForImageClassification(cfg)
+    pixels = torch.randn(2, 3, 16, 16)
+    original = _convert_and_compare(model, {"pixel_values": pixels}, example_inputs={"pixel_values": pixels})
+    assert {r["layout"] for r in mhc.inspect(model, print_table=False)} == {"[..., n, C]"}
+    with torch.no_grad():
+        other = torch.randn(3, 3, 24, 24)
+        assert _rel_err(model(pixel_values=other).logits, original(pixel_values=other).logits) <= 1e-5
+    model.train()
+    original.train()
+    torch.manual_seed(1)
+    a = model(pixel_values=other).logits  # drop-path's per-sample mask scales every stream alike
+    torch.manual_seed(1)
+    b = original(pixel_values=other).logits
+    assert _rel_err(a, b) <= 1e-5
+
+
+def test_wrong_layout_is_caught_before_returning():
+    """A channel axis that does not fit fails the conversion's own output check; the model
+    is left as it was."""
+    model = BY_NAME["llama"].build()
+    snap = _snapshot(model)
+    with pytest.raises(mhc.ConversionError):
+        mhc.mhc_compile(model, channel_dim=1)
+    _assert_untouched(model, snap)
+
+
+# ---------------------------------------------------------------- 9. weight-shared blocks
+
+
+def test_weight_shared_albert_converts_with_shared_connections():
+    cfg = transformers.AlbertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                    embedding_size=16, vocab_size=97)
+    model = transformers.AlbertModel(cfg)
+    inputs = {"input_ids": torch.randint(3, 97, (2, 7))}
+    _convert_and_compare(model, inputs, lambda o: o.last_hidden_state)
+    analysis = model._mhc_analysis
+    assert analysis.blocks[0].calls == 3  # one layer applied three times, one set of mHC parameters
+    assert any("called 3 times" in c or "are not rewritten" in c for c in analysis.cuts)
+    model.train()
+    model(**inputs).last_hidden_state.pow(2).mean().backward()
+    assert all(p.grad is not None for p in mhc.mhc_parameters(model))
+
+
+# ---------------------------------------------------------------- 10. models with their own hyper-connections
+
+
+def test_model_with_own_hyper_connections_is_refused():
+    class ToyHyperConnection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.w(x)
+
+    model = nn.Sequential(nn.Linear(4, 8), ToyHyperConnection())
+    snap = _snapshot(model)
+    with pytest.raises(mhc.ConversionError, match="already carries hyper-connections"):
+        mhc.mhc_compile(model, example_inputs=torch.randn(2, 4))
+    _assert_untouched(model, snap)
+
+
+# ---------------------------------------------------------------- the block runtime: pickle, deepcopy, save
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_converted_model_pickles_and_copies(how):
+    entry = BY_NAME["llama"]
+    model = entry.build().eval()
+    mhc.mhc_compile(model)
+    with torch.no_grad():
+        for p in mhc.mhc_parameters(model):
+            p.add_(0.01 * torch.randn_like(p))  # trained-looking mHC parameters
+    if how == "pickle":
+        copied = pickle.loads(pickle.dumps(model))
+    elif how == "deepcopy":
+        copied = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    inputs = entry.inputs(2, 9)
+    with torch.no_grad():
+        assert torch.equal(copied(**inputs).logits, model(**inputs).logits)
+    assert mhc.is_converted(copied)
+    layer = copied.model.layers[0]
+    assert layer.forward.block is layer  # the copy's forward drives the copy, not the original
+    copied.train()
+    copied(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in mhc.mhc_parameters(copied))
