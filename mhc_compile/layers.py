@@ -19,7 +19,7 @@ class MHCConnection(nn.Module):
         bias:  ``[n^2 + 2n]`` static logits ``[b_pre | b_post | vec(b_res)]``;
         alpha: ``[3]`` gates of the dynamic parts (pre, post, res).
 
-    ``init="preserve"`` (DESIGN.md §3): ``alpha = 0``; mHC: ``b_pre = logit(1/n)``,
+    ``init="preserve"`` (docs/design.md §2): ``alpha = 0``; mHC: ``b_pre = logit(1/n)``,
     ``b_post = 0`` (``H_post = 1``), ``b_res = 0`` (uniform doubly stochastic); HC:
     ``b_pre = 1/n``, ``b_post = 1``, ``b_res = I``. With replicated streams every stream
     then equals the original residual stream. ``phi`` is random so that ``alpha``

@@ -1,7 +1,7 @@
 """Plain-PyTorch mHC math: the ground truth for every test and the ``backend="torch"`` ops.
 
 Canonical layout: the streams of M tokens are ``x: [M, n, C]`` (C contiguous). Per token,
-with ``v = vec(x)`` of length ``nC`` (DESIGN.md §2)::
+with ``v = vec(x)`` of length ``nC`` (docs/design.md §1)::
 
     v'      = v / rms(v)
     h_pre   = alpha[0] * (v' @ phi[:, :n])        + bias[:n]
