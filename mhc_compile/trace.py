@@ -400,12 +400,15 @@ def trace_block(
 def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
     """Nodes as comparable tuples; placeholders named in ``probes`` read as their values."""
     probes = probes or {}
+    # nodes by position, not name: a child whose trace failed and was erased leaves gaps in
+    # the name counters that differ from one trace to the next
+    position = {n: i for i, n in enumerate(n for n in graph.nodes if n.op != "placeholder")}
 
     def norm(a: Any) -> Any:
         if isinstance(a, fx.Node):
-            if a.op == "placeholder" and a.target in probes:
-                return ("const", repr(probes[a.target]))
-            return ("node", a.name)
+            if a.op == "placeholder":
+                return ("const", repr(probes[a.target])) if a.target in probes else ("arg", a.target)
+            return ("node", position[a])
         if isinstance(a, (tuple, list)):
             return tuple(norm(b) for b in a)
         if isinstance(a, dict):
