@@ -138,7 +138,7 @@ def analyse(
                 "each block called once (weight-shared blocks are not supported)"
             )
     ordered = sorted(block_paths, key=lambda p: records[p].order)
-    analyses = [blocks.analyse_block(p, modules[p], records[p], config) for p in ordered]
+    analyses = [_analyse_block(p, modules[p], records[p], config) for p in ordered]
     for a in analyses:
         expected = sum(1 for o in owners if o == a.path or o.startswith(a.path + ".") or a.path == "")
         if len(a.connections) != expected:
@@ -151,6 +151,25 @@ def analyse(
     cut_notes = [f"{p or '(root)'}: not converted (filter_fn)" for p in candidates if p not in block_paths]
     cut_notes += [f"{exported.module_path(c.add) or '(root)'}: {c.reason}" for c in cuts]
     return ModelAnalysis(config, analyses, cut_notes + [n for a in analyses for n in a.cuts])
+
+
+def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig) -> BlockAnalysis:
+    """:func:`blocks.analyse_block`, with any unexpected failure reported as a CaptureError
+    that names the block (the original exception is chained as ``__cause__``)."""
+    try:
+        return blocks.analyse_block(path, module, record, config)
+    except (MHCError, ConversionError, CaptureError):
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the block's name
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = (str(root).strip().splitlines() or [""])[0]
+        raise CaptureError(
+            f"could not trace block {path or '(root)'!r} ({type(module).__name__}) for rewriting: "
+            f"{type(root).__name__}: {first}; pass example_inputs= of one ordinary forward call "
+            "(for Hugging Face models also try use_cache=False)"
+        ) from err
 
 
 def _filter_blocks(candidates: list[str], modules: dict[str, nn.Module], filter_fn: Optional[FilterFn]) -> list[str]:

@@ -10,6 +10,7 @@ Non-HF models keep the same dictionary in ``mhc_config.json`` (see :mod:`.checkp
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from typing import Any, Optional, Sequence
@@ -23,6 +24,10 @@ logger = logging.getLogger("mhc_compile")
 
 CONFIG_KEY = "mhc"
 BLOCKS_KEY = "blocks"
+
+
+class RecordedOptions(dict):
+    """The options as recorded by a conversion in this process (a checkpoint's are a plain dict)."""
 
 
 def options_dict(config: MHCConfig, block_paths: Sequence[str]) -> dict[str, Any]:
@@ -50,10 +55,23 @@ def _hf_config(model: nn.Module) -> Optional[Any]:
 
 
 def record_options(model: nn.Module, config: MHCConfig, block_paths: Sequence[str]) -> None:
-    """Store the options in ``model.config.mhc`` (Hugging Face models only)."""
+    """Store the options in ``model.config.mhc`` (Hugging Face models only).
+
+    The model gets its own copy of its config first (every submodule that holds the
+    config, or one of its sub-configs such as ``text_config``, gets the matching copy): a
+    config object the caller also uses to build other models is left as it was, so those
+    do not claim to be converted.
+    """
     cfg = _hf_config(model)
-    if cfg is not None:
-        setattr(cfg, CONFIG_KEY, options_dict(config, block_paths))
+    if cfg is None:
+        return
+    copies: dict[int, Any] = {}
+    own = copy.deepcopy(cfg, copies)  # copies: id(original object) -> its copy
+    for module in model.modules():
+        held = getattr(module, "config", None)
+        if held is not None and id(held) in copies:
+            module.config = copies[id(held)]
+    setattr(own, CONFIG_KEY, RecordedOptions(options_dict(config, block_paths)))
 
 
 def saved_options(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -73,8 +91,8 @@ def warn_if_dropped_checkpoint(model: nn.Module) -> None:
     call may differ from the saved ones, and ``name_or_path`` may name a hub repository
     or a directory that changed since.
     """
-    if saved_options(model) is None:
-        return
+    if saved_options(model) is None or isinstance(saved_options(model), RecordedOptions):
+        return  # no options, or options a conversion in this process recorded (no checkpoint involved)
     cls = type(model).__name__
     path = getattr(model.config, "name_or_path", "") or "PATH"
     message = (
