@@ -14,13 +14,13 @@ from .api import (
     hyper_connected,
     inspect,
     is_converted,
-    mark_trainable,
     mhc_compile,
     mhc_parameters,
 )
 from .checkpoint import from_pretrained, load, read_state_dict, save
 from .config import MHCConfig
 from .errors import CheckpointError, MHCConfigError, MHCError
+from .finetune import mark_trainable, peft_modules_to_save
 from .initialization import init_parameters
 from .layers import MHCConnection
 
@@ -34,6 +34,7 @@ __all__ = [
     "is_converted",
     "mhc_parameters",
     "mark_trainable",
+    "peft_modules_to_save",
     "init_parameters",
     "from_pretrained",
     "save",

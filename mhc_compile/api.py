@@ -86,18 +86,6 @@ def mhc_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
             yield p
 
 
-def mark_trainable(model: nn.Module, trainable: bool = True) -> int:
-    """Set ``requires_grad`` of every mHC parameter (e.g. after PEFT froze the base model).
-
-    Returns the number of parameters changed. Under PEFT, ``modules_to_save=["mhc"]``
-    does the same and also saves them with the adapter.
-    """
-    params = list(mhc_parameters(model))
-    for p in params:
-        p.requires_grad_(trainable)
-    return len(params)
-
-
 def analyse(
     model: nn.Module, config: MHCConfig, example_inputs: Any = None, filter_fn: Optional[FilterFn] = None
 ) -> ModelAnalysis:
@@ -400,5 +388,5 @@ def hyper_connected(n_streams: int = 4, **options: Any) -> Callable[[T], T]:
 
 __all__ = [
     "mhc_compile", "convert", "hyper_connected", "inspect", "analyse", "is_converted", "mhc_parameters",
-    "mark_trainable", "NoResidualError", "ConversionError", "CaptureError", "DISABLE_ENV", "FilterFn",
+    "NoResidualError", "ConversionError", "CaptureError", "DISABLE_ENV", "FilterFn",
 ]
