@@ -100,14 +100,8 @@ def analyse(
     args, kwargs = resolve_example_inputs(model, example_inputs)
     exported = export_model(model, args, kwargs)
     residuals, cuts = find_residual_adds(exported.graph, exported.is_param)
-    for cut in cuts:
-        if cut.fatal:
-            raise ConversionError(
-                f"residual add {cut.add.name!r} in module "
-                f"{exported.module_path(cut.add) or '(root)'!r}: {cut.reason}; make the "
-                "shapes equal (e.g. expand the branch output) before converting"
-            )
     if not residuals:
+        _raise_fatal_cuts(cuts, exported.module_path, rejected=[])
         raise NoResidualError(
             f"found no residual add (x + F(x), both of the same shape, F with trained "
             f"parameters) in {type(model).__name__}; mhc_compile rewrites residual "
@@ -117,6 +111,8 @@ def analyse(
     modules = dict(model.named_modules())
     candidates = topmost(owners)
     block_paths = _filter_blocks(candidates, modules, filter_fn)
+    rejected = [p for p in candidates if p not in block_paths]
+    _raise_fatal_cuts(cuts, exported.module_path, rejected)  # a rejected block may hold them
     records = record_calls(model, block_paths, args, kwargs)
     for path, rec in records.items():
         if rec.calls != 1:
@@ -136,9 +132,22 @@ def analyse(
                 "the block's forward may branch on its inputs in a way tracing cannot follow"
             )
     _link_chains(analyses, records)
-    cut_notes = [f"{p or '(root)'}: not converted (filter_fn)" for p in candidates if p not in block_paths]
+    cut_notes = [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected]
     cut_notes += [f"{exported.module_path(c.add) or '(root)'}: {c.reason}" for c in cuts]
     return ModelAnalysis(config, analyses, cut_notes + [n for a in analyses for n in a.cuts])
+
+
+def _raise_fatal_cuts(cuts: list, module_path: Callable[[Any], str], rejected: list[str]) -> None:
+    """A residual add whose branch changes the shape cannot be converted: refuse, unless it
+    lies in a block that ``filter_fn`` rejected (it then stays as it is)."""
+    for cut in cuts:
+        path = module_path(cut.add)
+        if cut.fatal and not any(r == "" or path == r or path.startswith(r + ".") for r in rejected):
+            raise ConversionError(
+                f"residual add {cut.add.name!r} in module {path or '(root)'!r}: {cut.reason}; make "
+                "the shapes equal (e.g. expand the branch output) before converting, or leave its "
+                "block out with filter_fn="
+            )
 
 
 def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig) -> BlockAnalysis:

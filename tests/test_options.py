@@ -107,3 +107,26 @@ def test_every_error_is_an_mhc_error():
         mhc.mhc_compile(DeepMLP())  # a CaptureError
     with pytest.raises(mhc.MHCError, match="already converted"):
         mhc.mhc_compile(mhc.mhc_compile(DeepMLP(), example_inputs=torch.randn(2, 10)), example_inputs=torch.randn(2, 10))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, out: int = 8) -> None:
+        super().__init__()
+        self.f = torch.nn.Linear(8, 8)
+        self.g = torch.nn.Linear(8, out)
+
+    def forward(self, x):
+        x = x + self.f(x)
+        return x + self.g(x)  # out=1: [B, 8] + [B, 1], the branch changes the shape
+
+
+def test_filter_fn_can_leave_out_a_block_that_cannot_be_converted():
+    x = torch.randn(2, 8)
+    build = lambda: torch.nn.Sequential(_Residual(), _Residual(out=1))  # noqa: E731
+    with pytest.raises(mhc.ConversionError, match="leave its block out with filter_fn="):
+        mhc.mhc_compile(build(), example_inputs=x)
+    model = build()
+    expected = model(x)
+    mhc.mhc_compile(model, example_inputs=x, filter_fn=lambda module, fqn: fqn != "1")
+    assert hasattr(model[0], "mhc") and not hasattr(model[1], "mhc")
+    torch.testing.assert_close(model(x), expected)
