@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable, Optional, Union
 
@@ -24,6 +25,8 @@ from torch import nn
 from . import api
 from .errors import CheckpointError
 from .saved_options import CONFIG_KEY, options_dict, parse_options, saved_options
+
+logger = logging.getLogger("mhc_compile")
 
 OPTIONS_FILE = "mhc_config.json"
 WEIGHTS_FILE = "model.pt"
@@ -158,7 +161,12 @@ def from_pretrained(
         )
     config, block_paths = parse_options(saved, os.path.join(path, "config.json"))
     _restore(model, config, block_paths, example_inputs, options)
-    load_mhc_weights(model, read_state_dict(path, is_mhc_key), path)
+    state = read_state_dict(path, is_mhc_key)
+    load_mhc_weights(model, state, path)
+    logger.info(
+        "mhc_compile.from_pretrained: loaded the %d mHC tensors from %s (the load report above lists "
+        "them as unexpected keys of the unconverted model)", len(state), path,
+    )
     return model
 
 

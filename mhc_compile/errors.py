@@ -6,12 +6,15 @@ so existing ``except ValueError`` code keeps working::
     MHCError
     |-- MHCConfigError    (also ValueError)    an option is out of range, unknown or conflicting
     |-- ConversionError   (also ValueError)    the model cannot be converted as asked
-    |   `-- NoResidualError                    the model has no residual add
+    |   `-- NoResidualError                    the model has no residual add (defined in api.py)
     |-- CaptureError      (also RuntimeError)  the model or a block cannot be captured as a graph
     |-- CheckpointError   (also ValueError)    a checkpoint lacks what restoring a converted model needs
     `-- KernelInputError  (also ValueError)    an input the fused kernels cannot take (ops/library.py)
 
-``blocks.py`` and ``capture.py`` import ``ConversionError`` / ``CaptureError`` from here.
+``blocks.py`` and ``capture.py`` are to import ``ConversionError`` / ``CaptureError`` from
+here (one line each); until they do, they define their own (``ValueError`` /
+``RuntimeError`` only) and those are what ``mhc_compile.ConversionError`` /
+``mhc_compile.CaptureError`` name.
 """
 
 from __future__ import annotations
