@@ -4,6 +4,7 @@
 >>> model = mhc.mhc_compile(model, n_streams=4)
 """
 
+from . import diagnostics
 from .api import (
     DISABLE_ENV,
     CaptureError,
@@ -16,7 +17,11 @@ from .api import (
     mhc_compile,
     mhc_parameters,
 )
-from .config import MHCConfig, MHCConfigError
+from .checkpoint import from_pretrained, load, read_state_dict, save
+from .config import MHCConfig
+from .errors import CheckpointError, MHCConfigError, MHCError
+from .finetune import mark_trainable, peft_modules_to_save
+from .initialization import init_parameters
 from .layers import MHCConnection
 
 __version__ = "0.1.0"
@@ -28,9 +33,19 @@ __all__ = [
     "analyse",
     "is_converted",
     "mhc_parameters",
+    "mark_trainable",
+    "peft_modules_to_save",
+    "init_parameters",
+    "from_pretrained",
+    "save",
+    "load",
+    "read_state_dict",
+    "diagnostics",
     "MHCConfig",
-    "MHCConfigError",
     "MHCConnection",
+    "MHCError",
+    "MHCConfigError",
+    "CheckpointError",
     "NoResidualError",
     "ConversionError",
     "CaptureError",

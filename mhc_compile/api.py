@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import torch
 from torch import nn
 
-from . import blocks, runtime, verify
-from .blocks import BlockAnalysis, ConversionError
-from .capture import CaptureError, export_model, record_calls, resolve_example_inputs
+from . import blocks, initialization, runtime, saved_options, verify
+from .blocks import BlockAnalysis
+from .capture import export_model, record_calls, resolve_example_inputs
 from .config import MHCConfig
+from .errors import CaptureError, ConversionError, MHCConfigError, MHCError
 from .heuristics import hyper_connection_modules, is_mhc_parameter_name
 from .passes.find_residuals import find_residual_adds, inside, owner_module, topmost
 
@@ -31,7 +32,10 @@ DISABLE_ENV = "MHC_DISABLE"
 T = TypeVar("T")
 
 
-class NoResidualError(ConversionError):
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class NoResidualError(ConversionError, MHCError):
     """The model has no residual add ``x + F(x)`` to rewrite."""
 
 
@@ -67,7 +71,10 @@ def disabled() -> bool:
 
 
 def is_converted(model: nn.Module) -> bool:
-    """True for a model returned by :func:`mhc_compile` (or containing converted blocks)."""
+    """True for a model returned by :func:`mhc_compile` (or containing converted blocks).
+
+    ``mode="residual"`` (analysis only) does not count: such a model can still be converted.
+    """
     return getattr(model, "_mhc_analysis", None) is not None or any(
         runtime.is_converted_block(m) for m in model.modules()
     )
@@ -80,8 +87,15 @@ def mhc_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
             yield p
 
 
-def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> ModelAnalysis:
-    """Find the model's residual chains without changing it."""
+def analyse(
+    model: nn.Module, config: MHCConfig, example_inputs: Any = None, filter_fn: Optional[FilterFn] = None
+) -> ModelAnalysis:
+    """Find the model's residual chains without changing it.
+
+    ``filter_fn(module, fqn) -> bool`` chooses which of the candidate blocks (the topmost
+    modules owning residual adds; ``fqn`` is ``""`` for the model itself) are converted;
+    the adds of a rejected block stay plain residual adds and cut the chain there.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
     args, kwargs = resolve_example_inputs(model, example_inputs)
@@ -95,7 +109,9 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
         )
     modules = dict(model.named_modules())
     owners = [_called_owner(owner_module(r, exported.module_path), modules) for r in residuals]
-    block_paths = topmost(owners)
+    candidates = topmost(owners)
+    block_paths = _filter_blocks(candidates, modules, filter_fn)
+    rejected = [p for p in candidates if p not in block_paths]
     records = record_calls(model, block_paths, args, kwargs)
     for path, rec in records.items():
         if rec.calls == 0:
@@ -104,7 +120,7 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
                 "but was not called in the sample forward; pass example_inputs= that run it"
             )
     ordered = sorted(block_paths, key=lambda p: records[p].order)
-    analyses = [blocks.analyse_block(p, modules[p], records[p], config) for p in ordered]
+    analyses = [_analyse_block(p, modules[p], records[p], config) for p in ordered]
     dropped = []
     for a in analyses:
         a.calls = records[a.path].calls
@@ -138,8 +154,44 @@ def analyse(model: nn.Module, config: MHCConfig, example_inputs: Any = None) -> 
         for c, path in zip(cuts, cut_paths)
         if not any(path == b or inside(path, b) for b in block_paths)
     ]
+    cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected]
     block_notes = [n for a in dropped + analyses for n in a.cuts]
     return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
+
+
+def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig) -> BlockAnalysis:
+    """:func:`blocks.analyse_block`, with any unexpected failure reported as a CaptureError
+    that names the block (the original exception is chained as ``__cause__``)."""
+    try:
+        return blocks.analyse_block(path, module, record, config)
+    except MHCError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the block's name
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = (str(root).strip().splitlines() or [""])[0]
+        raise CaptureError(
+            f"could not trace block {path or '(root)'!r} ({type(module).__name__}) for rewriting: "
+            f"{type(root).__name__}: {first}; pass example_inputs= of one ordinary forward call "
+            "(for Hugging Face models also try use_cache=False)"
+        ) from err
+
+
+def _filter_blocks(candidates: list[str], modules: dict[str, nn.Module], filter_fn: Optional[FilterFn]) -> list[str]:
+    """The candidate block paths that ``filter_fn(module, fqn)`` accepts (all when ``None``)."""
+    if filter_fn is None:
+        return candidates
+    if not callable(filter_fn):
+        raise MHCConfigError(f"filter_fn must be a callable (module, fqn) -> bool, got {filter_fn!r}")
+    kept = [p for p in candidates if filter_fn(modules[p], p)]
+    if not kept:
+        raise MHCConfigError(
+            f"filter_fn rejected all {len(candidates)} candidate blocks "
+            f"({', '.join(repr(p or '(root)') for p in candidates[:4])}{', ...' if len(candidates) > 4 else ''}); "
+            "nothing would be converted: let it accept at least one of these paths"
+        )
+    return kept
 
 
 def _called_owner(path: str, modules: dict[str, nn.Module]) -> str:
@@ -218,13 +270,16 @@ def mhc_compile(
     fuse_adjacent: bool = True,
     stream_dtype: Optional[torch.dtype] = None,
     recompute: Optional[str] = None,
+    config: Optional[MHCConfig] = None,
+    filter_fn: Optional[FilterFn] = None,
 ) -> nn.Module:
     """Rewrite ``model``'s residual connections into ``n_streams``-stream mHC, in place.
 
     Args:
         model: any ``nn.Module`` whose forward contains residual adds ``x + F(x)``.
         n_streams: number of streams ``n`` (1..8).
-        mode: ``"mhc"``, ``"hc"`` (unconstrained) or ``"residual"`` (analyse only).
+        mode: ``"mhc"``, ``"hc"`` (unconstrained) or ``"residual"`` (analyse only: the
+            model is not changed and ``is_converted`` stays False).
         init: ``"preserve"`` (same outputs as the original at step 0) or ``"paper"``.
         example_inputs: one forward call's inputs (tensor, tuple, dict or
             ``(args, kwargs)``); synthesised for Hugging Face models when omitted.
@@ -237,26 +292,60 @@ def mhc_compile(
             ``torch.bfloat16`` halves the mHC memory traffic of a float32 residual.
         recompute: ``"mhc"`` recomputes the mHC ops (and the block's other cheap ops) in
             backward instead of storing their outputs; ``None`` (default) stores them.
+        config: all the options above as one :class:`MHCConfig` (torchao style); then
+            leave those keywords at their defaults.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` picks which candidate blocks are
+            converted (e.g. every other layer); rejected blocks keep their plain residual
+            adds. ``None`` converts every block.
 
     Returns:
         The same model object, converted: same call signature and outputs; original
-        parameters and state_dict keys kept; new parameters in ``<block>.mhc.<i>``.
+        parameters and state_dict keys kept; new parameters in ``<block>.mhc.<i>``. A
+        Hugging Face model's ``config.mhc`` records the options (``save_pretrained``
+        writes them to config.json; :func:`mhc_compile.from_pretrained` reads them).
 
     Raises:
         MHCConfigError, NoResidualError, ConversionError, CaptureError: with the reason;
         the model is left unchanged.
     """
+    options = dict(
+        n_streams=n_streams, mode=mode, init=init, backend=backend,
+        sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
+        fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype, recompute=recompute,
+    )
     if disabled():
         logger.warning(
             "%s=%s: mhc_compile returns %s unchanged",
             DISABLE_ENV, os.environ.get(DISABLE_ENV), type(model).__name__,
         )
         return model
-    config = MHCConfig(
-        n_streams=n_streams, mode=mode, init=init, backend=backend,
-        sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
-        fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype, recompute=recompute,
-    )
+    config = _resolve_config(options, config)
+    saved_options.warn_if_dropped_checkpoint(model)
+    return convert(model, config, example_inputs=example_inputs, filter_fn=filter_fn)
+
+
+def _resolve_config(options: dict[str, Any], config: Optional[MHCConfig]) -> MHCConfig:
+    """One :class:`MHCConfig` from the keywords or from ``config=`` (not both)."""
+    if config is None:
+        return MHCConfig(**options)
+    if not isinstance(config, MHCConfig):
+        raise MHCConfigError(f"config must be an mhc_compile.MHCConfig, got {type(config).__name__}")
+    defaults = MHCConfig()
+    conflicts = {k: v for k, v in options.items() if v != getattr(defaults, k)}
+    if conflicts:
+        named = ", ".join(f"{k}={v!r}" for k, v in conflicts.items())
+        raise MHCConfigError(
+            f"mhc_compile got config= and also {named}; pass the options one way: either "
+            f"config=MHCConfig(..., {named}) or the keywords without config="
+        )
+    return config
+
+
+def convert(
+    model: nn.Module, config: MHCConfig, *, example_inputs: Any = None, filter_fn: Optional[FilterFn] = None
+) -> nn.Module:
+    """:func:`mhc_compile` with a ready :class:`MHCConfig` (no ``MHC_DISABLE`` switch, no
+    checkpoint warning): used by the loaders in :mod:`mhc_compile.checkpoint`."""
     if isinstance(model, nn.Module) and is_converted(model):
         raise ConversionError(
             f"{type(model).__name__} is already converted by mhc_compile; convert the "
@@ -270,22 +359,29 @@ def mhc_compile(
             "its residual is already n mixed streams; mhc_compile would stack a second set on "
             "them. Train it as it is (or convert the plain-residual variant of the architecture)"
         )
+    if isinstance(model, nn.Module):
+        _check_backend_device(model, config)
     if config.backend != "torch":
         from .ops import library
 
         library.check_backend(config.backend)
     args, kwargs = resolve_example_inputs(model, example_inputs)
-    analysis = analyse(model, config, (args, kwargs))
-    if config.mode != "residual":
-        _install_checked(model, analysis, config, args, kwargs)
+    analysis = analyse(model, config, (args, kwargs), filter_fn)
+    if config.mode == "residual":
+        model._mhc_residual_analysis = analysis  # for inspect(); the model is not converted
+        return model
+    _install_checked(model, analysis, config, args, kwargs)
     model._mhc_analysis = analysis
+    model.__dict__.pop("_mhc_residual_analysis", None)
+    saved_options.record_options(model, config, [b.path for b in analysis.blocks])
+    initialization.install_hf_init_hook(model)
     hf_config = getattr(model, "config", None)
     if config.recompute and getattr(hf_config, "use_cache", False):
         hf_config.use_cache = False  # a key/value cache is state that recomputation would append to twice
         logger.info("mhc_compile: recompute=%r sets model.config.use_cache = False", config.recompute)
     logger.info(
         "mhc_compile: %d connections in %d blocks rewritten to %d-stream %s",
-        sum(len(b.connections) for b in analysis.blocks), len(analysis.blocks), n_streams, mode,
+        sum(len(b.connections) for b in analysis.blocks), len(analysis.blocks), config.n_streams, config.mode,
     )
     return model
 
@@ -308,12 +404,26 @@ def _install_checked(model: nn.Module, analysis: ModelAnalysis, config: MHCConfi
         raise
 
 
+def _check_backend_device(model: nn.Module, config: MHCConfig) -> None:
+    """``backend="triton"`` needs CUDA parameters (or ``TRITON_INTERPRET=1`` on the CPU)."""
+    if config.backend != "triton" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return
+    devices = sorted({str(p.device) for p in model.parameters() if p.device.type not in ("cuda", "meta")})
+    if devices:
+        raise MHCConfigError(
+            f"backend='triton' runs the fused kernels on CUDA, but {type(model).__name__} has "
+            f"parameters on {', '.join(devices)}; use backend='auto' (Triton on CUDA, the "
+            "reference ops elsewhere) or backend='torch', or move the model to CUDA "
+            "(model.cuda()) before converting"
+        )
+
+
 def inspect(model: nn.Module, example_inputs: Any = None, *, print_table: bool = True) -> list[dict]:
     """One row per (to be) rewritten connection; printed as a table.
 
     Works on a converted model (what was rewritten) and on a plain one (what would be).
     """
-    analysis = getattr(model, "_mhc_analysis", None)
+    analysis = getattr(model, "_mhc_analysis", None) or getattr(model, "_mhc_residual_analysis", None)
     if analysis is None:
         analysis = analyse(model, MHCConfig(mode="residual"), example_inputs)
     rows = analysis.rows()
@@ -359,6 +469,6 @@ def hyper_connected(n_streams: int = 4, **options: Any) -> Callable[[T], T]:
 
 
 __all__ = [
-    "mhc_compile", "hyper_connected", "inspect", "analyse", "is_converted", "mhc_parameters",
-    "NoResidualError", "ConversionError", "CaptureError", "DISABLE_ENV",
+    "mhc_compile", "convert", "hyper_connected", "inspect", "analyse", "is_converted", "mhc_parameters",
+    "NoResidualError", "ConversionError", "CaptureError", "DISABLE_ENV", "FilterFn",
 ]

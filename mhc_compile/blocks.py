@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import CallRecord, CaptureError
+from .capture import CallRecord
+from .errors import CaptureError, ConversionError
 from .trace import BlockSignature, bind_call, find_passthrough, split_signature, trace_block
 from .config import MHCConfig
 from .ops import functional
@@ -22,10 +23,6 @@ from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
 from .passes.fuse import fuse_post_pre
 from .passes.layout import channel_axis
 from .passes.rewrite import RewriteResult, StreamPlan, inline_identities, rewrite_block
-
-
-class ConversionError(ValueError):
-    """The model cannot be converted as asked; the message says which part and why."""
 
 
 @dataclass

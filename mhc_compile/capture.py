@@ -24,9 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-
-class CaptureError(RuntimeError):
-    """The model (or one of its blocks) could not be captured as a graph."""
+from .errors import CaptureError
 
 
 # --------------------------------------------------------------------------- inputs

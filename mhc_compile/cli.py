@@ -1,21 +1,38 @@
 """Command line: ``mhc-compile demo | inspect`` (also ``python -m mhc_compile``).
 
-Exit codes: 0 success, 2 bad arguments (unknown model name, missing or unreadable
-config, a ``module:factory`` that cannot be imported), 1 a conversion that failed.
+    mhc-compile inspect --hf llama
+    mhc-compile inspect --hf-config config.json
+    mhc-compile inspect mypkg.models:build --input-shape 2,3,224,224
+    mhc-compile inspect mypkg.models:gpt --input-shape 2,64 --input-dtype long --input-high 50257
+
+Exit codes: 0 success; 2 any expected failure (bad arguments, a model that cannot be
+built, a conversion refused with an :class:`~mhc_compile.errors.MHCError`), reported as
+one line on stderr (``--verbose`` adds the traceback and what the conversion printed).
+Anything else is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import sys
-from typing import Callable, Optional
+import traceback
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from . import demo
+from .errors import MHCError
+
+INPUT_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.long, "long": torch.long, "int32": torch.int32, "int": torch.int32,
+}
 
 # Small default sizes for ``--hf NAME``: (config class, model class, config kwargs)
 HF_PRESETS: dict[str, tuple[str, str, dict]] = {
@@ -51,7 +68,7 @@ def build_from_args(args: argparse.Namespace) -> nn.Module:
             raise UsageError(f"unknown --hf model {args.hf!r}; choose one of {', '.join(HF_PRESETS)}")
         tf = _transformers()
         cfg_name, model_name, kwargs = HF_PRESETS[args.hf]
-        return getattr(tf, model_name)(getattr(tf, cfg_name)(**kwargs))
+        return _build(f"--hf {args.hf}", lambda: getattr(tf, model_name)(getattr(tf, cfg_name)(**kwargs)))
     if args.hf_config:
         if not os.path.isfile(args.hf_config):
             raise UsageError(f"--hf-config {args.hf_config!r}: no such file")
@@ -62,10 +79,49 @@ def build_from_args(args: argparse.Namespace) -> nn.Module:
             config = tf.AutoConfig.for_model(**config_dict)
         except (OSError, ValueError, KeyError) as err:
             raise UsageError(f"--hf-config {args.hf_config!r} is not a Hugging Face config: {err}") from err
-        return tf.AutoModel.from_config(config)
+        return _build(f"--hf-config {args.hf_config}", lambda: tf.AutoModel.from_config(config))
     if args.factory:
-        return _load_factory(args.factory)()
+        return _build(args.factory, _load_factory(args.factory))
     raise UsageError("name a model: --hf NAME, --hf-config PATH or MODULE:FACTORY")
+
+
+def _build(name: str, factory: Callable[[], Any]) -> nn.Module:
+    """Call the user's factory; its failure (or a non-module result) is a usage error."""
+    try:
+        model = factory()
+    except Exception as err:  # noqa: BLE001 - user code: reported in one line, traceback with --verbose
+        raise UsageError(f"building the model {name} failed: {type(err).__name__}: {_first_line(err)}") from err
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{name} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def example_inputs_from_args(args: argparse.Namespace) -> Optional[torch.Tensor]:
+    """The tensor ``--input-shape`` / ``--input-dtype`` / ``--input-high`` describe, or None.
+
+    Float dtypes draw ``randn``; integer dtypes draw ``randint(0, --input-high)`` (token ids).
+    """
+    if args.input_shape is None:
+        if args.input_dtype is not None or args.input_high is not None:
+            raise UsageError("--input-dtype and --input-high describe --input-shape; give --input-shape too")
+        return None
+    try:
+        shape = tuple(int(d) for d in args.input_shape.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {args.input_shape!r} is not comma-separated integers like 2,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {args.input_shape!r}: every size must be a positive integer")
+    dtype_name = args.input_dtype or "float32"
+    if dtype_name not in INPUT_DTYPES:
+        raise UsageError(f"unknown --input-dtype {dtype_name!r}; choose one of {', '.join(INPUT_DTYPES)}")
+    dtype = INPUT_DTYPES[dtype_name]
+    if dtype.is_floating_point:
+        if args.input_high is not None:
+            raise UsageError("--input-high bounds integer inputs; add --input-dtype long (token ids)")
+        return torch.randn(shape).to(dtype)
+    if args.input_high is None or args.input_high < 1:
+        raise UsageError(f"--input-dtype {dtype_name} draws integers in [0, N): give --input-high N (e.g. the vocabulary size)")
+    return torch.randint(0, args.input_high, shape, dtype=dtype)
 
 
 def _load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -79,12 +135,21 @@ def _load_factory(spec: str) -> Callable[[], nn.Module]:
         raise UsageError(f"cannot load {spec!r}: {err}") from err
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import api
 
+    example = example_inputs_from_args(args)
     model = build_from_args(args)
     original = sum(p.numel() for p in model.parameters())
-    api.mhc_compile(model, n_streams=args.n, mode=args.mode)
+    # torch's tracing helpers print tracebacks of errors they re-raise; keep stderr to one line
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(sys.stderr if args.verbose else captured):
+        api.mhc_compile(model, n_streams=args.n, mode=args.mode, example_inputs=example)
+    sys.stderr.write(captured.getvalue())  # succeeded: pass on its warnings
     api.inspect(model)
     added = sum(p.numel() for p in api.mhc_parameters(model))
     print(f"\n{type(model).__name__}: {original:,} parameters; mHC adds {added:,} "
@@ -104,6 +169,10 @@ def make_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("factory", nargs="?", help="MODULE:FACTORY returning an nn.Module")
     p_inspect.add_argument("--n", type=int, default=4, help="number of streams")
     p_inspect.add_argument("--mode", default="mhc", choices=["mhc", "hc", "residual"])
+    p_inspect.add_argument("--input-shape", help="example input for MODULE:FACTORY models, e.g. 2,3,224,224")
+    p_inspect.add_argument("--input-dtype", help=f"dtype of the example input: {', '.join(INPUT_DTYPES)} (default float32)")
+    p_inspect.add_argument("--input-high", type=int, help="integer inputs are drawn from [0, N) (token ids: the vocabulary size)")
+    p_inspect.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     return parser
 
 
@@ -115,11 +184,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         return cmd_inspect(args)
     except UsageError as err:
-        print(f"mhc-compile: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError) as err:
-        print(f"mhc-compile: conversion failed: {err}", file=sys.stderr)
-        return 1
+        return _fail(args, "error", err)
+    except MHCError as err:
+        return _fail(args, "conversion failed", err)
+
+
+def _fail(args: argparse.Namespace, what: str, err: BaseException) -> int:
+    """One line on stderr (the traceback first with ``--verbose``); exit code 2."""
+    if getattr(args, "verbose", False):
+        traceback.print_exception(err)
+    print(f"mhc-compile: {what}: {_first_line(err)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

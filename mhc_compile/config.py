@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
 
 import torch
+
+from .errors import MHCConfigError
 
 MODES = ("mhc", "hc", "residual")
 INITS = ("preserve", "paper")
@@ -13,10 +15,6 @@ BACKENDS = ("auto", "triton", "torch")
 COLLAPSES = ("mean", "sum")
 RECOMPUTES = (None, "mhc")
 MAX_STREAMS = 8
-
-
-class MHCConfigError(ValueError):
-    """An option passed to :func:`mhc_compile` is out of range or unknown."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +94,33 @@ class MHCConfig:
     def n_coeffs(self) -> int:
         """Width of the coefficient projection: ``n^2 + 2n``."""
         return self.n_streams * self.n_streams + 2 * self.n_streams
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-serialisable values (``stream_dtype`` as ``"bfloat16"`` etc.)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.stream_dtype is not None:
+            out["stream_dtype"] = str(self.stream_dtype).removeprefix("torch.")
+        out["extra"] = dict(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MHCConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`MHCConfigError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MHCConfigError(
+                f"unknown mHC option(s) {', '.join(map(repr, unknown))}; the saved options were "
+                f"written by another version of mhc_compile (known: {', '.join(sorted(known))})"
+            )
+        values = dict(data)
+        dtype = values.get("stream_dtype")
+        if isinstance(dtype, str):
+            resolved = getattr(torch, dtype, None)
+            if not isinstance(resolved, torch.dtype):
+                raise MHCConfigError(f"stream_dtype {dtype!r} is not a torch dtype name")
+            values["stream_dtype"] = resolved
+        return cls(**values)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

@@ -43,18 +43,28 @@ class MHCConnection(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """(Re)initialise ``phi``, ``bias`` and ``alpha`` as ``init`` says.
+
+        Works on plain, meta (nothing to write) and DTensor (FSDP2-sharded) parameters;
+        the latter is a collective: call it on every rank in the same order.
+        """
+        for name, value in self.initial_values().items():
+            _assign(getattr(self, name), value)
+
+    def initial_values(self) -> dict[str, Tensor]:
+        """Fresh float32 CPU tensors ``{"phi", "bias", "alpha"}`` of this connection's init."""
         n = self.n_streams
-        nn.init.normal_(self.phi, std=1.0 / math.sqrt(self.phi.shape[0]))
-        b_pre, b_post, b_res = self.bias[:n], self.bias[n : 2 * n], self.bias[2 * n :].view(n, n)
+        phi = torch.empty(self.phi.shape).normal_(0.0, 1.0 / math.sqrt(self.phi.shape[0]))
+        bias = torch.zeros(self.bias.shape)
+        b_pre, b_post, b_res = bias[:n], bias[n : 2 * n], bias[2 * n :].view(n, n)
         if self.mode == "mhc":
             b_pre.fill_(_logit(1.0 / n) if self.init_kind == "preserve" else 0.0)
-            b_post.zero_()
-            b_res.zero_()
         else:
             b_pre.fill_(1.0 / n if self.init_kind == "preserve" else 0.0)
             b_post.fill_(1.0)
             b_res.copy_(torch.eye(n))
-        self.alpha.fill_(0.0 if self.init_kind == "preserve" else 0.01)
+        alpha = torch.full(self.alpha.shape, 0.0 if self.init_kind == "preserve" else 0.01)
+        return {"phi": phi, "bias": bias, "alpha": alpha}
 
     def forward(self, streams: Tensor, *, channel_dim: int = -1, sinkhorn_iters: int = 20,
                 eps: float = 1e-6, backend: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
@@ -73,3 +83,16 @@ def _logit(p: float) -> float:
     if p >= 1.0:
         return 30.0
     return math.log(p / (1.0 - p))
+
+
+def _assign(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` for plain, meta (nothing to write) and DTensor parameters."""
+    if param.is_meta:
+        return
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        DTensor = ()
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements)
+    param.copy_(value)

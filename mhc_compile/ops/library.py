@@ -18,6 +18,8 @@ import os
 import torch
 from torch import Tensor
 
+from ..errors import MHCError
+
 try:  # Triton is optional: without it only backend="torch" exists
     import triton
     from torch.library import triton_op, wrap_triton
@@ -49,7 +51,7 @@ BLOCK_M_POST = 4
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
 
-class KernelInputError(ValueError):
+class KernelInputError(MHCError, ValueError):
     """An input the fused kernels cannot take; the message names the fix."""
 
 
