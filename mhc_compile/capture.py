@@ -16,6 +16,7 @@ See ``docs/design.md`` for how the pieces fit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,12 +144,75 @@ def _model_device(model: nn.Module) -> torch.device:
 
 # --------------------------------------------------------------------------- sample runs
 
+STATIC_TYPES = (bool, int, float, str, torch.dtype, torch.device)
+
+
+def is_static(value: Any) -> bool:
+    """``None``, a Python constant, or a tuple/list of them (``input_dimensions=(7, 7)``)."""
+    if value is None or isinstance(value, STATIC_TYPES):
+        return True
+    return isinstance(value, (tuple, list)) and all(is_static(v) for v in value)
+
+
+def copy_state(value: Any) -> Any:
+    """A copy of a stateful argument (a key/value cache object) for a sample run.
+
+    Shape propagation runs the block once; a cache it was given would keep that run's keys
+    and the real call would then append them a second time. Tensors are not copied (the
+    block does not change its inputs in place), static values need no copy; an object is
+    copied with every tensor inside it detached and cloned (caches hold activations that
+    are part of an autograd graph, which ``copy.deepcopy`` refuses).
+    """
+    if isinstance(value, torch.Tensor) or is_static(value):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in tree_leaves(value)):
+        return value
+    try:
+        return _copy_detached(value, {})
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(
+            f"cannot copy the {type(value).__name__} argument for a shape-propagation run "
+            f"({type(err).__name__}: {err}); call the converted model once without it "
+            "(e.g. use_cache=False) or pass example_inputs= of the form used at run time"
+        ) from err
+
+
+def _copy_detached(value: Any, memo: dict) -> Any:
+    """Deep copy of containers and plain objects; tensors detached and cloned; modules,
+    functions and other objects without a ``__dict__`` shared."""
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, torch.Tensor):
+        out: Any = value.detach().clone()
+    elif isinstance(value, (list, tuple)):
+        items = [_copy_detached(v, memo) for v in value]
+        out = type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    elif isinstance(value, dict):
+        out = type(value)()
+        memo[id(value)] = out
+        for k, v in value.items():
+            out[k] = _copy_detached(v, memo)
+    elif isinstance(value, nn.Module) or callable(value) and not hasattr(value, "__dict__"):
+        out = value
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        out = copy.copy(value)
+        memo[id(value)] = out
+        for k, v in vars(value).items():
+            setattr(out, k, _copy_detached(v, memo))
+    else:
+        out = value
+    memo[id(value)] = out
+    return out
+
+
+
 
 def without_cache(model: nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` with ``use_cache=False`` where the forward takes it and the caller did not say.
+    """``kwargs`` with ``use_cache=False`` where the forward takes it and the caller did not say:
+    for the analysis export and the conversion's checks, whose outputs need no cache.
 
-    A key/value cache is state: a sample forward that filled one would hand every block a
-    cache already holding the sample's keys, and a block traced with it would replay them.
+    The sample forward (:func:`record_calls`) keeps the caller's setting, as the model will
+    be called, and snapshots each block's cache argument at its call (:func:`copy_state`).
     """
     if "use_cache" in inspect.signature(model.forward).parameters and "use_cache" not in kwargs:
         return {**kwargs, "use_cache": False}
@@ -193,8 +257,10 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
         def hook(mod, a, kw):
             rec = records[path]
             rec.calls += 1
-            if rec.calls == 1:
-                rec.args, rec.kwargs, rec.order = a, dict(kw), counter[0]
+            if rec.calls == 1:  # caches as they are now: the forward appends to them later
+                rec.args = tuple(copy_state(v) for v in a)
+                rec.kwargs = {k: copy_state(v) for k, v in kw.items()}
+                rec.order = counter[0]
                 counter[0] += 1
 
         return hook
@@ -209,7 +275,6 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
     for p in paths:
         handles.append(modules[p].register_forward_pre_hook(pre_hook(p), with_kwargs=True))
         handles.append(modules[p].register_forward_hook(post_hook(p), with_kwargs=True))
-    kwargs = without_cache(model, kwargs)
     try:
         with side_effect_free(model):
             model(*args, **kwargs)

@@ -20,7 +20,6 @@ attention mask handed straight to the attention module), so they are not special
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import math
@@ -33,11 +32,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .capture import CaptureError, side_effect_free
+from .capture import CaptureError, copy_state, is_static, side_effect_free
 from .heuristics import is_norm_module
 
 logger = logging.getLogger("mhc_compile")
-STATIC_TYPES = (bool, int, float, str, torch.dtype, torch.device)
 _DYNAMIC = "<mhc:dynamic>"  # a plain string, so that torch.compile can hash specialisation keys
 # tensor metadata that does not depend on sizes: read concretely while tracing
 _CONCRETE_ATTRS = ("dtype", "device", "is_cuda", "ndim", "is_sparse", "layout", "is_quantized")
@@ -45,13 +43,6 @@ _CONCRETE_METHODS = ("dim", "is_floating_point", "is_complex", "get_device", "el
 
 
 # --------------------------------------------------------------------------- specialisation
-
-
-def is_static(value: Any) -> bool:
-    """``None``, a Python constant, or a tuple/list of them (``input_dimensions=(7, 7)``)."""
-    if value is None or isinstance(value, STATIC_TYPES):
-        return True
-    return isinstance(value, (tuple, list)) and all(is_static(v) for v in value)
 
 
 def classify(value: Any) -> Any:
@@ -263,57 +254,6 @@ class BlockTracer(fx.Tracer):
 
 
 # --------------------------------------------------------------------------- tracing
-
-
-def copy_state(value: Any) -> Any:
-    """A copy of a stateful argument (a key/value cache object) for a sample run.
-
-    Shape propagation runs the block once; a cache it was given would keep that run's keys
-    and the real call would then append them a second time. Tensors are not copied (the
-    block does not change its inputs in place), static values need no copy; an object is
-    copied with every tensor inside it detached and cloned (caches hold activations that
-    are part of an autograd graph, which ``copy.deepcopy`` refuses).
-    """
-    if isinstance(value, torch.Tensor) or is_static(value):
-        return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in tree_leaves(value)):
-        return value
-    try:
-        return _copy_detached(value, {})
-    except Exception as err:  # noqa: BLE001 - re-raised with context
-        raise CaptureError(
-            f"cannot copy the {type(value).__name__} argument for a shape-propagation run "
-            f"({type(err).__name__}: {err}); call the converted model once without it "
-            "(e.g. use_cache=False) or pass example_inputs= of the form used at run time"
-        ) from err
-
-
-def _copy_detached(value: Any, memo: dict) -> Any:
-    """Deep copy of containers and plain objects; tensors detached and cloned; modules,
-    functions and other objects without a ``__dict__`` shared."""
-    if id(value) in memo:
-        return memo[id(value)]
-    if isinstance(value, torch.Tensor):
-        out: Any = value.detach().clone()
-    elif isinstance(value, (list, tuple)):
-        items = [_copy_detached(v, memo) for v in value]
-        out = type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
-    elif isinstance(value, dict):
-        out = type(value)()
-        memo[id(value)] = out
-        for k, v in value.items():
-            out[k] = _copy_detached(v, memo)
-    elif isinstance(value, nn.Module) or callable(value) and not hasattr(value, "__dict__"):
-        out = value
-    elif hasattr(value, "__dict__") and not isinstance(value, type):
-        out = copy.copy(value)
-        memo[id(value)] = out
-        for k, v in vars(value).items():
-            setattr(out, k, _copy_detached(v, memo))
-    else:
-        out = value
-    memo[id(value)] = out
-    return out
 
 
 def _user_frame(err: BaseException) -> str:

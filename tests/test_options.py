@@ -106,13 +106,17 @@ class _Residual(torch.nn.Module):
         return x + self.g(x)  # out=1: [B, 8] + [B, 1], the branch changes the shape
 
 
-def test_filter_fn_can_leave_out_a_block_that_cannot_be_converted():
+def test_filter_fn_leaves_a_block_as_it_is():
+    """Without a filter both blocks convert (block 1's broadcasting add stays a plain add);
+    a filter that rejects block 1 leaves it entirely as it was."""
     x = torch.randn(2, 8)
     build = lambda: torch.nn.Sequential(_Residual(), _Residual(out=1))  # noqa: E731
-    with pytest.raises(mhc.ConversionError, match="leave its block out with filter_fn="):
-        mhc.mhc_compile(build(), example_inputs=x)
+    model = build()
+    mhc.mhc_compile(model, example_inputs=x)
+    assert hasattr(model[0], "mhc") and len(model[1].mhc) == 1
     model = build()
     expected = model(x)
     mhc.mhc_compile(model, example_inputs=x, filter_fn=lambda module, fqn: fqn != "1")
     assert hasattr(model[0], "mhc") and not hasattr(model[1], "mhc")
+    assert any("not converted (filter_fn)" in c for c in model._mhc_analysis.cuts)
     torch.testing.assert_close(model(x), expected)
