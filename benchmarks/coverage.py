@@ -854,7 +854,7 @@ def none_failures(results: list[dict]) -> list[str]:
 def write_reports(results: list[dict], args: argparse.Namespace, command: str, seconds: float) -> None:
     os.makedirs(args.out, exist_ok=True)
     md = [
-        f"# mhc_compile coverage over transformers auto mappings\n",
+        "# mhc_compile coverage over transformers auto mappings\n",
         f"Command: `{command}`\n",
         f"Run time: {seconds / 60:.1f} min with --jobs {args.jobs} (timeout {args.timeout} s per "
         f"architecture); transformers {_tf_version()}, torch {torch.__version__}, CPU; "
