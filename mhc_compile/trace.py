@@ -20,9 +20,12 @@ attention mask handed straight to the attention module), so they are not special
 
 from __future__ import annotations
 
+import bisect
+import dis
 import inspect
 import logging
 import math
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -134,7 +137,14 @@ class ConcreteProxy(fx.Proxy):
         value = self._concrete()
         if isinstance(value, (tuple, list)):  # torch.Size too
             return iter([self[i] for i in range(len(value))])
-        return super().__iter__()
+        # unknown value: as fx does, read the length from the caller's ``a, b = proxy``
+        caller = inspect.currentframe().f_back
+        instructions = list(dis.get_instructions(caller.f_code))
+        offset = caller.f_lasti if sys.version_info >= (3, 11) else 2 * caller.f_lasti
+        at = bisect.bisect_left(instructions, offset, key=lambda i: i.offset)
+        if at < len(instructions) and instructions[at].opname == "UNPACK_SEQUENCE":
+            return iter([self[i] for i in range(instructions[at].argval)])
+        return self.tracer.iter(self)
 
     def __len__(self) -> int:
         value = self._concrete()
