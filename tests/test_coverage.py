@@ -208,6 +208,15 @@ def test_parallel_residual_and_norm_named_containers(family):
     assert len(mhc.inspect(model, print_table=False)) == (2 if family == "phi" else 4)
 
 
+def test_unpacking_an_opaque_attention_call_traces():
+    """GPT-Neo: ``attn_output, attn_weights = self.attn(...)`` where ``attn`` stays one call."""
+    cfg = transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=97,
+                                    attention_types=[[["global", "local"], 1]], max_position_embeddings=64)
+    model = transformers.GPTNeoForCausalLM(cfg)
+    _convert_and_compare(model, {"input_ids": torch.randint(3, 97, (2, 7))})
+    assert len(mhc.inspect(model, print_table=False)) == 4
+
+
 def test_adds_across_a_module_list_belong_to_its_parent():
     class Pair(nn.Module):
         def __init__(self):
