@@ -1,9 +1,10 @@
-"""Command line: ``mhc-compile demo | inspect`` (also ``python -m mhc_compile``).
+"""Command line: ``mhc-compile demo | inspect | coverage`` (also ``python -m mhc_compile``).
 
     mhc-compile inspect --hf llama
     mhc-compile inspect --hf-config config.json
     mhc-compile inspect mypkg.models:build --input-shape 2,3,224,224
     mhc-compile inspect mypkg.models:gpt --input-shape 2,64 --input-dtype long --input-high 50257
+    mhc-compile coverage --mappings causal --only llama gpt2 --out /tmp/cov
 
 Exit codes: 0 success; 2 any expected failure (bad arguments, a model that cannot be
 built, a conversion refused with an :class:`~mhc_compile.errors.MHCError`), reported as
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -157,6 +159,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    """Run the repository's coverage sweep (``benchmarks/coverage.py``) with ``args.rest``."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "coverage.py")
+    if not os.path.exists(script):
+        raise UsageError("the coverage sweep ships with the source repository; run "
+                         "`mhc-compile coverage` from an editable install of a checkout")
+    spec = importlib.util.spec_from_file_location("mhc_coverage_sweep", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return int(module.main(rest) or 0)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhc-compile", description="mHC as a compiler pass")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,15 +189,24 @@ def make_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("--input-dtype", help=f"dtype of the example input: {', '.join(INPUT_DTYPES)} (default float32)")
     p_inspect.add_argument("--input-high", type=int, help="integer inputs are drawn from [0, N) (token ids: the vocabulary size)")
     p_inspect.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    p_cov = sub.add_parser("coverage", help="sweep transformers' architectures (benchmarks/coverage.py; "
+                                            "its options follow, e.g. --mappings causal --only llama)")
+    p_cov.add_argument("rest", nargs=argparse.REMAINDER, help="options of benchmarks/coverage.py")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["coverage"] and not {"-h", "--help"} & set(argv[1:2]):
+        # the sweep's own options follow; argparse's REMAINDER would not take leading "--x"
+        argv = ["coverage", "--", *argv[1:]]
     args = make_parser().parse_args(argv)
     try:
         if args.command == "demo":
             demo.run(args)
             return 0
+        if args.command == "coverage":
+            return cmd_coverage(args)
         return cmd_inspect(args)
     except UsageError as err:
         return _fail(args, "error", err)

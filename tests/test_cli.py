@@ -109,3 +109,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "final val loss" in result.stdout and "mhc" in result.stdout
     assert plot.exists() and plot.stat().st_size > 10_000
+
+
+def test_coverage_command_runs_the_sweep(tmp_path):
+    from mhc_compile import cli
+
+    assert cli.main(["coverage", "--mappings", "causal", "--only", "gpt2", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    report = (tmp_path / "coverage.md").read_text()
+    assert "gpt2" in report and "causal" in report
