@@ -102,7 +102,7 @@ def test_broadcasting_add_is_no_connection():
     _assert_untouched(model, snap)
 
 
-def test_weight_shared_block_is_refused():
+def test_weight_shared_block_converts_with_shared_connections():
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -121,10 +121,11 @@ def test_weight_shared_block_is_refused():
             return x + self.f(x)
 
     model = Shared()
-    snap = _snapshot(model)
-    with pytest.raises(mhc.ConversionError, match="called 2 times"):
-        mhc.mhc_compile(model, example_inputs=torch.randn(2, 8))
-    _assert_untouched(model, snap)
+    x = torch.randn(2, 8)
+    expected = model(x)
+    mhc.mhc_compile(model, example_inputs=x)  # one set of connection parameters, used by both calls
+    assert len(model.body.mhc) == 1 and model._mhc_analysis.blocks[0].calls == 2
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_not_a_module():
