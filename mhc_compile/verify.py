@@ -55,17 +55,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def _float_outputs(model: nn.Module, call: Probe) -> list[torch.Tensor]:
+    """The float output tensors of one eval-mode call that changes no buffer or RNG state."""
+    args, kwargs = call
+    with eval_mode(model), side_effect_free(model):
+        out = model(*args, **without_cache(model, kwargs))
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 def run_probes(model: nn.Module, calls: list[Probe]) -> list[Optional[list[torch.Tensor]]]:
     """Float output tensors of each probe call (``None`` where the call fails)."""
     outs: list[Optional[list[torch.Tensor]]] = []
-    with eval_mode(model), side_effect_free(model):
-        for args, kwargs in calls:
-            try:
-                out = model(*args, **without_cache(model, kwargs))
-            except Exception:  # noqa: BLE001 - a probe the model itself does not accept
-                outs.append(None)
-                continue
-            outs.append([t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()])
+    for call in calls:
+        try:
+            outs.append(_float_outputs(model, call))
+        except Exception:  # noqa: BLE001 - a probe the model itself does not accept
+            outs.append(None)
     return outs
 
 
@@ -80,20 +85,18 @@ def check(model: nn.Module, calls: list[Probe], reference: list[Optional[list[to
     """Run the converted ``model`` on every probe the original accepted; with ``compare``
     its outputs must equal ``reference`` within the rounding of their dtype and of
     ``stream_dtype``. Raises ConversionError otherwise."""
-    for i, ((args, kwargs), ref) in enumerate(zip(calls, reference)):
+    for i, (call, ref) in enumerate(zip(calls, reference)):
         if ref is None:
             continue
         what = ("the sample inputs", "the sample inputs with one more batch row",
                 "the sample inputs one position longer")[i]
-        with eval_mode(model), side_effect_free(model):
-            try:
-                out = model(*args, **without_cache(model, kwargs))
-            except Exception as err:  # noqa: BLE001 - re-raised with context
-                raise ConversionError(
-                    f"the converted {type(model).__name__} fails on {what} ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else ''}); the model was left unchanged"
-                ) from err
-        got = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        try:
+            got = _float_outputs(model, call)
+        except Exception as err:  # noqa: BLE001 - re-raised with context
+            raise ConversionError(
+                f"the converted {type(model).__name__} fails on {what} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); the model was left unchanged"
+            ) from err
         if not compare:
             continue
         for a, b in zip(ref, got):
