@@ -288,8 +288,9 @@ def mhc_compile(
         fuse_adjacent: where a block's connection feeds the next one (attention then MLP),
             run the first's post and the second's pre as one fused op (on by default;
             ``False`` keeps them separate).
-        stream_dtype: dtype of the n streams; ``None`` keeps the residual's dtype,
-            ``torch.bfloat16`` halves the mHC memory traffic of a float32 residual.
+        stream_dtype: dtype of the n streams; ``None`` (default): the autocast dtype for a
+            float32 residual under autocast, the residual's dtype otherwise;
+            ``torch.float32`` keeps float32 streams under autocast.
         recompute: ``"mhc"`` recomputes the mHC ops (and the block's other cheap ops) in
             backward instead of storing their outputs; ``None`` (default) stores them.
         config: all the options above as one :class:`MHCConfig` (torchao style); then

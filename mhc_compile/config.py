@@ -38,9 +38,11 @@ class MHCConfig:
             where both connections live in the same block (on by default: two adjacent
             connections train about a fifth faster fused, see
             ``benchmarks/results/kernels-h100.md``).
-        stream_dtype: dtype of the n-stream tensor (``None``: the dtype of the residual
-            stream it replaces). ``torch.bfloat16`` halves the bytes the mHC kernels move
-            when the model keeps a float32 residual under autocast.
+        stream_dtype: dtype of the n-stream tensor. ``None`` (default): the autocast dtype
+            when a float32 residual runs under autocast (bf16 streams move half the bytes;
+            Hugging Face models keep a float32 residual under autocast), else the dtype of
+            the residual stream it replaces. ``torch.float32`` keeps float32 streams under
+            autocast too (the opt-out).
         recompute: ``None`` or ``"mhc"``: in backward, recompute the mHC ops and the other
             cheap ops of each converted block instead of storing their outputs (see
             :mod:`mhc_compile.recompute`).

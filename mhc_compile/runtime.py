@@ -193,7 +193,8 @@ def _as_stream_values(analysis: BlockAnalysis, config: MHCConfig) -> dict:
     values = dict(analysis.values)
     if analysis.link_in and analysis.stream_input:
         values[analysis.stream_input] = functional.expand(
-            values[analysis.stream_input], config.n_streams, channel_dim=analysis.channel_dim
+            values[analysis.stream_input], config.n_streams, channel_dim=analysis.channel_dim,
+            dtype=config.stream_dtype,
         )
     return values
 

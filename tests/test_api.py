@@ -121,3 +121,34 @@ def test_stream_dtype_stores_the_streams_in_bfloat16():
     assert ((out - expected).norm() / expected.norm()).item() < 2e-2
     with pytest.raises(mhc.MHCConfigError, match="stream_dtype"):
         mhc.mhc_compile(BY_NAME["llama"].build(), stream_dtype=torch.int8)
+
+
+def _stream_dtypes_under_autocast(model, ids) -> list:
+    from mhc_compile.ops import functional
+
+    seen = []
+    functional.OBSERVERS.append(lambda kind, t: seen.append(t["streams"].dtype))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids).logits
+    finally:
+        functional.OBSERVERS.pop()
+    return seen, logits
+
+
+def test_streams_default_to_the_autocast_dtype_and_float32_opts_out():
+    ids = torch.randint(0, 97, (2, 8))
+    original = BY_NAME["llama"].build().eval()
+    default = mhc.mhc_compile(copy.deepcopy(original))
+    opt_out = mhc.mhc_compile(copy.deepcopy(original), stream_dtype=torch.float32)
+    seen_default, logits_default = _stream_dtypes_under_autocast(default, ids)
+    seen_opt_out, logits_opt_out = _stream_dtypes_under_autocast(opt_out, ids)
+    assert seen_default == [torch.bfloat16] * 4      # the float32 residual -> bf16 streams
+    assert seen_opt_out == [torch.float32] * 4
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = original(ids).logits.float()
+    for logits in (logits_default, logits_opt_out):  # both within bf16 rounding of the original
+        assert ((logits.float() - expected).norm() / expected.norm()).item() < 3e-2
+    with torch.no_grad():                            # outside autocast: float32 streams, exact
+        out, plain = default(ids).logits, original(ids).logits
+    assert ((out - plain).abs().max() / plain.abs().max()).item() < 1e-6

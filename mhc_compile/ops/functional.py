@@ -162,10 +162,31 @@ def mhc_post_pre(
     return tokens_to_streams(x_next, x, channel_dim), tokens_to_single(u, x, channel_dim), h_post2, h_res2
 
 
-def expand(x: Tensor, n: int, *, channel_dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Start of a chain: one stream -> n identical streams (cast to ``dtype`` if given)."""
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")
+
+
+def resolve_stream_dtype(x: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype of the n streams that replace the single stream ``x``.
+
+    An explicit ``dtype`` wins. Otherwise (``stream_dtype=None``, the default) a float32
+    residual under autocast becomes streams of the autocast dtype (bf16 streams move half
+    the bytes; Hugging Face models keep a float32 residual under autocast), and any other
+    residual keeps its dtype. Outside autocast the streams are exactly the residual's dtype,
+    so ``init="preserve"`` stays exact.
+    """
     if dtype is not None:
-        x = x.to(dtype)
+        return dtype
+    device = x.device.type
+    if (x.dtype == torch.float32 and device in _AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(device)):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def expand(x: Tensor, n: int, *, channel_dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Start of a chain: one stream ``[..., C]`` (or ``[B, C, *S]``) -> n identical streams
+    ``[..., n, C]`` (or ``[B, n, C, *S]``), of the dtype :func:`resolve_stream_dtype` picks."""
+    x = x.to(resolve_stream_dtype(x, dtype))
     return reference.expand_streams(x, n, stream_dim_of(channel_dim))
 
 

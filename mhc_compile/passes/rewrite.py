@@ -60,7 +60,8 @@ class StreamPlan:
         op_kwargs: static arguments of the emitted ``mhc_pre`` calls (mode, sinkhorn
             iterations, eps, backend); collapse: ``"mean"`` or ``"sum"``.
         param_prefix: attribute of the block holding the ``MHCConnection`` list.
-        stream_dtype: dtype the expanded streams are cast to (``None``: keep the input's).
+        stream_dtype: dtype the expanded streams are cast to (``None``: decided at run time by
+            ``functional.resolve_stream_dtype``: the autocast dtype or the input's).
     """
 
     n: int
