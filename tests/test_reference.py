@@ -171,3 +171,46 @@ def test_bf16_streams_fp32_coefficients():
     u, h_post, h_res = R.mhc_pre(x, phi, bias, alpha)
     assert u.dtype == torch.bfloat16 and h_post.dtype == torch.float32 and h_res.dtype == torch.float32
     assert R.mhc_post(x, u, h_post, h_res).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_cpu_sinkhorn_gradcheck_and_matches_reference(n):
+    from mhc_compile.ops import cpu
+
+    token_last = (torch.randn(n, n, 5, dtype=torch.float64) * 2).requires_grad_()  # [n, n, M]
+    assert torch.autograd.gradcheck(lambda t: cpu._SinkhornKnopp.apply(t, 7), (token_last,))
+    logits = (torch.randn(64, n, n) * 2).requires_grad_()
+    grad = torch.randn(64, n, n)
+    (out_ref, g_ref), (out_cpu, g_cpu) = [
+        (p, torch.autograd.grad(p, logits, grad)[0])
+        for p in (R.sinkhorn_knopp(logits, 20), cpu.sinkhorn_knopp(logits, 20))
+    ]
+    torch.testing.assert_close(out_cpu, out_ref, atol=1e-6, rtol=1e-5)
+    assert ((g_cpu - g_ref).norm() / g_ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_ops_match_the_reference_values_and_grads(mode, dtype):
+    from mhc_compile.ops import cpu
+
+    m, n, c = 37, 4, 24
+    phi, bias, alpha = (t.float().requires_grad_() for t in _params(n, c))
+    x = torch.randn(m, n, c).to(dtype).requires_grad_()
+    y = torch.randn(m, c).to(dtype).requires_grad_()
+    leaves = (x, y, phi, bias, alpha)
+
+    def run(ops):
+        x_next, u, h_post, h_res = ops.mhc_post_pre(x, y, *R.mhc_pre(x, phi, bias, alpha, mode=mode)[1:],
+                                                    phi, bias, alpha, mode=mode)
+        outs = (x_next.float(), u.float(), h_post, h_res)
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        return outs, torch.autograd.grad(loss, leaves)
+
+    (outs_ref, grads_ref), (outs_cpu, grads_cpu) = run(R), run(cpu)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(("x_next", "u", "h_post", "h_res", *(f"d{i}" for i in range(5))),
+                          outs_cpu + grads_cpu, outs_ref + grads_ref):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < tol, (name, err)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu, reference
 
 # Callables ``obs(kind, tensors)`` told about every eager ``mhc_pre`` call (diagnostics).
 OBSERVERS: list[Callable[[str, dict], None]] = []
@@ -75,12 +75,13 @@ def _kernels_available() -> bool:
 
 
 def _impl(name: str, backend: str, x: Tensor) -> Callable:
-    """``ops.library.<name>`` (the fused kernels) or ``ops.reference.<name>``."""
+    """``ops.library.<name>`` (the fused kernels), ``ops.reference.<name>`` (``backend="torch"``)
+    or ``ops.cpu.<name>`` (``"auto"`` where the kernels don't run: the same math in fewer ops)."""
     if _use_kernels(x, backend):
         from . import library
 
         return getattr(library, name)
-    return getattr(reference, name)
+    return getattr(reference if backend == "torch" else cpu, name)
 
 
 def _observe(streams: Tensor, h_post: Tensor, h_res: Tensor) -> None:

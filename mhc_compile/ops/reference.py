@@ -15,6 +15,8 @@ Coefficients are always computed in float32, whatever the stream dtype.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -58,6 +60,7 @@ def mhc_coefficients(
     mode: str = "mhc",
     sinkhorn_iters: int = 20,
     eps: float = 1e-6,
+    sinkhorn: Callable[[Tensor, int], Tensor] = sinkhorn_knopp,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token mixing coefficients.
 
@@ -66,6 +69,7 @@ def mhc_coefficients(
         phi: ``[n*C, n^2 + 2n]`` float32 projection.
         bias: ``[n^2 + 2n]`` float32 static part.
         alpha: ``[3]`` float32 gates for the pre, post and res dynamic parts.
+        sinkhorn: the Sinkhorn-Knopp implementation (``ops.cpu`` passes its own).
 
     Returns:
         ``H_pre [M, n]``, ``H_post [M, n]``, ``H_res [M, n, n]``, all float32.
@@ -80,7 +84,7 @@ def mhc_coefficients(
     if mode == "mhc":
         h_pre = torch.sigmoid(alpha[0] * d_pre + b_pre)
         h_post = 2.0 * torch.sigmoid(alpha[1] * d_post + b_post)
-        h_res = sinkhorn_knopp(alpha[2] * d_res + b_res, sinkhorn_iters)
+        h_res = sinkhorn(alpha[2] * d_res + b_res, sinkhorn_iters)
     elif mode == "hc":
         h_pre = alpha[0] * torch.tanh(d_pre) + b_pre
         h_post = alpha[1] * torch.tanh(d_post) + b_post
