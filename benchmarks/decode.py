@@ -1,0 +1,152 @@
+"""Decode latency: batch-1 greedy generation with a KV cache, plain residual vs mHC (n = 4).
+
+    python benchmarks/decode.py --hidden 4096 --layers 8 --out benchmarks/results/decode-<gpu>.md
+
+A Llama-style model (bf16 weights, random init from a config) generates ``--new-tokens``
+tokens after a ``--prompt``-token prompt, greedy, batch 1. Rows, for the residual model and
+the converted one:
+
+* ``eager``: ``model.generate`` as it is (dynamic KV cache);
+* ``compiled``: ``model.forward = torch.compile(model.forward, dynamic=True)``;
+* ``cuda graphs``: a static KV cache (``cache_implementation="static"``) and
+  ``torch.compile(model.forward, mode="reduce-overhead")``, so each decode step replays a
+  CUDA graph.
+
+Time per new token = (time of a ``new_tokens`` generation - time of a 1-token generation)
+/ (new_tokens - 1), so the prompt's prefill is left out; the median of ``--reps`` runs after
+warm-up runs (compilation and graph capture happen there). Generated tokens of the
+converted model are compared with the residual model's (``init="preserve"``: equal up to
+bf16 rounding in the streams; a differing token is reported, not hidden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, ".")
+import mhc_compile as mhc  # noqa: E402
+
+HOWS = ("eager", "compiled", "cuda graphs")
+
+
+def build(args: argparse.Namespace, converted: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 256 * 256,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                      num_key_value_heads=args.hidden // 128, vocab_size=args.vocab,
+                      max_position_embeddings=args.prompt + args.new_tokens + 8,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    if converted:
+        mhc.mhc_compile(model, n_streams=4)
+    return model
+
+
+def _generate(model, ids: torch.Tensor, new_tokens: int, static: bool) -> torch.Tensor:
+    kwargs = {"cache_implementation": "static"} if static else {}
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0, **kwargs)
+
+
+def _timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
+    model = build(args, converted)
+    static = how == "cuda graphs"
+    if how == "compiled":
+        model.forward = torch.compile(model.forward, dynamic=True)
+    elif static:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    ids = torch.randint(1, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(args.device)
+    tokens = None
+    for _ in range(args.warmup):
+        tokens = _generate(model, ids, args.new_tokens, static)
+        _generate(model, ids, 1, static)
+    longs, shorts = [], []
+    for _ in range(args.reps):
+        longs.append(_timed(lambda: _generate(model, ids, args.new_tokens, static), args.device))
+        shorts.append(_timed(lambda: _generate(model, ids, 1, static), args.device))
+    per_token = (statistics.median(longs) - statistics.median(shorts)) / (args.new_tokens - 1)
+    del model
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return {"model": "mhc" if converted else "residual", "mode": how,
+            "ms/token": round(1000 * per_token, 2), "tokens": tokens[0, args.prompt:].tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", nargs="*", choices=HOWS, default=list(HOWS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for how in args.only:
+        for converted in (False, True):
+            try:
+                rows.append(measure(args, converted, how))
+            except Exception as err:  # noqa: BLE001 - a failing row is a result
+                rows.append({"model": "mhc" if converted else "residual", "mode": how,
+                             "ms/token": f"failed: {type(err).__name__}: {str(err)[:160]}"})
+            print({k: v for k, v in rows[-1].items() if k != "tokens"}, flush=True)
+    base = {r["mode"]: r for r in rows if r["model"] == "residual" and isinstance(r["ms/token"], float)}
+    for r in rows:
+        ref = base.get(r["mode"])
+        if ref and isinstance(r["ms/token"], float):
+            r["vs residual, same mode"] = f"{r['ms/token'] / ref['ms/token']:.2f}x"
+            if r is not ref:
+                same = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
+                r["tokens equal to residual"] = f"{same}/{len(ref['tokens'])}"
+    for r in rows:
+        r.pop("tokens", None)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    import triton
+
+    text = "\n".join([
+        f"# Decode latency on {device}",
+        "",
+        f"Command: `python benchmarks/decode.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab} "
+        f"--prompt {args.prompt} --new-tokens {args.new_tokens} --reps {args.reps}`",
+        f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, bf16 weights, batch 1, greedy, "
+        f"{args.prompt}-token prompt, {args.new_tokens} new tokens; time per new token (prefill excluded), "
+        f"median of {args.reps}.",
+        "",
+        tabulate(rows, headers="keys", tablefmt="github"),
+        "",
+    ])
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
