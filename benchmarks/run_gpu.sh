@@ -4,6 +4,9 @@
 # MHC_TESTS: test files (default tests/test_kernels.py; empty: skip the tests)
 # MHC_KERNELS_ARGS: arguments of benchmarks/kernels.py ("skip": do not run it)
 # MHC_TRAIN_ARGS: arguments of benchmarks/train_step.py ("skip": do not run it)
+# MHC_LOSS_ARGS, MHC_DECODE_ARGS, MHC_STUDY_ARGS: likewise for train_step.py --loss-check,
+#   decode.py and study.py (default: skip)
+# MHC_BUNDLE=1: pack every result into $OUT/results.tgz (the GPU tool returns few files)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/local}"
@@ -26,3 +29,14 @@ run_bench() {  # name, args, timeout
 }
 run_bench kernels "${MHC_KERNELS_ARGS:-}" "${MHC_KERNELS_TIMEOUT:-300}"
 run_bench train_step "${MHC_TRAIN_ARGS:-skip}" "${MHC_TRAIN_TIMEOUT:-400}"
+if [ "${MHC_LOSS_ARGS:-skip}" != "skip" ]; then
+  timeout "${MHC_LOSS_TIMEOUT:-240}" python3 benchmarks/train_step.py --out "$OUT/loss-check.md" $MHC_LOSS_ARGS \
+    > "$OUT/loss-check.log" 2>&1
+  echo "== loss check (exit $?)"; tail -15 "$OUT/loss-check.log"
+fi
+run_bench decode "${MHC_DECODE_ARGS:-skip}" "${MHC_DECODE_TIMEOUT:-300}"
+run_bench study "${MHC_STUDY_ARGS:-skip}" "${MHC_STUDY_TIMEOUT:-500}"
+if [ "${MHC_BUNDLE:-0}" = "1" ]; then
+  (cd "$OUT" && tar czf /tmp/results.tgz --exclude results.tgz . && mv /tmp/results.tgz results.tgz \
+    && find . -type f ! -name results.tgz ! -name '*.md' -delete)
+fi
