@@ -15,6 +15,7 @@ device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import sys
@@ -25,6 +26,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 from mhc_compile.ops import library, reference  # noqa: E402
+from mhc_compile.ops.settings import Tiles  # noqa: E402
 
 N = 4
 
@@ -197,15 +199,32 @@ def block_rows(m, c, bw):
 
 
 # Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
+# A knob is a module constant (``"DX_TILES"``) or one field of a ``Tiles`` constant
+# (``"POST_PROJ_TILES.stages"``, tried on the tiles chosen so far).
 KNOBS = [
-    ("PROJ_TILES", [(256, 64, 4), (128, 64, 4), (256, 64, 8), (128, 128, 8), (256, 32, 4)], "pre fwd"),
+    ("PROJ_TILES", [Tiles(256, 64, 4, 2), Tiles(128, 64, 4, 2), Tiles(256, 64, 8, 2), Tiles(128, 128, 8, 2),
+                    Tiles(256, 32, 4, 2)], "pre fwd"),
     ("SPLIT_CHANNELS", [512, 1024, 2048], "pre fwd"),
-    ("DH_TILES", [(64, 64, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)], "pre bwd"),
-    ("DX_TILES", [(32, 128, 8), (64, 64, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8)], "pre bwd"),
+    ("DH_TILES", [Tiles(64, 64, 4), Tiles(32, 128, 4), Tiles(16, 256, 4), Tiles(64, 128, 8)], "pre bwd"),
+    ("DX_TILES", [Tiles(32, 128, 8), Tiles(64, 64, 8), Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(128, 64, 8)], "pre bwd"),
     ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
-    ("POST_PROJ_TILES", [(64, 32, 4), (128, 32, 8), (64, 64, 8), (64, 16, 4)], "post+pre fwd"),
-    ("POST_PROJ_STAGES", [1, 2, 3], "post+pre fwd"),
+    ("POST_PROJ_TILES", [Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 64, 8, 3), Tiles(64, 16, 4, 3)],
+     "post+pre fwd"),
+    ("POST_PROJ_TILES.stages", [1, 2, 3], "post+pre fwd"),
 ]
+
+
+def get_knob(knob: str):
+    """The current value of ``knob`` in ``ops.library``."""
+    const, _, field = knob.partition(".")
+    value = getattr(library, const)
+    return getattr(value, field) if field else value
+
+
+def set_knob(knob: str, value) -> None:
+    """Set ``knob`` in ``ops.library`` (a field: a copy of the ``Tiles`` with it replaced)."""
+    const, _, field = knob.partition(".")
+    setattr(library, const, dataclasses.replace(getattr(library, const), **{field: value}) if field else value)
 
 
 def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict]:
@@ -215,18 +234,19 @@ def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict
     for knob, candidates, kernel in KNOBS:
         if knobs and knob not in knobs:
             continue
-        best = (float("inf"), getattr(library, knob))
+        best = (float("inf"), get_knob(knob))
         for value in candidates:
-            setattr(library, knob, value)
+            set_knob(knob, value)
             try:
                 row = next(r for r in kernel_rows(m, c, bw, only=kernel))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: report and go on
-                rows.append({"knob": knob, "value": value, "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
+                rows.append({"knob": knob, "value": str(value), "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
                 continue
-            rows.append({"knob": knob, "value": value, "kernel": kernel, "ms": row["ms"], "% copy BW": row["% copy BW"]})
+            rows.append({"knob": knob, "value": str(value), "kernel": kernel, "ms": row["ms"], "% copy BW": row["% copy BW"]})
             print(rows[-1], flush=True)
-            best = min(best, (row["ms"], value))
-        setattr(library, knob, best[1])
+            if row["ms"] < best[0]:
+                best = (row["ms"], value)
+        set_knob(knob, best[1])
     return rows
 
 
@@ -263,7 +283,7 @@ def launch_breakdown(m: int, c: int) -> list[dict]:
 
 
 def chosen_knobs() -> str:
-    return ", ".join(f"{knob} = {getattr(library, knob)}" for knob, _, _ in KNOBS)
+    return "; ".join(f"{knob} = {get_knob(knob)}" for knob, _, _ in KNOBS if "." not in knob)
 
 
 def main() -> None:
@@ -321,7 +341,7 @@ def main() -> None:
         "",
         tabulate(block, headers="keys", tablefmt="github"),
         "",
-        f"Kernel tiles used (tokens, channels, warps per program): {chosen_knobs()}.",
+        f"Kernel tiles used: {chosen_knobs()}.",
         "",
     ]
     lines += ["## Where the time goes: each launch inside the ops (C = 4096, torch.profiler)", "",

@@ -12,6 +12,7 @@ calls for ``backend="triton"`` (and for ``"auto"`` on CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MHCError
+from .settings import DotMode, Tiles
 
 try:  # Triton is optional: without it only backend="torch" exists
     import triton
@@ -32,22 +34,24 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
-# Tiles on the GPU, (tokens, channels, warps) per program, from benchmarks/kernels.py --sweep
-# on an H100. Projections (split-K over channel ranges of SPLIT_CHANNELS per stream) take
-# many tokens per program to amortise phi's L2 reads; streaming passes take few.
-PROJ_TILES = (256, 64, 8)  # pre forward's projection
-POST_PROJ_TILES = (128, 32, 8)  # fused post + next pre's projection
+# Tiles on the GPU, from benchmarks/kernels.py --tune on an H100. Projections (split-K over
+# channel ranges of SPLIT_CHANNELS per stream) take many tokens per program to amortise
+# phi's L2 reads; streaming passes take few.
+PROJ_TILES = Tiles(tokens=256, channels=64, warps=8, stages=2)  # pre forward's projection
+POST_PROJ_TILES = Tiles(tokens=128, channels=32, warps=8, stages=3)  # fused post + next pre's projection
 SPLIT_CHANNELS = 1024
-PROJ_STAGES = 2  # software-pipelining depth of the projection loops
-POST_PROJ_STAGES = 3
-COEF_BLOCK = 64  # tokens per program of the per-token coefficient kernels
-AGGREGATE_TILES = (8, 256, 8)
-DH_TILES = (16, 256, 4)  # the backward's dH_pre partials (no dot: few tokens per program)
-DX_TILES = (64, 64, 4)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
+COEF_TILES = Tiles(tokens=64, channels=1, warps=4)  # per-token coefficient kernels (no channel axis)
+AGGREGATE_TILES = Tiles(tokens=8, channels=256, warps=8)
+DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre partials (no dot: few tokens)
+DX_TILES = Tiles(tokens=64, channels=64, warps=4)  # tl.dot needs >= 16 tokens; also the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
+POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
-_INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}
-BLOCK_M_POST = 4
+_INTERPRETER_TILES = {
+    "proj": Tiles(tokens=16, channels=16, warps=4), "stream": Tiles(tokens=4, channels=32, warps=4),
+    "dx": Tiles(tokens=16, channels=16, warps=4), "coef": Tiles(tokens=16, channels=1, warps=4),
+    "post": POST_TILES,
+}
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
 
@@ -119,17 +123,14 @@ def _unpad_columns(t: Tensor, n: int) -> Tensor:
     return torch.cat([t[..., :n], t[..., np_:np_ + n], res], dim=-1)
 
 
-def _dot_mode(x: Tensor) -> int:
-    """How the kernels compute ``vec(x) @ phi`` with float32 accuracy on tensor cores.
-
-    1: 16-bit streams against a hi/lo split of ``phi`` in the stream dtype (two dots);
-    2: float32 streams split into bf16 hi/lo on chip (three dots against bf16 hi/lo phi);
-    0: plain float32 IEEE dots, under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter
-    computes 16-bit ``tl.dot`` wrongly: numpy has no bfloat16).
-    """
+def _dot_mode(x: Tensor) -> DotMode:
+    """How the kernels compute ``vec(x) @ phi`` with float32 accuracy on tensor cores:
+    ``SPLIT_B`` for 16-bit streams, ``SPLIT_AB`` for float32 streams, and ``IEEE_FP32``
+    under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter computes 16-bit ``tl.dot``
+    wrongly: numpy has no bfloat16)."""
     if _interpreting():
-        return 0
-    return 2 if x.dtype == torch.float32 else 1
+        return DotMode.IEEE_FP32
+    return DotMode.SPLIT_AB if x.dtype == torch.float32 else DotMode.SPLIT_B
 
 
 def _poisoned(*tensors: Tensor) -> None:
@@ -149,14 +150,15 @@ def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     return outs
 
 
-def _tiles(x: Tensor, c: int, tiles: tuple[int, int, int], kind: str) -> tuple[int, int, int]:
-    """(tokens, channels, warps) per program: ``tiles`` on the GPU (channels halved for
-    float32 streams), small ones under the interpreter; channels capped at the next power
-    of two of ``c``."""
-    bm, bc, warps = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
-    if x.is_cuda and x.element_size() == 4 and kind != "stream":
+def _tiles(x: Tensor, c: int, tiles: Tiles, kind: str) -> Tiles:
+    """The launch shape of one kernel: ``tiles`` on the GPU (channels halved for float32
+    streams in the projection and dx kinds), small ones under the interpreter; channels capped
+    at the next power of two of ``c``."""
+    t = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
+    bc = t.channels
+    if x.is_cuda and x.element_size() == 4 and kind in ("proj", "dx"):
         bc = max(16, bc // 2)  # float32 streams: the tiles tuned for 16 bits, halved to fit
-    return bm, _pick(bc, c), warps
+    return dataclasses.replace(t, channels=_pick(bc, c))
 
 
 def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[int, int]:
@@ -171,24 +173,23 @@ def _pick(block: int, c: int) -> int:
     return min(block, triton.next_power_of_2(c)) if KERNELS_AVAILABLE else block
 
 
-def _back_dot(dot: int) -> int:
+def _back_dot(dot: DotMode) -> DotMode:
     """Dot mode of ``dproj @ phi^T`` in dx: a 16-bit dx is served by one bf16 dot."""
-    return 0 if dot == 0 else (3 if dot == 1 else 2)
+    return {DotMode.SPLIT_B: DotMode.BF16}.get(dot, dot)
 
 
 if KERNELS_AVAILABLE:
 
-    def _pre_projection(x: Tensor, phi_pad: Tensor, dot: int) -> tuple[Tensor, Tensor, int]:
+    def _pre_projection(x: Tensor, phi_pad: Tensor, dot: DotMode) -> tuple[Tensor, Tensor, int]:
         """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         width = layout(n)[3]
-        bm, bc, warps = _tiles(x, c, PROJ_TILES, "proj")
-        per, splits = _splits(x, c, bc)
+        t = _tiles(x, c, PROJ_TILES, "proj")
+        per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, width, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
-        wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, bm), splits)](
-            x, phi_pad, part, sq, m, c, per, N=n, W=width, DOT=dot, BM=bm, BC=bc, num_warps=warps,
-            num_stages=PROJ_STAGES,
+        wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
+            x, phi_pad, part, sq, m, c, per, N=n, W=width, DOT=int(dot), **t.launch(),
         )
         return part, sq, splits
 
@@ -201,14 +202,15 @@ if KERNELS_AVAILABLE:
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, _ = layout(n)
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
-        coef_block = COEF_BLOCK if x.is_cuda else 16
-        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, coef_block),)](
+        ct = _tiles(x, c, COEF_TILES, "coef")
+        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens),)](
             part, sq, _pad_columns(bias, n), alpha, h_pre, h_post, h_res, q, rstd,
-            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, W=layout(n)[3], HC=hc, BM=coef_block, num_warps=4,
+            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, W=layout(n)[3], HC=hc,
+            **ct.launch(channels=False),
         )
-        bm, bc, warps = _tiles(x, c, AGGREGATE_TILES, "stream")
-        wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x, h_pre, u, m, c, N=n, BM=bm, BC=bc, num_warps=warps,
+        t = _tiles(x, c, AGGREGATE_TILES, "stream")
+        wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))](
+            x, h_pre, u, m, c, N=n, **t.launch(),
         )
         return u, h_pre, h_post, h_res, q, rstd
 
@@ -220,11 +222,11 @@ if KERNELS_AVAILABLE:
         ``dz [M, W]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, width = layout(n)
-        bm, bc, warps = _tiles(x, c, DH_TILES, "proj")
-        per, splits = _splits(x, c, bc)
+        t = _tiles(x, c, DH_TILES, "proj")
+        per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, np_, dtype=torch.float32)
-        wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, bm), splits)](
-            x, du, part, m, c, per, N=n, NP=np_, BM=bm, BC=bc, num_warps=warps,
+        wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, t.tokens), splits)](
+            x, du, part, m, c, per, N=n, NP=np_, **t.launch(),
         )
         dproj = x.new_zeros(m, width, dtype=torch.float32)  # zero padding columns: one dot in dx
         dz = x.new_empty(m, width, dtype=torch.float32)
@@ -232,11 +234,11 @@ if KERNELS_AVAILABLE:
         coef = x.new_empty(m, dtype=torch.float32)
         sums = x.new_empty(0 if hc else 2 * iters, m, npad, dtype=torch.float32)  # Sinkhorn scratch
         _poisoned(dz, dalpha, coef)
-        coef_block = COEF_BLOCK if x.is_cuda else 16
-        wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, coef_block),)](
+        ct = _tiles(x, c, COEF_TILES, "coef")
+        wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, ct.tokens),)](
             part, _pad_columns(bias, n), alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
             dproj, dz, dalpha, coef, sums, m, n * c, iters, splits,
-            N=n, NPAD=npad, NP=np_, NR=nr, W=width, HC=hc, BM=coef_block, num_warps=4,
+            N=n, NPAD=npad, NP=np_, NR=nr, W=width, HC=hc, **ct.launch(channels=False),
         )
         return dproj, dz, dalpha, coef
 
@@ -253,19 +255,19 @@ if KERNELS_AVAILABLE:
             x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
         dx = torch.empty_like(x)
         _poisoned(dx)
-        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
-        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
+        t = _tiles(x, c, DX_TILES, "dx")
+        per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS)
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, t.tokens), splits)](
             x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
-            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=g_in is not None, BM=bm, BC=bc, num_warps=warps,
+            N=n, W=layout(n)[3], BDOT=int(_back_dot(dot)), ACCUM=g_in is not None, **t.launch(),
         )
         return dx, dproj, dz, dalpha
 
-    def _phi_t(phi: Tensor, n: int, dot: int) -> Tensor:
+    def _phi_t(phi: Tensor, n: int, dot: DotMode) -> Tensor:
         """``phi`` padded and transposed, ``[W, n*C]``, for ``dproj @ phi^T``; bf16 where
         dx is served by one bf16 dot."""
         phi_t = _pad_columns(phi, n).t().contiguous()
-        return phi_t.to(torch.bfloat16) if _back_dot(dot) == 3 else phi_t
+        return phi_t.to(torch.bfloat16) if _back_dot(dot) == DotMode.BF16 else phi_t
 
     @triton_op("mhc_compile::pre_fwd", mutates_args=())
     def pre_fwd(
@@ -291,10 +293,10 @@ if KERNELS_AVAILABLE:
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         out = torch.empty_like(x)
         _poisoned(out)
-        bc = _pick(256, c)
-        grid = (triton.cdiv(m, BLOCK_M_POST), triton.cdiv(c, bc))
+        t = _tiles(x, c, POST_TILES, "post")
+        grid = (triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))
         wrap_triton(kernels._post_fwd_kernel)[grid](
-            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=bc, num_warps=4
+            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n)[0], **t.launch(),
         )
         return out
 
@@ -308,11 +310,11 @@ if KERNELS_AVAILABLE:
         dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
         dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
         _poisoned(dx, dy)
-        bc = _pick(256, c)
-        grid = (triton.cdiv(m, BLOCK_M_POST), triton.cdiv(c, bc))
+        t = _tiles(x, c, POST_TILES, "post")
+        grid = (triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))
         wrap_triton(kernels._post_bwd_kernel)[grid](
             x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c,
-            N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=bc, num_warps=4,
+            N=n, NPAD=layout(n)[0], **t.launch(),
         )
         return dx, dy, dh_post, dh_res
 
@@ -335,14 +337,13 @@ if KERNELS_AVAILABLE:
         width = layout(n)[3]
         x_next = torch.empty_like(x)
         _poisoned(x_next)
-        bm, bc, warps = _tiles(x, c, POST_PROJ_TILES, "proj")
-        per, splits = _splits(x, c, bc)
+        t = _tiles(x, c, POST_PROJ_TILES, "proj")
+        per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, width, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
-        wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, bm), splits)](
+        wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
             x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
-            N=n, NPAD=layout(n)[0], W=width, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
-            num_stages=POST_PROJ_STAGES,
+            N=n, NPAD=layout(n)[0], W=width, DOT=int(_dot_mode(x)), **t.launch(),
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 

@@ -15,6 +15,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..settings import DotMode
+
+# DotMode as Triton constants (a @triton.jit function may read globals only if constexpr)
+DOT_IEEE_FP32 = tl.constexpr(int(DotMode.IEEE_FP32))
+DOT_SPLIT_B = tl.constexpr(int(DotMode.SPLIT_B))
+DOT_SPLIT_AB = tl.constexpr(int(DotMode.SPLIT_AB))
+DOT_BF16 = tl.constexpr(int(DotMode.BF16))
+
 
 @triton.jit
 def _sigmoid(x):
@@ -28,22 +36,20 @@ def _tanh(x):
 
 @triton.jit
 def _split_dot(a, b, DOT: tl.constexpr):
-    """``a @ b`` for a float32 ``b``, with float32 accuracy.
-
-    DOT 0: float32 IEEE dot; 1: ``a`` is 16-bit: ``b`` split on chip into hi + lo of that
-    dtype, two tensor-core dots; 2: ``a`` and ``b`` both split into bf16 hi + lo, three
-    tensor-core dots; 3: one bf16 dot (for results stored in 16 bits). The split happens here, in Triton, because a host-side
-    ``phi - phi.to(bf16).float()`` may be folded to zero by Inductor.
+    """``a @ b`` for a float32 ``b``, computed as :class:`~mhc_compile.ops.settings.DotMode`
+    ``DOT`` says (float32-accurate but for ``DOT_BF16``). The split happens here, in
+    Triton, because a host-side ``phi - phi.to(bf16).float()`` may be folded to zero by
+    Inductor.
     """
-    if DOT == 0:
+    if DOT == DOT_IEEE_FP32:
         return tl.dot(a.to(tl.float32), b, input_precision="ieee", out_dtype=tl.float32)
-    if DOT == 3:  # one bf16 dot: enough where the result is rounded to 16 bits anyway
+    if DOT == DOT_BF16:  # one bf16 dot: enough where the result is rounded to 16 bits anyway
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-    if DOT == 1:
+    if DOT == DOT_SPLIT_B:
         b_hi = b.to(a.dtype)
         b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
         return tl.dot(a, b_hi, out_dtype=tl.float32) + tl.dot(a, b_lo, out_dtype=tl.float32)
-    a32 = a.to(tl.float32)
+    a32 = a.to(tl.float32)  # DOT_SPLIT_AB
     a_hi = a32.to(tl.bfloat16)
     a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
     b_hi = b.to(tl.bfloat16)
