@@ -117,6 +117,12 @@ def kernel_rows(m, c, bw, only=None):
         "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
             (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+        # deterministic=True: the post backward's channel sums as ordered partials, no atomics
+        "post bwd, deterministic": (lambda: torch.ops.mhc_compile.post_bwd(xd, u, h_post, h_res, g, True),
+                                    (3 * nc + 2 * c) * e, (3 * nc + 2 * c) * e),
+        "post+pre bwd, deterministic": (lambda: torch.ops.mhc_compile.post_pre_bwd(
+            xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20, True),
+            (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -164,18 +170,19 @@ def connection_rows(m, c, bw, with_liger):
     return rows
 
 
-def two_connections(impl, fused):
+def two_connections(impl, fused, **kw):
     """pre(1) -> branch -> post(1) -> pre(2) -> branch -> post(2): a transformer block's
-    attention -> MLP path with identity branches; the middle pair fused or not."""
+    attention -> MLP path with identity branches; the middle pair fused or not; ``kw``
+    (``deterministic=True``) goes to the post sides."""
 
     def run(x, phi, bias, alpha):
         u, h_post, h_res = impl.mhc_pre(x, phi, bias, alpha)
         if fused:
-            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha)
+            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha, **kw)
         else:
-            x2 = impl.mhc_post(x, u, h_post, h_res)
+            x2 = impl.mhc_post(x, u, h_post, h_res, **kw)
             u2, h_post2, h_res2 = impl.mhc_pre(x2, phi, bias, alpha)
-        return impl.mhc_post(x2, u2, h_post2, h_res2)
+        return impl.mhc_post(x2, u2, h_post2, h_res2, **kw)
 
     return run
 
@@ -186,6 +193,7 @@ def block_rows(m, c, bw):
         "compiled reference (Inductor)": torch.compile(two_connections(reference, False)),
         "kernels, post and pre separate": two_connections(library, False),
         "kernels, post+pre fused": two_connections(library, True),
+        "kernels, post+pre fused, deterministic": two_connections(library, True, deterministic=True),
     }
     rows = []
     for name, fn in impls.items():
@@ -314,7 +322,7 @@ def main() -> None:
     print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
-        print(tabulate(kern[-6:], headers="keys", tablefmt="github"), flush=True)
+        print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
         block += block_rows(args.tokens, c, bw)
         if not args.kernels_only:
             conn += connection_rows(args.tokens, c, bw, with_liger)

@@ -275,3 +275,93 @@ def test_converted_llama_on_gpu_uses_kernels_compiled():
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(p.grad is not None for p in mhc.mhc_parameters(model))
+
+
+def _connection_grads(impl, inputs, mode, fused, **kw):
+    """Grads of a pre -> post (-> pre -> post where ``fused``) chain w.r.t. all inputs."""
+    x, y, phi, bias, alpha = inputs
+    u, h_post, h_res = impl.mhc_pre(x, phi, bias, alpha, mode=mode)
+    if fused:
+        x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, y + u, h_post, h_res, phi, bias, alpha, mode=mode, **kw)
+        out = impl.mhc_post(x2, y * u2, h_post2, h_res2, **kw)
+    else:
+        out = impl.mhc_post(x, y + u, h_post, h_res, **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    return torch.autograd.grad((out.float() * g.float()).sum(), [x, y, phi, bias, alpha])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("n, c, m", [(4, 40, 9), (3, 70, 6)])
+def test_deterministic_post_backward_matches_reference(n, c, m, fused):
+    # channels 40 / 70 under the interpreter: several channel ranges, so the partial sums are reduced
+    inputs = _inputs(m, n, c, torch.float32)
+    got = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    ref = _connection_grads(reference, inputs, "mhc", fused)
+    for name, a, b in zip(["dx", "dy", "dphi", "dbias", "dalpha"], got, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) <= TOL[torch.float32], (name, _rel(a, b))
+
+
+class _ArgRecorder(TorchDispatchMode):
+    """The ``deterministic`` flag each ``post_bwd`` / ``post_pre_bwd`` call receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "mhc_compile" in name and name.split(".")[1] in ("post_bwd", "post_pre_bwd"):
+            self.flags.append(bool(args[-1]) if isinstance(args[-1], bool) else False)
+        return func(*args, **(kwargs or {}))
+
+
+def test_deterministic_option_reaches_the_kernels():
+    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+    base = NanoGPT().to(DEVICE)
+    det, ref = copy.deepcopy(base), copy.deepcopy(base)
+    mhc.mhc_compile(det, backend="triton", example_inputs=idx, deterministic=True)
+    mhc.mhc_compile(ref, backend="torch", example_inputs=idx)
+    with torch.no_grad():
+        for p, q in zip(mhc.mhc_parameters(det), mhc.mhc_parameters(ref)):
+            p.copy_(q.detach() + 0.05 * torch.randn_like(q))
+            q.copy_(p)
+    det.eval(), ref.eval()
+    with _ArgRecorder() as rec:
+        det(idx, idx)[1].backward()
+    assert rec.flags and all(rec.flags), rec.flags  # 3 fused + 3 separate post backwards
+    ref(idx, idx)[1].backward()
+    for p, q in zip(mhc.mhc_parameters(det), mhc.mhc_parameters(ref)):
+        assert _rel(p.grad, q.grad) <= 1e-4
+
+
+def test_torch_deterministic_algorithms_turn_the_deterministic_path_on():
+    x, y, phi, bias, alpha = _inputs(6, 4, 24, torch.float32)
+    with _ArgRecorder() as rec:
+        _connection_grads(library, (x, y, phi, bias, alpha), "mhc", fused=True)
+    assert rec.flags == [False, False]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _ArgRecorder() as rec:
+            _connection_grads(library, (x, y, phi, bias, alpha), "mhc", fused=True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert rec.flags == [True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("c", [2048, 7168])
+def test_deterministic_grads_are_bitwise_identical_on_gpu(c, fused):
+    inputs = _inputs(16384, 4, c, torch.bfloat16)
+    first = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    for _ in range(3):
+        again = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+        for name, a, b in zip(["dx", "dy", "dphi", "dbias", "dalpha"], again, first):
+            assert torch.equal(a, b), name
+    default = _connection_grads(library, inputs, "mhc", fused)  # float32 atomics: the same within rounding
+    ref = _connection_grads(reference, inputs, "mhc", fused)
+    for name, a, b, r in zip(["dx", "dy", "dphi", "dbias", "dalpha"], default, first, ref):
+        assert _rel(a, b) <= 1e-3, name
+        assert _rel(b, r) <= TOL[torch.bfloat16], name

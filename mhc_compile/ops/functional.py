@@ -13,6 +13,7 @@ The per-token coefficients ``H_post [M, n]`` and ``H_res [M, n, n]`` travel betw
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -74,12 +75,13 @@ def _kernels_available() -> bool:
     return library.KERNELS_AVAILABLE
 
 
-def _impl(name: str, backend: str, x: Tensor) -> Callable:
-    """``ops.library.<name>`` (the fused kernels) or ``ops.reference.<name>``."""
+def _impl(name: str, backend: str, x: Tensor, **kernel_options) -> Callable:
+    """``ops.library.<name>`` (the fused kernels, given ``kernel_options``) or
+    ``ops.reference.<name>``."""
     if _use_kernels(x, backend):
         from . import library
 
-        return getattr(library, name)
+        return functools.partial(getattr(library, name), **kernel_options)
     return getattr(reference, name)
 
 
@@ -122,11 +124,15 @@ def mhc_post(
     *,
     channel_dim: int,
     backend: str,
+    deterministic: bool = False,
 ) -> Tensor:
-    """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout."""
+    """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout.
+
+    ``deterministic``: the kernels' backward gives bitwise-reproducible gradients (the
+    reference ops are as deterministic as PyTorch's own)."""
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    out = _impl("mhc_post", backend, tokens)(tokens, y_tokens, h_post, h_res)
+    out = _impl("mhc_post", backend, tokens, deterministic=deterministic)(tokens, y_tokens, h_post, h_res)
     return tokens_to_streams(out, x, channel_dim)
 
 
@@ -144,6 +150,7 @@ def mhc_post_pre(
     eps: float,
     channel_dim: int,
     backend: str,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Post of one connection fused with the pre of the next (one kernel on the GPU).
 
@@ -153,7 +160,7 @@ def mhc_post_pre(
     """
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens)(
+    x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens, deterministic=deterministic)(
         tokens, y_tokens, h_post, h_res, phi, bias, alpha,
         mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps,
     )

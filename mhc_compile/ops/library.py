@@ -46,11 +46,12 @@ DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre part
 DX_TILES = Tiles(tokens=64, channels=64, warps=4)  # tl.dot needs >= 16 tokens; also the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
+DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {
     "proj": Tiles(tokens=16, channels=16, warps=4), "stream": Tiles(tokens=4, channels=32, warps=4),
     "dx": Tiles(tokens=16, channels=16, warps=4), "coef": Tiles(tokens=16, channels=1, warps=4),
-    "post": POST_TILES,
+    "post": Tiles(tokens=4, channels=16, warps=4),
 }
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -288,8 +289,9 @@ if KERNELS_AVAILABLE:
         return _pre_side_backward(x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters)
 
     @triton_op("mhc_compile::post_fwd", mutates_args=())
-    def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-        """``X_next [M, n, C] = H_res @ x + H_post^T y``."""
+    def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, deterministic: bool = False) -> Tensor:
+        """``X_next [M, n, C] = H_res @ x + H_post^T y``; ``deterministic`` only picks the
+        backward's reduction (see :func:`post_bwd`)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         out = torch.empty_like(x)
         _poisoned(out)
@@ -301,34 +303,47 @@ if KERNELS_AVAILABLE:
         return out
 
     def _post_backward_launch(
-        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The post backward kernel: ``dx``, ``dy``, ``dH_post``, ``dH_res`` from ``grad [M, n, C]``."""
+        """The post backward kernel: ``dx``, ``dy``, ``dH_post``, ``dH_res`` from ``grad [M, n, C]``.
+
+        The channel sums of ``dH_post``/``dH_res`` use float32 atomics, or, when
+        ``deterministic``, per-range partial sums (ranges of DETERMINISTIC_POST_CHANNELS)
+        added in a fixed order: bitwise identical run to run."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
-        dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
-        dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
         _poisoned(dx, dy)
         t = _tiles(x, c, POST_TILES, "post")
-        grid = (triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))
-        wrap_triton(kernels._post_bwd_kernel)[grid](
-            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c,
-            N=n, NPAD=layout(n)[0], **t.launch(),
+        if deterministic:
+            per, splits = _splits(x, c, t.channels, DETERMINISTIC_POST_CHANNELS)
+            dh_post = x.new_empty(splits, m, n, dtype=torch.float32)
+            dh_res = x.new_empty(splits, m, n, n, dtype=torch.float32)
+            _poisoned(dh_post, dh_res)
+        else:
+            per, splits = t.channels, triton.cdiv(c, t.channels)  # one chunk per program
+            dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
+            dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
+        wrap_triton(kernels._post_bwd_kernel)[(triton.cdiv(m, t.tokens), splits)](
+            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c, per,
+            N=n, NPAD=layout(n)[0], ATOMIC=not deterministic, **t.launch(),
         )
+        if deterministic:
+            dh_post, dh_res = dh_post.sum(0), dh_res.sum(0)  # torch's reductions use no atomics
         return dx, dy, dh_post, dh_res
 
     @triton_op("mhc_compile::post_bwd", mutates_args=())
     def post_bwd(
-        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res``."""
-        return _post_backward_launch(x, y, h_post, h_res, grad)
+        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` (bitwise
+        reproducible where ``deterministic``)."""
+        return _post_backward_launch(x, y, h_post, h_res, grad, deterministic)
 
     @triton_op("mhc_compile::post_pre_fwd", mutates_args=())
     def post_pre_fwd(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
-        alpha: Tensor, hc: bool, iters: int, eps: float,
+        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Post of one connection fused with the pre of the next: ``x [M, n, C]``, ``y [M, C]``,
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
@@ -352,13 +367,14 @@ if KERNELS_AVAILABLE:
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
         phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor, q: Tensor,
         rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+        deterministic: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`post_pre_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` of the
         post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
         ``g_next`` is the gradient reaching ``X_next`` from its other users."""
         g, dproj, dz, dalpha = _pre_side_backward(  # g: X_next's whole gradient, g_next included
             x_next, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters, g_in=g_next)
-        dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g)
+        dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g, deterministic)
         return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
 
     def _pre_grads_in(x, h_post, du, dh_post, dh_res):
@@ -381,10 +397,10 @@ if KERNELS_AVAILABLE:
         return dphi, _unpad_columns(dz.sum(0), n), dalpha.sum(0)
 
     def _post_pre_setup(ctx, inputs, output) -> None:
-        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _ = inputs
+        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _, deterministic = inputs
         x_next, _, h_pre, h_post, _, q, rstd = output
         ctx.save_for_backward(x, y, h_post0, h_res0, x_next, phi, bias, alpha, h_pre, h_post, q, rstd)
-        ctx.hc, ctx.iters = hc, iters
+        ctx.hc, ctx.iters, ctx.deterministic = hc, iters, deterministic
         ctx.mark_non_differentiable(h_pre, q, rstd)
 
     def _post_pre_backward(ctx, g_next, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
@@ -393,10 +409,10 @@ if KERNELS_AVAILABLE:
         g_next = torch.zeros_like(x_next) if g_next is None else g_next.contiguous()
         dx, dy, dh_post0, dh_res0, dproj, dz, dalpha = torch.ops.mhc_compile.post_pre_bwd(
             x, y, h_post0, h_res0, x_next, g_next, phi, bias, alpha, h_pre, h_post, q, rstd,
-            du, dh_post, dh_res, ctx.hc, ctx.iters,
+            du, dh_post, dh_res, ctx.hc, ctx.iters, ctx.deterministic,
         )
         dphi, dbias, dalpha = _pre_param_grads(x_next, dproj, dz, dalpha)
-        return dx, dy, dh_post0, dh_res0, dphi, dbias, dalpha, None, None, None
+        return dx, dy, dh_post0, dh_res0, dphi, dbias, dalpha, None, None, None, None
 
     def _pre_setup(ctx, inputs, output) -> None:
         x, phi, bias, alpha, hc, iters, _ = inputs
@@ -414,11 +430,12 @@ if KERNELS_AVAILABLE:
         return (dx, *_pre_param_grads(x, dproj, dz, dalpha), None, None, None)
 
     def _post_setup(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        *tensors, ctx.deterministic = inputs
+        ctx.save_for_backward(*tensors)
 
     def _post_backward(ctx, grad):
         x, y, h_post, h_res = ctx.saved_tensors
-        return torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous())
+        return (*torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous(), ctx.deterministic), None)
 
     pre_fwd.register_autograd(_pre_backward, setup_context=_pre_setup)
     post_pre_fwd.register_autograd(_post_pre_backward, setup_context=_post_pre_setup)
@@ -461,14 +478,15 @@ def _check_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> None:
 
 def mhc_post_pre(
     x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
-    *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
+    *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6, deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused post of one connection and pre of the next, in one kernel.
 
     ``x [M, n, C]``, ``y [M, C]``, ``h_post [M, n]``, ``h_res [M, n, n]`` of the first
     connection; ``phi, bias, alpha`` of the second. Returns ``X_next [M, n, C]`` (dtype of
     ``x``) and the second connection's ``u [M, C]``, ``H_post [M, n]``, ``H_res [M, n, n]``:
-    the same as :func:`mhc_post` followed by :func:`mhc_pre`.
+    the same as :func:`mhc_post` followed by :func:`mhc_pre`. ``deterministic``: as in
+    :func:`mhc_post`.
     """
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
@@ -476,13 +494,26 @@ def mhc_post_pre(
         x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(),
         h_res.float().contiguous(), phi.float().contiguous(), bias.float().contiguous(),
         alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
+        deterministic_wanted(deterministic),
     )
     return x_next, u, h_post2, h_res2
 
 
-def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``."""
+def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, deterministic: bool = False) -> Tensor:
+    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``.
+
+    ``deterministic`` (or ``torch.use_deterministic_algorithms(True)``): the backward sums
+    ``dH_post``/``dH_res`` over channels in a fixed order instead of with float32 atomics,
+    so gradients are bitwise identical run to run. The other kernels are deterministic
+    always (their split-K partial sums are added in a fixed order).
+    """
     _check_post(x, y, h_post, h_res)
     return torch.ops.mhc_compile.post_fwd(
-        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous()
+        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
+        deterministic_wanted(deterministic),
     )
+
+
+def deterministic_wanted(deterministic: bool) -> bool:
+    """``deterministic``, or PyTorch's global ``torch.use_deterministic_algorithms(True)``."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()

@@ -61,6 +61,7 @@ class StreamPlan:
             iterations, eps, backend); collapse: ``"mean"`` or ``"sum"``.
         param_prefix: attribute of the block holding the ``MHCConnection`` list.
         stream_dtype: dtype the expanded streams are cast to (``None``: keep the input's).
+        deterministic: the emitted ``mhc_post`` calls ask for bitwise-reproducible backward.
     """
 
     n: int
@@ -76,6 +77,7 @@ class StreamPlan:
     collapse: str = "mean"
     param_prefix: str = "mhc"
     stream_dtype: Optional[torch.dtype] = None
+    deterministic: bool = False
 
 
 @dataclass
@@ -165,7 +167,7 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
             post = emit(
                 functional.mhc_post,
                 (stream[skip], branch, *coeffs[i]),
-                {"channel_dim": plan.channel_dim, "backend": plan.backend},
+                {"channel_dim": plan.channel_dim, "backend": plan.backend, "deterministic": plan.deterministic},
                 before=node,
             )
             node.replace_all_uses_with(post)
