@@ -365,3 +365,47 @@ def test_deterministic_grads_are_bitwise_identical_on_gpu(c, fused):
     for name, a, b, r in zip(["dx", "dy", "dphi", "dbias", "dalpha"], default, first, ref):
         assert _rel(a, b) <= 1e-3, name
         assert _rel(b, r) <= TOL[torch.bfloat16], name
+
+
+def _autocast_mhc_grads(model, state, ids, backend, autocast, stream_dtype):
+    """Grads of every connection's ``alpha`` and ``bias`` (concatenated) after one
+    forward/backward of ``model`` converted with ``backend``, parameters from ``state``."""
+    converted = mhc.mhc_compile(copy.deepcopy(model), backend=backend, stream_dtype=stream_dtype)
+    converted.load_state_dict(state)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = converted(input_ids=ids, labels=ids).loss
+    loss.backward()
+    named = dict(converted.named_parameters())
+    return {k: torch.cat([p.grad.flatten() for n, p in named.items() if ".mhc." in n and n.endswith(k)])
+            for k in ("alpha", "bias")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stream_dtype", [None, torch.float32])  # None: the autocast dtype
+def test_autocast_grads_of_alpha_and_bias_as_close_as_the_reference_path(stream_dtype):
+    """Under bf16 autocast the kernels' grads of alpha and bias are no further from a float32
+    run than the reference ops' grads under the same autocast (within 2x)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    base = Qwen2ForCausalLM(cfg).cuda()
+    ids = torch.randint(0, 512, (4, 128), device="cuda")
+    trained = mhc.mhc_compile(copy.deepcopy(base), backend="torch", init="preserve", stream_dtype=stream_dtype)
+    opt = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    for _ in range(3):  # a few steps: alpha leaves 0 and the streams differ
+        trained(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for p in mhc.mhc_parameters(trained):
+            if p.numel() == 3:  # alpha: Adam moves alpha_res little while its grad is ~0
+                p.add_(0.05 * torch.rand_like(p))
+    state = trained.state_dict()
+    truth = _autocast_mhc_grads(base, state, ids, "torch", False, stream_dtype)
+    ref = _autocast_mhc_grads(base, state, ids, "torch", True, stream_dtype)
+    got = _autocast_mhc_grads(base, state, ids, "triton", True, stream_dtype)
+    for name in ("alpha", "bias"):
+        err_ref, err_got = _rel(ref[name], truth[name]), _rel(got[name], truth[name])
+        assert err_ref > 0 and err_got <= 2 * err_ref, (name, err_got, err_ref)
