@@ -28,6 +28,8 @@ sys.path.insert(0, ".")
 from mhc_compile.ops import library, reference  # noqa: E402
 from mhc_compile.ops.settings import Tiles  # noqa: E402
 
+import te_mhc  # noqa: E402  (benchmarks/, next to this file)
+
 N = 4
 
 
@@ -142,7 +144,40 @@ def kernel_rows(m, c, bw, only=None):
     return rows
 
 
-def connection_rows(m, c, bw, with_liger):
+def te_rows(te, m, c, limit_fwd):
+    """TE's connection at ``c`` channels: first the equivalence check against ours (a
+    ``te_check`` row), then, if it passed, the timing row (TE's defaults: TF32 projections)."""
+    try:
+        diffs = te_mhc.check_equivalence(te["module"], m, c)
+    except Exception as err:  # noqa: BLE001 - a mismatch or a failure is the result to report
+        check = {"C": c, "result": f"{type(err).__name__}: {str(err)[:160]}"}
+        return [check], [{"C": c, "implementation": te["name"], "fwd ms": "not timed: the check failed"}]
+    check = {"C": c, "result": "same connection", **{f"rel. diff {k}": f"{v:.1e}" for k, v in diffs.items()}}
+    x, phi, bias, alpha = make_inputs(m, c)
+    args = te_mhc.to_te_layout(x, phi, bias, alpha)
+    try:
+        t_fwd, t_all = bench_fwd_bwd(te_mhc.te_connection(te["module"]), args)
+    except Exception as err:  # noqa: BLE001 - report and continue
+        return [check], [{"C": c, "implementation": te["name"], "fwd ms": f"failed: {type(err).__name__}: {str(err)[:80]}"}]
+    return [check], [{"C": c, "implementation": te["name"], "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3),
+                      "fwd limit ms": round(limit_fwd, 3), "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)}]
+
+
+def load_te(path):
+    """TE's mHC ops from its wheel (``--te-wheel`` or ``.whl/``), or ``None`` with the reason printed."""
+    try:
+        wheel = te_mhc.find_wheel(path)
+        module = te_mhc.load(wheel)
+    except Exception as err:  # noqa: BLE001 - the benchmark runs without TE
+        print(f"TransformerEngine rows skipped: {type(err).__name__}: {err}", flush=True)
+        return None
+    version = wheel.name.split("-")[1]
+    return {"module": module, "name": f"TransformerEngine {version} mHC (Triton)", "wheel": wheel.name}
+
+
+def connection_rows(m, c, bw, with_liger, te=None):
+    """Each implementation of one connection at ``c`` channels; with ``te`` also TE's
+    (returns the rows and TE's equivalence-check rows)."""
     inputs = make_inputs(m, c)
     nc = N * c
     limit_fwd = (3 * nc + 2 * c) * 2 * m / bw / 1e6  # ms
@@ -167,7 +202,11 @@ def connection_rows(m, c, bw, with_liger):
             continue
         rows.append({"C": c, "implementation": name, "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3),
                      "fwd limit ms": round(limit_fwd, 3), "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)})
-    return rows
+    checks = []
+    if te is not None:
+        checks, te_timing = te_rows(te, m, c, limit_fwd)
+        rows += te_timing
+    return rows, checks
 
 
 def two_connections(impl, fused, **kw):
@@ -302,6 +341,9 @@ def main() -> None:
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
+    parser.add_argument("--te-wheel", default=None,
+                        help="TransformerEngine's py3-none-any wheel (default: the one in .whl/); its mHC "
+                             "Triton files are loaded from it for the connection table")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -310,7 +352,8 @@ def main() -> None:
     except ImportError:
         with_liger = False
     bw = copy_bandwidth()
-    kern, conn, block, tiles = [], [], [], []
+    kern, conn, block, tiles, te_checks = [], [], [], [], []
+    te = None if args.kernels_only else load_te(args.te_wheel)
     if args.tune:
         tiles = tune(args.tokens, 4096, bw, args.knobs)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
@@ -325,14 +368,17 @@ def main() -> None:
         print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
         block += block_rows(args.tokens, c, bw)
         if not args.kernels_only:
-            conn += connection_rows(args.tokens, c, bw, with_liger)
+            rows, checks = connection_rows(args.tokens, c, bw, with_liger, te)
+            conn += rows
+            te_checks += checks
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
     lines = [
         f"# mHC kernels on {gpu}",
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
-        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --kernels-only' if args.kernels_only else ''}`",
+        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --kernels-only' if args.kernels_only else ''}"
+        f"{' --te-wheel ' + args.te_wheel if args.te_wheel else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
         f"Device-to-device copy bandwidth measured in the same run: **{bw:.0f} GB/s**.",
@@ -345,6 +391,20 @@ def main() -> None:
         "",
         tabulate(conn, headers="keys", tablefmt="github") if conn else "(not run: --kernels-only)",
         "",
+    ]
+    if te is not None:
+        lines += [
+            f"TransformerEngine: `{te['wheel']}`, its two mHC Triton files loaded from the wheel "
+            "(benchmarks/te_mhc.py), `general_gemm` (dphi) replaced by torch.matmul; TE's layout "
+            "`[s, b, C, n]`, `phi [N, nC]`, `beta [1, N]`, `X' = X @ H_res` mapped from ours. Timed with "
+            "its defaults (TF32 projections). Before timing, each size checks that both compute the same "
+            "connection on the same inputs (ours with TE's RMS eps, TE with use_tf32=False; relative "
+            "differences of the output and the gradients):",
+            "",
+            tabulate(te_checks, headers="keys", tablefmt="github"),
+            "",
+        ]
+    lines += [
         "## Two adjacent connections (pre, post+pre, post), as in a transformer block",
         "",
         tabulate(block, headers="keys", tablefmt="github"),
