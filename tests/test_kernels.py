@@ -167,17 +167,23 @@ def test_ops_are_registered_with_torch_library():
                           test_utils=("test_schema", "test_faketensor") if DEVICE == "cuda" else ("test_schema",))
 
 
-def test_converted_model_uses_kernels_and_matches_torch_backend():
-    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+def _converted_pair(idx, first: dict, second: dict):
+    """One NanoGPT converted twice (``first``, ``second`` options), equal mHC parameters
+    moved off their init, both in eval mode."""
     base = NanoGPT().to(DEVICE)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    mhc.mhc_compile(a, backend="triton", example_inputs=idx)
-    mhc.mhc_compile(b, backend="torch", example_inputs=idx)
+    mhc.mhc_compile(a, example_inputs=idx, **first)
+    mhc.mhc_compile(b, example_inputs=idx, **second)
     with torch.no_grad():
         for p, q in zip(mhc.mhc_parameters(a), mhc.mhc_parameters(b)):
             p.copy_(q.detach() + 0.05 * torch.randn_like(q))
             q.copy_(p)
-    a.eval(), b.eval()
+    return a.eval(), b.eval()
+
+
+def test_converted_model_uses_kernels_and_matches_torch_backend():
+    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+    a, b = _converted_pair(idx, {"backend": "triton"}, {"backend": "torch"})
     la = a(idx, idx)[1]
     lb = b(idx, idx)[1]
     assert abs(la.item() - lb.item()) <= 1e-5 * abs(lb.item())
@@ -188,29 +194,29 @@ def test_converted_model_uses_kernels_and_matches_torch_backend():
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Names of the ``mhc_compile`` ops that run (forward and backward)."""
+    """Names (``calls``) and arguments (``args``) of the ``mhc_compile`` ops that run
+    (forward and backward)."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.args = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if "mhc_compile" in str(func):
             self.calls.append(str(func).split(".")[1])
+            self.args.append(args)
         return func(*args, **(kwargs or {}))
+
+    def deterministic_flags(self) -> list[bool]:
+        """The ``deterministic`` argument of each ``post_bwd`` / ``post_pre_bwd`` call."""
+        return [a[-1] is True for name, a in zip(self.calls, self.args) if name in ("post_bwd", "post_pre_bwd")]
 
 
 def test_rewrite_emits_the_fused_post_pre_kernel():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
-    base = NanoGPT().to(DEVICE)
-    fused, separate = copy.deepcopy(base), copy.deepcopy(base)
-    mhc.mhc_compile(fused, backend="triton", example_inputs=idx)  # fuse_adjacent is the default
-    mhc.mhc_compile(separate, backend="triton", example_inputs=idx, fuse_adjacent=False)
-    with torch.no_grad():
-        for p, q in zip(mhc.mhc_parameters(fused), mhc.mhc_parameters(separate)):
-            p.copy_(q.detach() + 0.05 * torch.randn_like(q))
-            q.copy_(p)
-    fused.eval(), separate.eval()
+    # fuse_adjacent is the default
+    fused, separate = _converted_pair(idx, {"backend": "triton"}, {"backend": "triton", "fuse_adjacent": False})
     with _OpRecorder() as rec:
         loss_fused = fused(idx, idx)[1]
         loss_fused.backward()
@@ -302,34 +308,13 @@ def test_deterministic_post_backward_matches_reference(n, c, m, fused):
         assert _rel(a, b) <= TOL[torch.float32], (name, _rel(a, b))
 
 
-class _ArgRecorder(TorchDispatchMode):
-    """The ``deterministic`` flag each ``post_bwd`` / ``post_pre_bwd`` call receives."""
-
-    def __init__(self):
-        super().__init__()
-        self.flags = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if "mhc_compile" in name and name.split(".")[1] in ("post_bwd", "post_pre_bwd"):
-            self.flags.append(bool(args[-1]) if isinstance(args[-1], bool) else False)
-        return func(*args, **(kwargs or {}))
-
-
 def test_deterministic_option_reaches_the_kernels():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
-    base = NanoGPT().to(DEVICE)
-    det, ref = copy.deepcopy(base), copy.deepcopy(base)
-    mhc.mhc_compile(det, backend="triton", example_inputs=idx, deterministic=True)
-    mhc.mhc_compile(ref, backend="torch", example_inputs=idx)
-    with torch.no_grad():
-        for p, q in zip(mhc.mhc_parameters(det), mhc.mhc_parameters(ref)):
-            p.copy_(q.detach() + 0.05 * torch.randn_like(q))
-            q.copy_(p)
-    det.eval(), ref.eval()
-    with _ArgRecorder() as rec:
+    det, ref = _converted_pair(idx, {"backend": "triton", "deterministic": True}, {"backend": "torch"})
+    with _OpRecorder() as rec:
         det(idx, idx)[1].backward()
-    assert rec.flags and all(rec.flags), rec.flags  # 3 fused + 3 separate post backwards
+    flags = rec.deterministic_flags()
+    assert flags and all(flags), flags  # 3 fused + 3 separate post backwards
     ref(idx, idx)[1].backward()
     for p, q in zip(mhc.mhc_parameters(det), mhc.mhc_parameters(ref)):
         assert _rel(p.grad, q.grad) <= 1e-4
@@ -337,17 +322,17 @@ def test_deterministic_option_reaches_the_kernels():
 
 def test_torch_deterministic_algorithms_turn_the_deterministic_path_on():
     x, y, phi, bias, alpha = _inputs(6, 4, 24, torch.float32)
-    with _ArgRecorder() as rec:
+    with _OpRecorder() as rec:
         _connection_grads(library, (x, y, phi, bias, alpha), "mhc", fused=True)
-    assert rec.flags == [False, False]
+    assert rec.deterministic_flags() == [False, False]
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with _ArgRecorder() as rec:
+        with _OpRecorder() as rec:
             _connection_grads(library, (x, y, phi, bias, alpha), "mhc", fused=True)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert rec.flags == [True, True]
+    assert rec.deterministic_flags() == [True, True]
 
 
 @pytest.mark.gpu
