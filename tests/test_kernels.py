@@ -292,7 +292,8 @@ def _connection_grads(impl, inputs, mode, fused, **kw):
         out = impl.mhc_post(x2, y * u2, h_post2, h_res2, **kw)
     else:
         out = impl.mhc_post(x, y + u, h_post, h_res, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    gen = torch.Generator(device=out.device).manual_seed(1)
+    g = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
     return torch.autograd.grad((out.float() * g.float()).sum(), [x, y, phi, bias, alpha])
 
 
