@@ -1,5 +1,8 @@
 """Kernel benchmark: fused mHC kernels vs the eager reference, the reference under
-torch.compile (Inductor's own fusion) and Liger-Kernel's mHC ops, same run, same shapes.
+torch.compile (Inductor's own fusion), Liger-Kernel's mHC ops and TransformerEngine's Triton
+mHC ops (read from its wheel in ``.whl/`` or ``--te-wheel``, see ``te_mhc.py``; checked to
+compute the same connection before they are timed), same run, same shapes. The
+``deterministic`` rows time the post backward without atomics (``deterministic=True``).
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-<gpu>.md
 

@@ -173,50 +173,70 @@ def _post_fwd_kernel(
 
 
 @triton.jit
+def _post_bwd_chunk(
+    x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr, rm64, mmask, rc, cmask, C,
+    N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr,
+):
+    """One ``[BM, BC]`` channel chunk of the post backward: stores ``dx`` and ``dy`` there and
+    returns this chunk's parts of the channel sums ``dH_post [BM, NPAD]`` and ``dH_res [BM,
+    NPAD, NPAD]``."""
+    ri = tl.arange(0, NPAD)
+    K = N * C
+    mi = mmask[:, None] & (ri < N)[None, :]
+    mc = mmask[:, None] & cmask[None, :]
+    g_off, g_mask = _stream_offsets(rm64, ri, rc, C, N)
+    g = tl.load(g_ptr + g_off, mask=mmask[:, None, None] & g_mask & cmask[None, None, :],
+                other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+    dy = tl.sum(h_post[:, :, None] * g, axis=1)
+    tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
+    d_hpost = tl.sum(g * y[:, None, :], axis=2)
+    d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+    for j in tl.static_range(N):
+        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, mask=mi, other=0.0)  # H[:, :, j]
+        dxj = tl.sum(h_col[:, :, None] * g, axis=1)
+        tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+        gx = tl.sum(g * xj[:, None, :], axis=2)  # [BM, NPAD(i)]: dH[:, i, j]
+        d_hres += tl.where(ri[None, None, :] == j, gx[:, :, None], 0.0)
+    return d_hpost, d_hres
+
+
+@triton.jit
 def _post_bwd_kernel(
     x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, M, C, CS,
     N: tl.constexpr, NPAD: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (token blocks, channel ranges of ``CS``); a program walks its range in chunks of
-    ``BC``. The sums over C of ``dH_post`` and ``dH_res``: with ``ATOMIC``, float32 atomics
-    into zeroed ``[M, n]``, ``[M, n, n]`` buffers (fast, order-dependent rounding); else each
-    range's partial sums are stored to ``[S, M, n]``, ``[S, M, n, n]`` for the caller to sum
-    in a fixed order (bitwise reproducible)."""
+    """Grid (token blocks, channel ranges of ``CS``). The sums over C of ``dH_post`` and
+    ``dH_res``: with ``ATOMIC`` (``CS == BC``: one chunk per program), float32 atomics into
+    zeroed ``[M, n]``, ``[M, n, n]`` buffers (fast; the rounding depends on the order the
+    programs run in); else a program walks its range in chunks of ``BC`` and stores its
+    partial sums to ``[S, M, n]``, ``[S, M, n, n]``, which the caller adds in a fixed order
+    (bitwise reproducible)."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
-    split = tl.program_id(1)
     ri = tl.arange(0, NPAD)
     ivalid = ri < N
-    K = N * C
     mi = mmask[:, None] & ivalid[None, :]
     h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
-    d_hpost = tl.zeros((BM, NPAD), dtype=tl.float32)
-    d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
-    for c0 in range(c_lo, c_hi, BC):
-        rc = c0 + tl.arange(0, BC)
-        cmask = rc < c_hi
-        mc = mmask[:, None] & cmask[None, :]
-        g_off, g_mask = _stream_offsets(rm64, ri, rc, C, N)
-        g = tl.load(g_ptr + g_off, mask=mmask[:, None, None] & g_mask & cmask[None, None, :],
-                    other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
-        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        dy = tl.sum(h_post[:, :, None] * g, axis=1)
-        tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
-        d_hpost += tl.sum(g * y[:, None, :], axis=2)
-        for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, mask=mi, other=0.0)  # H[:, :, j]
-            dxj = tl.sum(h_col[:, :, None] * g, axis=1)
-            tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
-            gx = tl.sum(g * xj[:, None, :], axis=2)  # [BM, NPAD(i)]: dH[:, i, j]
-            d_hres += tl.where(ri[None, None, :] == j, gx[:, :, None], 0.0)
     post_off = rm64[:, None] * N + ri[None, :]
     res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
     res_mask = mmask[:, None, None] & ivalid[None, :, None] & ivalid[None, None, :]
     if ATOMIC:
+        rc = c_lo + tl.arange(0, BC)
+        d_hpost, d_hres = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                                          rm64, mmask, rc, rc < c_hi, C, N, NPAD, BM)
         tl.atomic_add(dhpost_ptr + post_off, d_hpost, mask=mi)
         tl.atomic_add(dhres_ptr + res_off, d_hres, mask=res_mask)
     else:
-        base = split.to(tl.int64) * M
+        d_hpost = tl.zeros((BM, NPAD), dtype=tl.float32)
+        d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+        for c0 in range(c_lo, c_hi, BC):
+            rc = c0 + tl.arange(0, BC)
+            hp, hr = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                                     rm64, mmask, rc, rc < c_hi, C, N, NPAD, BM)
+            d_hpost += hp
+            d_hres += hr
+        base = tl.program_id(1).to(tl.int64) * M
         tl.store(dhpost_ptr + base * N + post_off, d_hpost, mask=mi)
         tl.store(dhres_ptr + base * (N * N) + res_off, d_hres, mask=res_mask)
 
