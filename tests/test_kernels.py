@@ -395,3 +395,16 @@ def test_autocast_grads_of_alpha_and_bias_as_close_as_the_reference_path(stream_
     for name in ("alpha", "bias"):
         err_ref, err_got = _rel(ref[name], truth[name]), _rel(got[name], truth[name])
         assert err_ref > 0 and err_got <= 2 * err_ref, (name, err_got, err_ref)
+
+
+def test_named_kernel_settings():
+    from mhc_compile.ops.settings import DotMode, Tiles
+
+    t = Tiles(tokens=64, channels=32, warps=4, stages=3)
+    assert t.launch() == {"BM": 64, "BC": 32, "num_warps": 4, "num_stages": 3}
+    assert Tiles(16, 1, 4).launch(channels=False) == {"BM": 16, "num_warps": 4}  # Triton's default stages
+    with pytest.raises(mhc.MHCConfigError, match="Tiles.warps must be a positive int"):
+        Tiles(64, 32, 0)
+    x = torch.randn(2, 4, 8, device=DEVICE)
+    assert library._dot_mode(x) == (DotMode.IEEE_FP32 if DEVICE == "cpu" else DotMode.SPLIT_AB)
+    assert library._back_dot(DotMode.SPLIT_B) == DotMode.BF16 and library._back_dot(DotMode.SPLIT_AB) == DotMode.SPLIT_AB
