@@ -1,5 +1,8 @@
 """Kernel benchmark: fused mHC kernels vs the eager reference, the reference under
-torch.compile (Inductor's own fusion) and Liger-Kernel's mHC ops, same run, same shapes.
+torch.compile (Inductor's own fusion), Liger-Kernel's mHC ops and TransformerEngine's Triton
+mHC ops (read from its wheel in ``.whl/`` or ``--te-wheel``, see ``te_mhc.py``; checked to
+compute the same connection before they are timed), same run, same shapes. The
+``deterministic`` rows time the post backward without atomics (``deterministic=True``).
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-<gpu>.md
 
@@ -15,6 +18,7 @@ device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import sys
@@ -25,6 +29,9 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 from mhc_compile.ops import library, reference  # noqa: E402
+from mhc_compile.ops.settings import Tiles  # noqa: E402
+
+import te_mhc  # noqa: E402  (benchmarks/, next to this file)
 
 N = 4
 
@@ -115,6 +122,12 @@ def kernel_rows(m, c, bw, only=None):
         "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
             (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+        # deterministic=True: the post backward's channel sums as ordered partials, no atomics
+        "post bwd, deterministic": (lambda: torch.ops.mhc_compile.post_bwd(xd, u, h_post, h_res, g, True),
+                                    (3 * nc + 2 * c) * e, (3 * nc + 2 * c) * e),
+        "post+pre bwd, deterministic": (lambda: torch.ops.mhc_compile.post_pre_bwd(
+            xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20, True),
+            (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -134,7 +147,40 @@ def kernel_rows(m, c, bw, only=None):
     return rows
 
 
-def connection_rows(m, c, bw, with_liger):
+def te_rows(te, m, c, limit_fwd):
+    """TE's connection at ``c`` channels: first the equivalence check against ours (a
+    ``te_check`` row), then, if it passed, the timing row (TE's defaults: TF32 projections)."""
+    try:
+        diffs = te_mhc.check_equivalence(te["module"], m, c)
+    except Exception as err:  # noqa: BLE001 - a mismatch or a failure is the result to report
+        check = {"C": c, "result": f"{type(err).__name__}: {str(err)[:160]}"}
+        return [check], [{"C": c, "implementation": te["name"], "fwd ms": "not timed: the check failed"}]
+    check = {"C": c, "result": "same connection", **{f"rel. diff {k}": f"{v:.1e}" for k, v in diffs.items()}}
+    x, phi, bias, alpha = make_inputs(m, c)
+    args = te_mhc.to_te_layout(x, phi, bias, alpha)
+    try:
+        t_fwd, t_all = bench_fwd_bwd(te_mhc.te_connection(te["module"]), args)
+    except Exception as err:  # noqa: BLE001 - report and continue
+        return [check], [{"C": c, "implementation": te["name"], "fwd ms": f"failed: {type(err).__name__}: {str(err)[:80]}"}]
+    return [check], [{"C": c, "implementation": te["name"], "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3),
+                      "fwd limit ms": round(limit_fwd, 3), "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)}]
+
+
+def load_te(path):
+    """TE's mHC ops from its wheel (``--te-wheel`` or ``.whl/``), or ``None`` with the reason printed."""
+    try:
+        wheel = te_mhc.find_wheel(path)
+        module = te_mhc.load(wheel)
+    except Exception as err:  # noqa: BLE001 - the benchmark runs without TE
+        print(f"TransformerEngine rows skipped: {type(err).__name__}: {err}", flush=True)
+        return None
+    version = wheel.name.split("-")[1]
+    return {"module": module, "name": f"TransformerEngine {version} mHC (Triton)", "wheel": wheel.name}
+
+
+def connection_rows(m, c, bw, with_liger, te=None):
+    """Each implementation of one connection at ``c`` channels; with ``te`` also TE's
+    (returns the rows and TE's equivalence-check rows)."""
     inputs = make_inputs(m, c)
     nc = N * c
     limit_fwd = (3 * nc + 2 * c) * 2 * m / bw / 1e6  # ms
@@ -159,21 +205,26 @@ def connection_rows(m, c, bw, with_liger):
             continue
         rows.append({"C": c, "implementation": name, "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3),
                      "fwd limit ms": round(limit_fwd, 3), "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)})
-    return rows
+    checks = []
+    if te is not None:
+        checks, te_timing = te_rows(te, m, c, limit_fwd)
+        rows += te_timing
+    return rows, checks
 
 
-def two_connections(impl, fused):
+def two_connections(impl, fused, **kw):
     """pre(1) -> branch -> post(1) -> pre(2) -> branch -> post(2): a transformer block's
-    attention -> MLP path with identity branches; the middle pair fused or not."""
+    attention -> MLP path with identity branches; the middle pair fused or not; ``kw``
+    (``deterministic=True``) goes to the post sides."""
 
     def run(x, phi, bias, alpha):
         u, h_post, h_res = impl.mhc_pre(x, phi, bias, alpha)
         if fused:
-            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha)
+            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha, **kw)
         else:
-            x2 = impl.mhc_post(x, u, h_post, h_res)
+            x2 = impl.mhc_post(x, u, h_post, h_res, **kw)
             u2, h_post2, h_res2 = impl.mhc_pre(x2, phi, bias, alpha)
-        return impl.mhc_post(x2, u2, h_post2, h_res2)
+        return impl.mhc_post(x2, u2, h_post2, h_res2, **kw)
 
     return run
 
@@ -184,6 +235,7 @@ def block_rows(m, c, bw):
         "compiled reference (Inductor)": torch.compile(two_connections(reference, False)),
         "kernels, post and pre separate": two_connections(library, False),
         "kernels, post+pre fused": two_connections(library, True),
+        "kernels, post+pre fused, deterministic": two_connections(library, True, deterministic=True),
     }
     rows = []
     for name, fn in impls.items():
@@ -197,15 +249,32 @@ def block_rows(m, c, bw):
 
 
 # Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
+# A knob is a module constant (``"DX_TILES"``) or one field of a ``Tiles`` constant
+# (``"POST_PROJ_TILES.stages"``, tried on the tiles chosen so far).
 KNOBS = [
-    ("PROJ_TILES", [(256, 64, 4), (128, 64, 4), (256, 64, 8), (128, 128, 8), (256, 32, 4)], "pre fwd"),
+    ("PROJ_TILES", [Tiles(256, 64, 4, 2), Tiles(128, 64, 4, 2), Tiles(256, 64, 8, 2), Tiles(128, 128, 8, 2),
+                    Tiles(256, 32, 4, 2)], "pre fwd"),
     ("SPLIT_CHANNELS", [512, 1024, 2048], "pre fwd"),
-    ("DH_TILES", [(64, 64, 4), (32, 128, 4), (16, 256, 4), (64, 128, 8)], "pre bwd"),
-    ("DX_TILES", [(32, 128, 8), (64, 64, 8), (64, 64, 4), (32, 64, 4), (128, 64, 8)], "pre bwd"),
+    ("DH_TILES", [Tiles(64, 64, 4), Tiles(32, 128, 4), Tiles(16, 256, 4), Tiles(64, 128, 8)], "pre bwd"),
+    ("DX_TILES", [Tiles(32, 128, 8), Tiles(64, 64, 8), Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(128, 64, 8)], "pre bwd"),
     ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
-    ("POST_PROJ_TILES", [(64, 32, 4), (128, 32, 8), (64, 64, 8), (64, 16, 4)], "post+pre fwd"),
-    ("POST_PROJ_STAGES", [1, 2, 3], "post+pre fwd"),
+    ("POST_PROJ_TILES", [Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 64, 8, 3), Tiles(64, 16, 4, 3)],
+     "post+pre fwd"),
+    ("POST_PROJ_TILES.stages", [1, 2, 3], "post+pre fwd"),
 ]
+
+
+def get_knob(knob: str):
+    """The current value of ``knob`` in ``ops.library``."""
+    const, _, field = knob.partition(".")
+    value = getattr(library, const)
+    return getattr(value, field) if field else value
+
+
+def set_knob(knob: str, value) -> None:
+    """Set ``knob`` in ``ops.library`` (a field: a copy of the ``Tiles`` with it replaced)."""
+    const, _, field = knob.partition(".")
+    setattr(library, const, dataclasses.replace(getattr(library, const), **{field: value}) if field else value)
 
 
 def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict]:
@@ -215,18 +284,19 @@ def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict
     for knob, candidates, kernel in KNOBS:
         if knobs and knob not in knobs:
             continue
-        best = (float("inf"), getattr(library, knob))
+        best = (float("inf"), get_knob(knob))
         for value in candidates:
-            setattr(library, knob, value)
+            set_knob(knob, value)
             try:
                 row = next(r for r in kernel_rows(m, c, bw, only=kernel))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: report and go on
-                rows.append({"knob": knob, "value": value, "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
+                rows.append({"knob": knob, "value": str(value), "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
                 continue
-            rows.append({"knob": knob, "value": value, "kernel": kernel, "ms": row["ms"], "% copy BW": row["% copy BW"]})
+            rows.append({"knob": knob, "value": str(value), "kernel": kernel, "ms": row["ms"], "% copy BW": row["% copy BW"]})
             print(rows[-1], flush=True)
-            best = min(best, (row["ms"], value))
-        setattr(library, knob, best[1])
+            if row["ms"] < best[0]:
+                best = (row["ms"], value)
+        set_knob(knob, best[1])
     return rows
 
 
@@ -263,7 +333,7 @@ def launch_breakdown(m: int, c: int) -> list[dict]:
 
 
 def chosen_knobs() -> str:
-    return ", ".join(f"{knob} = {getattr(library, knob)}" for knob, _, _ in KNOBS)
+    return "; ".join(f"{knob} = {get_knob(knob)}" for knob, _, _ in KNOBS if "." not in knob)
 
 
 def main() -> None:
@@ -274,6 +344,9 @@ def main() -> None:
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
+    parser.add_argument("--te-wheel", default=None,
+                        help="TransformerEngine's py3-none-any wheel (default: the one in .whl/); its mHC "
+                             "Triton files are loaded from it for the connection table")
     args = parser.parse_args()
     try:
         import liger_kernel  # noqa: F401
@@ -282,7 +355,8 @@ def main() -> None:
     except ImportError:
         with_liger = False
     bw = copy_bandwidth()
-    kern, conn, block, tiles = [], [], [], []
+    kern, conn, block, tiles, te_checks = [], [], [], [], []
+    te = None if args.kernels_only else load_te(args.te_wheel)
     if args.tune:
         tiles = tune(args.tokens, 4096, bw, args.knobs)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
@@ -294,17 +368,20 @@ def main() -> None:
     print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
-        print(tabulate(kern[-6:], headers="keys", tablefmt="github"), flush=True)
+        print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
         block += block_rows(args.tokens, c, bw)
         if not args.kernels_only:
-            conn += connection_rows(args.tokens, c, bw, with_liger)
+            rows, checks = connection_rows(args.tokens, c, bw, with_liger, te)
+            conn += rows
+            te_checks += checks
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
     lines = [
         f"# mHC kernels on {gpu}",
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
-        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --kernels-only' if args.kernels_only else ''}`",
+        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --kernels-only' if args.kernels_only else ''}"
+        f"{' --te-wheel ' + args.te_wheel if args.te_wheel else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
         f"Device-to-device copy bandwidth measured in the same run: **{bw:.0f} GB/s**.",
@@ -317,11 +394,25 @@ def main() -> None:
         "",
         tabulate(conn, headers="keys", tablefmt="github") if conn else "(not run: --kernels-only)",
         "",
+    ]
+    if te is not None:
+        lines += [
+            f"TransformerEngine: `{te['wheel']}`, its two mHC Triton files loaded from the wheel "
+            "(benchmarks/te_mhc.py), `general_gemm` (dphi) replaced by torch.matmul; TE's layout "
+            "`[s, b, C, n]`, `phi [N, nC]`, `beta [1, N]`, `X' = X @ H_res` mapped from ours. Timed with "
+            "its defaults (TF32 projections). Before timing, each size checks that both compute the same "
+            "connection on the same inputs (ours with TE's RMS eps, TE with use_tf32=False; relative "
+            "differences of the output and the gradients):",
+            "",
+            tabulate(te_checks, headers="keys", tablefmt="github"),
+            "",
+        ]
+    lines += [
         "## Two adjacent connections (pre, post+pre, post), as in a transformer block",
         "",
         tabulate(block, headers="keys", tablefmt="github"),
         "",
-        f"Kernel tiles used (tokens, channels, warps per program): {chosen_knobs()}.",
+        f"Kernel tiles used: {chosen_knobs()}.",
         "",
     ]
     lines += ["## Where the time goes: each launch inside the ops (C = 4096, torch.profiler)", "",

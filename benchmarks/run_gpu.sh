@@ -11,8 +11,11 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/local}"
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then  # optional wheels carried along (Liger-Kernel)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+# optional wheels carried along (Liger-Kernel); TransformerEngine's wheel is not installed:
+# benchmarks/kernels.py reads its mHC files from .whl/ (the package would need TE's compiled core)
+wheels=$(ls .whl/*.whl 2>/dev/null | grep -v '/transformer_engine-')
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $wheels \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1

@@ -270,6 +270,7 @@ def mhc_compile(
     fuse_adjacent: bool = True,
     stream_dtype: Optional[torch.dtype] = None,
     recompute: Optional[str] = None,
+    deterministic: bool = False,
     config: Optional[MHCConfig] = None,
     filter_fn: Optional[FilterFn] = None,
 ) -> nn.Module:
@@ -293,6 +294,9 @@ def mhc_compile(
             ``torch.float32`` keeps float32 streams under autocast.
         recompute: ``"mhc"`` recomputes the mHC ops (and the block's other cheap ops) in
             backward instead of storing their outputs; ``None`` (default) stores them.
+        deterministic: bitwise-identical gradients run to run from the fused kernels (also
+            on under ``torch.use_deterministic_algorithms(True)``); costs a little time in
+            the post backward.
         config: all the options above as one :class:`MHCConfig` (torchao style); then
             leave those keywords at their defaults.
         filter_fn: ``filter_fn(module, fqn) -> bool`` picks which candidate blocks are
@@ -313,6 +317,7 @@ def mhc_compile(
         n_streams=n_streams, mode=mode, init=init, backend=backend,
         sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
         fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype, recompute=recompute,
+        deterministic=deterministic,
     )
     if disabled():
         logger.warning(

@@ -137,6 +137,7 @@ def _stream_plan(a: BlockAnalysis, c: MHCConfig) -> StreamPlan:
         backend=c.backend,
         collapse=c.collapse,
         stream_dtype=c.stream_dtype,
+        deterministic=c.deterministic,
     )
 
 

@@ -46,6 +46,9 @@ class MHCConfig:
         recompute: ``None`` or ``"mhc"``: in backward, recompute the mHC ops and the other
             cheap ops of each converted block instead of storing their outputs (see
             :mod:`mhc_compile.recompute`).
+        deterministic: the fused kernels give bitwise-identical gradients run to run (the
+            post backward sums its channel partials in a fixed order instead of with
+            float32 atomics). Also on whenever ``torch.use_deterministic_algorithms(True)``.
     """
 
     n_streams: int = 4
@@ -59,6 +62,7 @@ class MHCConfig:
     fuse_adjacent: bool = True
     stream_dtype: Optional[torch.dtype] = None
     recompute: Optional[str] = None
+    deterministic: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,8 @@ class MHCConfig:
                 f"stream_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                 f"got {self.stream_dtype!r}"
             )
+        if not isinstance(self.deterministic, bool):
+            raise MHCConfigError(f"deterministic must be True or False, got {self.deterministic!r}")
         if self.recompute not in RECOMPUTES:
             raise MHCConfigError(f"unknown recompute {self.recompute!r}; choose None or 'mhc'")
         if self.channel_dim not in (None, 1, -1):

@@ -167,17 +167,23 @@ def test_ops_are_registered_with_torch_library():
                           test_utils=("test_schema", "test_faketensor") if DEVICE == "cuda" else ("test_schema",))
 
 
-def test_converted_model_uses_kernels_and_matches_torch_backend():
-    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+def _converted_pair(idx, first: dict, second: dict):
+    """One NanoGPT converted twice (``first``, ``second`` options), equal mHC parameters
+    moved off their init, both in eval mode."""
     base = NanoGPT().to(DEVICE)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    mhc.mhc_compile(a, backend="triton", example_inputs=idx)
-    mhc.mhc_compile(b, backend="torch", example_inputs=idx)
+    mhc.mhc_compile(a, example_inputs=idx, **first)
+    mhc.mhc_compile(b, example_inputs=idx, **second)
     with torch.no_grad():
         for p, q in zip(mhc.mhc_parameters(a), mhc.mhc_parameters(b)):
             p.copy_(q.detach() + 0.05 * torch.randn_like(q))
             q.copy_(p)
-    a.eval(), b.eval()
+    return a.eval(), b.eval()
+
+
+def test_converted_model_uses_kernels_and_matches_torch_backend():
+    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+    a, b = _converted_pair(idx, {"backend": "triton"}, {"backend": "torch"})
     la = a(idx, idx)[1]
     lb = b(idx, idx)[1]
     assert abs(la.item() - lb.item()) <= 1e-5 * abs(lb.item())
@@ -188,29 +194,29 @@ def test_converted_model_uses_kernels_and_matches_torch_backend():
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Names of the ``mhc_compile`` ops that run (forward and backward)."""
+    """Names (``calls``) and arguments (``args``) of the ``mhc_compile`` ops that run
+    (forward and backward)."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
+        self.args = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if "mhc_compile" in str(func):
             self.calls.append(str(func).split(".")[1])
+            self.args.append(args)
         return func(*args, **(kwargs or {}))
+
+    def deterministic_flags(self) -> list[bool]:
+        """The ``deterministic`` argument of each ``post_bwd`` / ``post_pre_bwd`` call."""
+        return [a[-1] is True for name, a in zip(self.calls, self.args) if name in ("post_bwd", "post_pre_bwd")]
 
 
 def test_rewrite_emits_the_fused_post_pre_kernel():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
-    base = NanoGPT().to(DEVICE)
-    fused, separate = copy.deepcopy(base), copy.deepcopy(base)
-    mhc.mhc_compile(fused, backend="triton", example_inputs=idx)  # fuse_adjacent is the default
-    mhc.mhc_compile(separate, backend="triton", example_inputs=idx, fuse_adjacent=False)
-    with torch.no_grad():
-        for p, q in zip(mhc.mhc_parameters(fused), mhc.mhc_parameters(separate)):
-            p.copy_(q.detach() + 0.05 * torch.randn_like(q))
-            q.copy_(p)
-    fused.eval(), separate.eval()
+    # fuse_adjacent is the default
+    fused, separate = _converted_pair(idx, {"backend": "triton"}, {"backend": "triton", "fuse_adjacent": False})
     with _OpRecorder() as rec:
         loss_fused = fused(idx, idx)[1]
         loss_fused.backward()
@@ -275,3 +281,130 @@ def test_converted_llama_on_gpu_uses_kernels_compiled():
     loss = compiled(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(p.grad is not None for p in mhc.mhc_parameters(model))
+
+
+def _connection_grads(impl, inputs, mode, fused, **kw):
+    """Grads of a pre -> post (-> pre -> post where ``fused``) chain w.r.t. all inputs."""
+    x, y, phi, bias, alpha = inputs
+    u, h_post, h_res = impl.mhc_pre(x, phi, bias, alpha, mode=mode)
+    if fused:
+        x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, y + u, h_post, h_res, phi, bias, alpha, mode=mode, **kw)
+        out = impl.mhc_post(x2, y * u2, h_post2, h_res2, **kw)
+    else:
+        out = impl.mhc_post(x, y + u, h_post, h_res, **kw)
+    gen = torch.Generator(device=out.device).manual_seed(1)
+    g = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
+    return torch.autograd.grad((out.float() * g.float()).sum(), [x, y, phi, bias, alpha])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("n, c, m", [(4, 40, 9), (3, 70, 6)])
+def test_deterministic_post_backward_matches_reference(n, c, m, fused):
+    # channels 40 / 70 under the interpreter: several channel ranges, so the partial sums are reduced
+    inputs = _inputs(m, n, c, torch.float32)
+    got = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    ref = _connection_grads(reference, inputs, "mhc", fused)
+    for name, a, b in zip(["dx", "dy", "dphi", "dbias", "dalpha"], got, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) <= TOL[torch.float32], (name, _rel(a, b))
+
+
+def test_deterministic_option_reaches_the_kernels():
+    idx = torch.randint(0, 97, (2, 7), device=DEVICE)
+    det, ref = _converted_pair(idx, {"backend": "triton", "deterministic": True}, {"backend": "torch"})
+    with _OpRecorder() as rec:
+        det(idx, idx)[1].backward()
+    flags = rec.deterministic_flags()
+    assert flags and all(flags), flags  # 3 fused + 3 separate post backwards
+    ref(idx, idx)[1].backward()
+    for p, q in zip(mhc.mhc_parameters(det), mhc.mhc_parameters(ref)):
+        assert _rel(p.grad, q.grad) <= 1e-4
+
+
+def test_torch_deterministic_algorithms_turn_the_deterministic_path_on():
+    x, y, phi, bias, alpha = _inputs(6, 4, 24, torch.float32)
+    with _OpRecorder() as rec:
+        _connection_grads(library, (x, y, phi, bias, alpha), "mhc", fused=True)
+    assert rec.deterministic_flags() == [False, False]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _OpRecorder() as rec:
+            _connection_grads(library, (x, y, phi, bias, alpha), "mhc", fused=True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert rec.deterministic_flags() == [True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("c", [2048, 7168])
+def test_deterministic_grads_are_bitwise_identical_on_gpu(c, fused):
+    inputs = _inputs(16384, 4, c, torch.bfloat16)
+    first = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    for _ in range(3):
+        again = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+        for name, a, b in zip(["dx", "dy", "dphi", "dbias", "dalpha"], again, first):
+            assert torch.equal(a, b), name
+    default = _connection_grads(library, inputs, "mhc", fused)  # float32 atomics: the same within rounding
+    ref = _connection_grads(reference, inputs, "mhc", fused)
+    for name, a, b, r in zip(["dx", "dy", "dphi", "dbias", "dalpha"], default, first, ref):
+        assert _rel(a, b) <= 1e-3, name
+        assert _rel(b, r) <= TOL[torch.bfloat16], name
+
+
+def _autocast_mhc_grads(model, state, ids, backend, autocast, stream_dtype):
+    """Grads of every connection's ``alpha`` and ``bias`` (concatenated) after one
+    forward/backward of ``model`` converted with ``backend``, parameters from ``state``."""
+    converted = mhc.mhc_compile(copy.deepcopy(model), backend=backend, stream_dtype=stream_dtype)
+    converted.load_state_dict(state)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = converted(input_ids=ids, labels=ids).loss
+    loss.backward()
+    named = dict(converted.named_parameters())
+    return {k: torch.cat([p.grad.flatten() for n, p in named.items() if ".mhc." in n and n.endswith(k)])
+            for k in ("alpha", "bias")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stream_dtype", [None, torch.float32])  # None: the autocast dtype
+def test_autocast_grads_of_alpha_and_bias_as_close_as_the_reference_path(stream_dtype):
+    """Under bf16 autocast the kernels' grads of alpha and bias are no further from a float32
+    run than the reference ops' grads under the same autocast (within 2x)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    base = Qwen2ForCausalLM(cfg).cuda()
+    ids = torch.randint(0, 512, (4, 128), device="cuda")
+    trained = mhc.mhc_compile(copy.deepcopy(base), backend="torch", init="preserve", stream_dtype=stream_dtype)
+    opt = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    for _ in range(3):  # a few steps: alpha leaves 0 and the streams differ
+        trained(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for p in mhc.mhc_parameters(trained):
+            if p.numel() == 3:  # alpha: Adam moves alpha_res little while its grad is ~0
+                p.add_(0.05 * torch.rand_like(p))
+    state = trained.state_dict()
+    truth = _autocast_mhc_grads(base, state, ids, "torch", False, stream_dtype)
+    ref = _autocast_mhc_grads(base, state, ids, "torch", True, stream_dtype)
+    got = _autocast_mhc_grads(base, state, ids, "triton", True, stream_dtype)
+    for name in ("alpha", "bias"):
+        err_ref, err_got = _rel(ref[name], truth[name]), _rel(got[name], truth[name])
+        assert err_ref > 0 and err_got <= 2 * err_ref, (name, err_got, err_ref)
+
+
+def test_named_kernel_settings():
+    from mhc_compile.ops.settings import DotMode, Tiles
+
+    t = Tiles(tokens=64, channels=32, warps=4, stages=3)
+    assert t.launch() == {"BM": 64, "BC": 32, "num_warps": 4, "num_stages": 3}
+    assert Tiles(16, 1, 4).launch(channels=False) == {"BM": 16, "num_warps": 4}  # Triton's default stages
+    with pytest.raises(mhc.MHCConfigError, match="Tiles.warps must be a positive int"):
+        Tiles(64, 32, 0)
+    x = torch.randn(2, 4, 8, device=DEVICE)
+    assert library._dot_mode(x) == (DotMode.IEEE_FP32 if DEVICE == "cpu" else DotMode.SPLIT_AB)
+    assert library._back_dot(DotMode.SPLIT_B) == DotMode.BF16 and library._back_dot(DotMode.SPLIT_AB) == DotMode.SPLIT_AB

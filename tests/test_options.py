@@ -120,3 +120,10 @@ def test_filter_fn_leaves_a_block_as_it_is():
     assert hasattr(model[0], "mhc") and not hasattr(model[1], "mhc")
     assert any("not converted (filter_fn)" in c for c in model._mhc_analysis.cuts)
     torch.testing.assert_close(model(x), expected)
+
+def test_deterministic_option_is_validated_and_saved():
+    cfg = mhc.MHCConfig(deterministic=True)
+    assert mhc.MHCConfig.from_dict(cfg.to_dict()) == cfg
+    assert mhc.MHCConfig.from_dict({"n_streams": 4}).deterministic is False  # options saved before it existed
+    with pytest.raises(mhc.MHCConfigError, match="deterministic must be True or False"):
+        mhc.MHCConfig(deterministic="yes")

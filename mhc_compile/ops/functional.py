@@ -13,6 +13,7 @@ The per-token coefficients ``H_post [M, n]`` and ``H_res [M, n, n]`` travel betw
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -74,13 +75,14 @@ def _kernels_available() -> bool:
     return library.KERNELS_AVAILABLE
 
 
-def _impl(name: str, backend: str, x: Tensor) -> Callable:
-    """``ops.library.<name>`` (the fused kernels), ``ops.reference.<name>`` (``backend="torch"``)
-    or ``ops.cpu.<name>`` (``"auto"`` where the kernels don't run: the same math in fewer ops)."""
+def _impl(name: str, backend: str, x: Tensor, **kernel_options) -> Callable:
+    """``ops.library.<name>`` (the fused kernels, given ``kernel_options``),
+    ``ops.reference.<name>`` (``backend="torch"``) or ``ops.cpu.<name>`` (``"auto"`` where the
+    kernels don't run: the same math in fewer ops)."""
     if _use_kernels(x, backend):
         from . import library
 
-        return getattr(library, name)
+        return functools.partial(getattr(library, name), **kernel_options)
     return getattr(reference if backend == "torch" else cpu, name)
 
 
@@ -123,11 +125,15 @@ def mhc_post(
     *,
     channel_dim: int,
     backend: str,
+    deterministic: bool = False,
 ) -> Tensor:
-    """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout."""
+    """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout.
+
+    ``deterministic``: the kernels' backward gives bitwise-reproducible gradients (the
+    reference ops are as deterministic as PyTorch's own)."""
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    out = _impl("mhc_post", backend, tokens)(tokens, y_tokens, h_post, h_res)
+    out = _impl("mhc_post", backend, tokens, deterministic=deterministic)(tokens, y_tokens, h_post, h_res)
     return tokens_to_streams(out, x, channel_dim)
 
 
@@ -145,6 +151,7 @@ def mhc_post_pre(
     eps: float,
     channel_dim: int,
     backend: str,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Post of one connection fused with the pre of the next (one kernel on the GPU).
 
@@ -154,7 +161,7 @@ def mhc_post_pre(
     """
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens)(
+    x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens, deterministic=deterministic)(
         tokens, y_tokens, h_post, h_res, phi, bias, alpha,
         mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps,
     )

@@ -12,6 +12,7 @@ calls for ``backend="triton"`` (and for ``"auto"`` on CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MHCError
+from .settings import DotMode, Tiles
 
 try:  # Triton is optional: without it only backend="torch" exists
     import triton
@@ -32,22 +34,25 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
-# Tiles on the GPU, (tokens, channels, warps) per program, from benchmarks/kernels.py --sweep
-# on an H100. Projections (split-K over channel ranges of SPLIT_CHANNELS per stream) take
-# many tokens per program to amortise phi's L2 reads; streaming passes take few.
-PROJ_TILES = (256, 64, 8)  # pre forward's projection
-POST_PROJ_TILES = (128, 32, 8)  # fused post + next pre's projection
+# Tiles on the GPU, from benchmarks/kernels.py --tune on an H100. Projections (split-K over
+# channel ranges of SPLIT_CHANNELS per stream) take many tokens per program to amortise
+# phi's L2 reads; streaming passes take few.
+PROJ_TILES = Tiles(tokens=256, channels=64, warps=8, stages=2)  # pre forward's projection
+POST_PROJ_TILES = Tiles(tokens=128, channels=32, warps=8, stages=3)  # fused post + next pre's projection
 SPLIT_CHANNELS = 1024
-PROJ_STAGES = 2  # software-pipelining depth of the projection loops
-POST_PROJ_STAGES = 3
-COEF_BLOCK = 64  # tokens per program of the per-token coefficient kernels
-AGGREGATE_TILES = (8, 256, 8)
-DH_TILES = (16, 256, 4)  # the backward's dH_pre partials (no dot: few tokens per program)
-DX_TILES = (64, 64, 4)  # tl.dot needs >= 16 tokens; also forms the fused backward's gradient
+COEF_TILES = Tiles(tokens=64, channels=1, warps=4)  # per-token coefficient kernels (no channel axis)
+AGGREGATE_TILES = Tiles(tokens=8, channels=256, warps=8)
+DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre partials (no dot: few tokens)
+DX_TILES = Tiles(tokens=64, channels=64, warps=4)  # tl.dot needs >= 16 tokens; also the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
+POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
+DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
-_INTERPRETER_TILES = {"proj": (16, 16, 4), "stream": (4, 32, 4), "dx": (16, 16, 4)}
-BLOCK_M_POST = 4
+_INTERPRETER_TILES = {
+    "proj": Tiles(tokens=16, channels=16, warps=4), "stream": Tiles(tokens=4, channels=32, warps=4),
+    "dx": Tiles(tokens=16, channels=16, warps=4), "coef": Tiles(tokens=16, channels=1, warps=4),
+    "post": Tiles(tokens=4, channels=16, warps=4),
+}
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
 
@@ -119,17 +124,14 @@ def _unpad_columns(t: Tensor, n: int) -> Tensor:
     return torch.cat([t[..., :n], t[..., np_:np_ + n], res], dim=-1)
 
 
-def _dot_mode(x: Tensor) -> int:
-    """How the kernels compute ``vec(x) @ phi`` with float32 accuracy on tensor cores.
-
-    1: 16-bit streams against a hi/lo split of ``phi`` in the stream dtype (two dots);
-    2: float32 streams split into bf16 hi/lo on chip (three dots against bf16 hi/lo phi);
-    0: plain float32 IEEE dots, under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter
-    computes 16-bit ``tl.dot`` wrongly: numpy has no bfloat16).
-    """
+def _dot_mode(x: Tensor) -> DotMode:
+    """How the kernels compute ``vec(x) @ phi`` with float32 accuracy on tensor cores:
+    ``SPLIT_B`` for 16-bit streams, ``SPLIT_AB`` for float32 streams, and ``IEEE_FP32``
+    under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter computes 16-bit ``tl.dot``
+    wrongly: numpy has no bfloat16)."""
     if _interpreting():
-        return 0
-    return 2 if x.dtype == torch.float32 else 1
+        return DotMode.IEEE_FP32
+    return DotMode.SPLIT_AB if x.dtype == torch.float32 else DotMode.SPLIT_B
 
 
 def _poisoned(*tensors: Tensor) -> None:
@@ -149,14 +151,15 @@ def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     return outs
 
 
-def _tiles(x: Tensor, c: int, tiles: tuple[int, int, int], kind: str) -> tuple[int, int, int]:
-    """(tokens, channels, warps) per program: ``tiles`` on the GPU (channels halved for
-    float32 streams), small ones under the interpreter; channels capped at the next power
-    of two of ``c``."""
-    bm, bc, warps = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
-    if x.is_cuda and x.element_size() == 4 and kind != "stream":
+def _tiles(x: Tensor, c: int, tiles: Tiles, kind: str) -> Tiles:
+    """The launch shape of one kernel: ``tiles`` on the GPU (channels halved for float32
+    streams in the projection and dx kinds), small ones under the interpreter; channels capped
+    at the next power of two of ``c``."""
+    t = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
+    bc = t.channels
+    if x.is_cuda and x.element_size() == 4 and kind in ("proj", "dx"):
         bc = max(16, bc // 2)  # float32 streams: the tiles tuned for 16 bits, halved to fit
-    return bm, _pick(bc, c), warps
+    return dataclasses.replace(t, channels=_pick(bc, c))
 
 
 def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[int, int]:
@@ -171,24 +174,23 @@ def _pick(block: int, c: int) -> int:
     return min(block, triton.next_power_of_2(c)) if KERNELS_AVAILABLE else block
 
 
-def _back_dot(dot: int) -> int:
+def _back_dot(dot: DotMode) -> DotMode:
     """Dot mode of ``dproj @ phi^T`` in dx: a 16-bit dx is served by one bf16 dot."""
-    return 0 if dot == 0 else (3 if dot == 1 else 2)
+    return {DotMode.SPLIT_B: DotMode.BF16}.get(dot, dot)
 
 
 if KERNELS_AVAILABLE:
 
-    def _pre_projection(x: Tensor, phi_pad: Tensor, dot: int) -> tuple[Tensor, Tensor, int]:
+    def _pre_projection(x: Tensor, phi_pad: Tensor, dot: DotMode) -> tuple[Tensor, Tensor, int]:
         """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         width = layout(n)[3]
-        bm, bc, warps = _tiles(x, c, PROJ_TILES, "proj")
-        per, splits = _splits(x, c, bc)
+        t = _tiles(x, c, PROJ_TILES, "proj")
+        per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, width, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
-        wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, bm), splits)](
-            x, phi_pad, part, sq, m, c, per, N=n, W=width, DOT=dot, BM=bm, BC=bc, num_warps=warps,
-            num_stages=PROJ_STAGES,
+        wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
+            x, phi_pad, part, sq, m, c, per, N=n, W=width, DOT=int(dot), **t.launch(),
         )
         return part, sq, splits
 
@@ -201,14 +203,15 @@ if KERNELS_AVAILABLE:
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, _ = layout(n)
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
-        coef_block = COEF_BLOCK if x.is_cuda else 16
-        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, coef_block),)](
+        ct = _tiles(x, c, COEF_TILES, "coef")
+        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens),)](
             part, sq, _pad_columns(bias, n), alpha, h_pre, h_post, h_res, q, rstd,
-            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, W=layout(n)[3], HC=hc, BM=coef_block, num_warps=4,
+            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, W=layout(n)[3], HC=hc,
+            **ct.launch(channels=False),
         )
-        bm, bc, warps = _tiles(x, c, AGGREGATE_TILES, "stream")
-        wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            x, h_pre, u, m, c, N=n, BM=bm, BC=bc, num_warps=warps,
+        t = _tiles(x, c, AGGREGATE_TILES, "stream")
+        wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))](
+            x, h_pre, u, m, c, N=n, **t.launch(),
         )
         return u, h_pre, h_post, h_res, q, rstd
 
@@ -220,11 +223,11 @@ if KERNELS_AVAILABLE:
         ``dz [M, W]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         npad, np_, nr, width = layout(n)
-        bm, bc, warps = _tiles(x, c, DH_TILES, "proj")
-        per, splits = _splits(x, c, bc)
+        t = _tiles(x, c, DH_TILES, "proj")
+        per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, np_, dtype=torch.float32)
-        wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, bm), splits)](
-            x, du, part, m, c, per, N=n, NP=np_, BM=bm, BC=bc, num_warps=warps,
+        wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, t.tokens), splits)](
+            x, du, part, m, c, per, N=n, NP=np_, **t.launch(),
         )
         dproj = x.new_zeros(m, width, dtype=torch.float32)  # zero padding columns: one dot in dx
         dz = x.new_empty(m, width, dtype=torch.float32)
@@ -232,11 +235,11 @@ if KERNELS_AVAILABLE:
         coef = x.new_empty(m, dtype=torch.float32)
         sums = x.new_empty(0 if hc else 2 * iters, m, npad, dtype=torch.float32)  # Sinkhorn scratch
         _poisoned(dz, dalpha, coef)
-        coef_block = COEF_BLOCK if x.is_cuda else 16
-        wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, coef_block),)](
+        ct = _tiles(x, c, COEF_TILES, "coef")
+        wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, ct.tokens),)](
             part, _pad_columns(bias, n), alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
             dproj, dz, dalpha, coef, sums, m, n * c, iters, splits,
-            N=n, NPAD=npad, NP=np_, NR=nr, W=width, HC=hc, BM=coef_block, num_warps=4,
+            N=n, NPAD=npad, NP=np_, NR=nr, W=width, HC=hc, **ct.launch(channels=False),
         )
         return dproj, dz, dalpha, coef
 
@@ -253,19 +256,19 @@ if KERNELS_AVAILABLE:
             x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
         dx = torch.empty_like(x)
         _poisoned(dx)
-        bm, bc, warps = _tiles(x, c, DX_TILES, "dx")
-        per, splits = _splits(x, c, bc, DX_SPLIT_CHANNELS)
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, bm), splits)](
+        t = _tiles(x, c, DX_TILES, "dx")
+        per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS)
+        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, t.tokens), splits)](
             x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
-            N=n, W=layout(n)[3], BDOT=_back_dot(dot), ACCUM=g_in is not None, BM=bm, BC=bc, num_warps=warps,
+            N=n, W=layout(n)[3], BDOT=int(_back_dot(dot)), ACCUM=g_in is not None, **t.launch(),
         )
         return dx, dproj, dz, dalpha
 
-    def _phi_t(phi: Tensor, n: int, dot: int) -> Tensor:
+    def _phi_t(phi: Tensor, n: int, dot: DotMode) -> Tensor:
         """``phi`` padded and transposed, ``[W, n*C]``, for ``dproj @ phi^T``; bf16 where
         dx is served by one bf16 dot."""
         phi_t = _pad_columns(phi, n).t().contiguous()
-        return phi_t.to(torch.bfloat16) if _back_dot(dot) == 3 else phi_t
+        return phi_t.to(torch.bfloat16) if _back_dot(dot) == DotMode.BF16 else phi_t
 
     @triton_op("mhc_compile::pre_fwd", mutates_args=())
     def pre_fwd(
@@ -286,47 +289,61 @@ if KERNELS_AVAILABLE:
         return _pre_side_backward(x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters)
 
     @triton_op("mhc_compile::post_fwd", mutates_args=())
-    def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-        """``X_next [M, n, C] = H_res @ x + H_post^T y``."""
+    def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, deterministic: bool = False) -> Tensor:
+        """``X_next [M, n, C] = H_res @ x + H_post^T y``; ``deterministic`` only picks the
+        backward's reduction (see :func:`post_bwd`)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         out = torch.empty_like(x)
         _poisoned(out)
-        bc = _pick(256, c)
-        grid = (triton.cdiv(m, BLOCK_M_POST), triton.cdiv(c, bc))
+        t = _tiles(x, c, POST_TILES, "post")
+        grid = (triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))
         wrap_triton(kernels._post_fwd_kernel)[grid](
-            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=bc, num_warps=4
+            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n)[0], **t.launch(),
         )
         return out
 
     def _post_backward_launch(
-        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The post backward kernel: ``dx``, ``dy``, ``dH_post``, ``dH_res`` from ``grad [M, n, C]``."""
+        """The post backward kernel: ``dx``, ``dy``, ``dH_post``, ``dH_res`` from ``grad [M, n, C]``.
+
+        The channel sums of ``dH_post``/``dH_res`` use float32 atomics, or, when
+        ``deterministic``, per-range partial sums (ranges of DETERMINISTIC_POST_CHANNELS)
+        added in a fixed order: bitwise identical run to run."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
-        dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
-        dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
         _poisoned(dx, dy)
-        bc = _pick(256, c)
-        grid = (triton.cdiv(m, BLOCK_M_POST), triton.cdiv(c, bc))
-        wrap_triton(kernels._post_bwd_kernel)[grid](
-            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c,
-            N=n, NPAD=layout(n)[0], BM=BLOCK_M_POST, BC=bc, num_warps=4,
+        t = _tiles(x, c, POST_TILES, "post")
+        if deterministic:
+            per, splits = _splits(x, c, t.channels, DETERMINISTIC_POST_CHANNELS)
+            dh_post = x.new_empty(splits, m, n, dtype=torch.float32)
+            dh_res = x.new_empty(splits, m, n, n, dtype=torch.float32)
+            _poisoned(dh_post, dh_res)
+        else:
+            per, splits = t.channels, triton.cdiv(c, t.channels)  # one chunk per program
+            dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
+            dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
+        wrap_triton(kernels._post_bwd_kernel)[(triton.cdiv(m, t.tokens), splits)](
+            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c, per,
+            N=n, NPAD=layout(n)[0], ATOMIC=not deterministic, **t.launch(),
         )
+        if deterministic:
+            dh_post, dh_res = dh_post.sum(0), dh_res.sum(0)  # torch's reductions use no atomics
         return dx, dy, dh_post, dh_res
 
     @triton_op("mhc_compile::post_bwd", mutates_args=())
     def post_bwd(
-        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res``."""
-        return _post_backward_launch(x, y, h_post, h_res, grad)
+        """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` (bitwise
+        reproducible where ``deterministic``)."""
+        return _post_backward_launch(x, y, h_post, h_res, grad, deterministic)
 
     @triton_op("mhc_compile::post_pre_fwd", mutates_args=())
     def post_pre_fwd(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
-        alpha: Tensor, hc: bool, iters: int, eps: float,
+        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Post of one connection fused with the pre of the next: ``x [M, n, C]``, ``y [M, C]``,
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
@@ -335,14 +352,13 @@ if KERNELS_AVAILABLE:
         width = layout(n)[3]
         x_next = torch.empty_like(x)
         _poisoned(x_next)
-        bm, bc, warps = _tiles(x, c, POST_PROJ_TILES, "proj")
-        per, splits = _splits(x, c, bc)
+        t = _tiles(x, c, POST_PROJ_TILES, "proj")
+        per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, width, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
-        wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, bm), splits)](
+        wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
             x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
-            N=n, NPAD=layout(n)[0], W=width, DOT=_dot_mode(x), BM=bm, BC=bc, num_warps=warps,
-            num_stages=POST_PROJ_STAGES,
+            N=n, NPAD=layout(n)[0], W=width, DOT=int(_dot_mode(x)), **t.launch(),
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 
@@ -351,13 +367,14 @@ if KERNELS_AVAILABLE:
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
         phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor, q: Tensor,
         rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+        deterministic: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`post_pre_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` of the
         post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
         ``g_next`` is the gradient reaching ``X_next`` from its other users."""
         g, dproj, dz, dalpha = _pre_side_backward(  # g: X_next's whole gradient, g_next included
             x_next, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters, g_in=g_next)
-        dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g)
+        dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g, deterministic)
         return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
 
     def _pre_grads_in(x, h_post, du, dh_post, dh_res):
@@ -380,10 +397,10 @@ if KERNELS_AVAILABLE:
         return dphi, _unpad_columns(dz.sum(0), n), dalpha.sum(0)
 
     def _post_pre_setup(ctx, inputs, output) -> None:
-        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _ = inputs
+        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _, deterministic = inputs
         x_next, _, h_pre, h_post, _, q, rstd = output
         ctx.save_for_backward(x, y, h_post0, h_res0, x_next, phi, bias, alpha, h_pre, h_post, q, rstd)
-        ctx.hc, ctx.iters = hc, iters
+        ctx.hc, ctx.iters, ctx.deterministic = hc, iters, deterministic
         ctx.mark_non_differentiable(h_pre, q, rstd)
 
     def _post_pre_backward(ctx, g_next, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
@@ -392,10 +409,10 @@ if KERNELS_AVAILABLE:
         g_next = torch.zeros_like(x_next) if g_next is None else g_next.contiguous()
         dx, dy, dh_post0, dh_res0, dproj, dz, dalpha = torch.ops.mhc_compile.post_pre_bwd(
             x, y, h_post0, h_res0, x_next, g_next, phi, bias, alpha, h_pre, h_post, q, rstd,
-            du, dh_post, dh_res, ctx.hc, ctx.iters,
+            du, dh_post, dh_res, ctx.hc, ctx.iters, ctx.deterministic,
         )
         dphi, dbias, dalpha = _pre_param_grads(x_next, dproj, dz, dalpha)
-        return dx, dy, dh_post0, dh_res0, dphi, dbias, dalpha, None, None, None
+        return dx, dy, dh_post0, dh_res0, dphi, dbias, dalpha, None, None, None, None
 
     def _pre_setup(ctx, inputs, output) -> None:
         x, phi, bias, alpha, hc, iters, _ = inputs
@@ -413,11 +430,12 @@ if KERNELS_AVAILABLE:
         return (dx, *_pre_param_grads(x, dproj, dz, dalpha), None, None, None)
 
     def _post_setup(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        *tensors, ctx.deterministic = inputs
+        ctx.save_for_backward(*tensors)
 
     def _post_backward(ctx, grad):
         x, y, h_post, h_res = ctx.saved_tensors
-        return torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous())
+        return (*torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous(), ctx.deterministic), None)
 
     pre_fwd.register_autograd(_pre_backward, setup_context=_pre_setup)
     post_pre_fwd.register_autograd(_post_pre_backward, setup_context=_post_pre_setup)
@@ -460,14 +478,15 @@ def _check_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> None:
 
 def mhc_post_pre(
     x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
-    *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
+    *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6, deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused post of one connection and pre of the next, in one kernel.
 
     ``x [M, n, C]``, ``y [M, C]``, ``h_post [M, n]``, ``h_res [M, n, n]`` of the first
     connection; ``phi, bias, alpha`` of the second. Returns ``X_next [M, n, C]`` (dtype of
     ``x``) and the second connection's ``u [M, C]``, ``H_post [M, n]``, ``H_res [M, n, n]``:
-    the same as :func:`mhc_post` followed by :func:`mhc_pre`.
+    the same as :func:`mhc_post` followed by :func:`mhc_pre`. ``deterministic``: as in
+    :func:`mhc_post`.
     """
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
@@ -475,13 +494,26 @@ def mhc_post_pre(
         x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(),
         h_res.float().contiguous(), phi.float().contiguous(), bias.float().contiguous(),
         alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
+        deterministic_wanted(deterministic),
     )
     return x_next, u, h_post2, h_res2
 
 
-def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``."""
+def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, deterministic: bool = False) -> Tensor:
+    """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``.
+
+    ``deterministic`` (or ``torch.use_deterministic_algorithms(True)``): the backward sums
+    ``dH_post``/``dH_res`` over channels in a fixed order instead of with float32 atomics,
+    so gradients are bitwise identical run to run. The other kernels are deterministic
+    always (their split-K partial sums are added in a fixed order).
+    """
     _check_post(x, y, h_post, h_res)
     return torch.ops.mhc_compile.post_fwd(
-        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous()
+        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
+        deterministic_wanted(deterministic),
     )
+
+
+def deterministic_wanted(deterministic: bool) -> bool:
+    """``deterministic``, or PyTorch's global ``torch.use_deterministic_algorithms(True)``."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()

@@ -43,7 +43,8 @@ def fuse_post_pre(gm: fx.GraphModule) -> int:
             if isinstance(p, fx.Node) and p.op == "get_attr":
                 post.prepend(p)
         with graph.inserting_after(post):
-            fused = graph.call_function(functional.mhc_post_pre, (*post.args, *params), dict(pre.kwargs))
+            kwargs = dict(pre.kwargs, deterministic=post.kwargs.get("deterministic", False))
+            fused = graph.call_function(functional.mhc_post_pre, (*post.args, *params), kwargs)
         with graph.inserting_after(fused):
             x_next = graph.call_function(operator.getitem, (fused, 0))
         for user in list(pre.users):

@@ -62,6 +62,7 @@ class StreamPlan:
         param_prefix: attribute of the block holding the ``MHCConnection`` list.
         stream_dtype: dtype the expanded streams are cast to (``None``: decided at run time by
             ``functional.resolve_stream_dtype``: the autocast dtype or the input's).
+        deterministic: the emitted ``mhc_post`` calls ask for bitwise-reproducible backward.
     """
 
     n: int
@@ -77,6 +78,7 @@ class StreamPlan:
     collapse: str = "mean"
     param_prefix: str = "mhc"
     stream_dtype: Optional[torch.dtype] = None
+    deterministic: bool = False
 
 
 @dataclass
@@ -166,7 +168,7 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
             post = emit(
                 functional.mhc_post,
                 (stream[skip], branch, *coeffs[i]),
-                {"channel_dim": plan.channel_dim, "backend": plan.backend},
+                {"channel_dim": plan.channel_dim, "backend": plan.backend, "deterministic": plan.deterministic},
                 before=node,
             )
             node.replace_all_uses_with(post)

@@ -15,6 +15,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..settings import DotMode
+
+# DotMode as Triton constants (a @triton.jit function may read globals only if constexpr)
+DOT_IEEE_FP32 = tl.constexpr(int(DotMode.IEEE_FP32))
+DOT_SPLIT_B = tl.constexpr(int(DotMode.SPLIT_B))
+DOT_SPLIT_AB = tl.constexpr(int(DotMode.SPLIT_AB))
+DOT_BF16 = tl.constexpr(int(DotMode.BF16))
+
 
 @triton.jit
 def _sigmoid(x):
@@ -28,22 +36,20 @@ def _tanh(x):
 
 @triton.jit
 def _split_dot(a, b, DOT: tl.constexpr):
-    """``a @ b`` for a float32 ``b``, with float32 accuracy.
-
-    DOT 0: float32 IEEE dot; 1: ``a`` is 16-bit: ``b`` split on chip into hi + lo of that
-    dtype, two tensor-core dots; 2: ``a`` and ``b`` both split into bf16 hi + lo, three
-    tensor-core dots; 3: one bf16 dot (for results stored in 16 bits). The split happens here, in Triton, because a host-side
-    ``phi - phi.to(bf16).float()`` may be folded to zero by Inductor.
+    """``a @ b`` for a float32 ``b``, computed as :class:`~mhc_compile.ops.settings.DotMode`
+    ``DOT`` says (float32-accurate but for ``DOT_BF16``). The split happens here, in
+    Triton, because a host-side ``phi - phi.to(bf16).float()`` may be folded to zero by
+    Inductor.
     """
-    if DOT == 0:
+    if DOT == DOT_IEEE_FP32:
         return tl.dot(a.to(tl.float32), b, input_precision="ieee", out_dtype=tl.float32)
-    if DOT == 3:  # one bf16 dot: enough where the result is rounded to 16 bits anyway
+    if DOT == DOT_BF16:  # one bf16 dot: enough where the result is rounded to 16 bits anyway
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-    if DOT == 1:
+    if DOT == DOT_SPLIT_B:
         b_hi = b.to(a.dtype)
         b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
         return tl.dot(a, b_hi, out_dtype=tl.float32) + tl.dot(a, b_lo, out_dtype=tl.float32)
-    a32 = a.to(tl.float32)
+    a32 = a.to(tl.float32)  # DOT_SPLIT_AB
     a_hi = a32.to(tl.bfloat16)
     a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
     b_hi = b.to(tl.bfloat16)
@@ -167,38 +173,72 @@ def _post_fwd_kernel(
 
 
 @triton.jit
-def _post_bwd_kernel(
-    x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, M, C,
-    N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+def _post_bwd_chunk(
+    x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr, rm64, mmask, rc, cmask, C,
+    N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr,
 ):
-    """Tiles over (tokens, channels) like the forward; the reductions over C of
-    ``dH_post`` and ``dH_res`` are accumulated with atomics into zeroed float32 buffers."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rm64 = rm.to(tl.int64)
-    mmask = rm < M
-    rc = pid_c * BC + tl.arange(0, BC)
-    cmask = rc < C
+    """One ``[BM, BC]`` channel chunk of the post backward: stores ``dx`` and ``dy`` there and
+    returns this chunk's parts of the channel sums ``dH_post [BM, NPAD]`` and ``dH_res [BM,
+    NPAD, NPAD]``."""
     ri = tl.arange(0, NPAD)
-    ivalid = ri < N
     K = N * C
+    mi = mmask[:, None] & (ri < N)[None, :]
     mc = mmask[:, None] & cmask[None, :]
-    mi = mmask[:, None] & ivalid[None, :]
     g_off, g_mask = _stream_offsets(rm64, ri, rc, C, N)
-    g = tl.load(g_ptr + g_off, mask=mmask[:, None, None] & g_mask, other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
+    g = tl.load(g_ptr + g_off, mask=mmask[:, None, None] & g_mask & cmask[None, None, :],
+                other=0.0).to(tl.float32)  # [BM, NPAD(i), BC]
     y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
     dy = tl.sum(h_post[:, :, None] * g, axis=1)
     tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
-    tl.atomic_add(dhpost_ptr + rm64[:, None] * N + ri[None, :], tl.sum(g * y[:, None, :], axis=2), mask=mi)
+    d_hpost = tl.sum(g * y[:, None, :], axis=2)
+    d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
     for j in tl.static_range(N):
         xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
         h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, mask=mi, other=0.0)  # H[:, :, j]
         dxj = tl.sum(h_col[:, :, None] * g, axis=1)
         tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
         gx = tl.sum(g * xj[:, None, :], axis=2)  # [BM, NPAD(i)]: dH[:, i, j]
-        tl.atomic_add(dhres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, gx, mask=mi)
+        d_hres += tl.where(ri[None, None, :] == j, gx[:, :, None], 0.0)
+    return d_hpost, d_hres
+
+
+@triton.jit
+def _post_bwd_kernel(
+    x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, M, C, CS,
+    N: tl.constexpr, NPAD: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Grid (token blocks, channel ranges of ``CS``). The sums over C of ``dH_post`` and
+    ``dH_res``: with ``ATOMIC`` (``CS == BC``: one chunk per program), float32 atomics into
+    zeroed ``[M, n]``, ``[M, n, n]`` buffers (fast; the rounding depends on the order the
+    programs run in); else a program walks its range in chunks of ``BC`` and stores its
+    partial sums to ``[S, M, n]``, ``[S, M, n, n]``, which the caller adds in a fixed order
+    (bitwise reproducible)."""
+    rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
+    ri = tl.arange(0, NPAD)
+    ivalid = ri < N
+    mi = mmask[:, None] & ivalid[None, :]
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
+    post_off = rm64[:, None] * N + ri[None, :]
+    res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
+    res_mask = mmask[:, None, None] & ivalid[None, :, None] & ivalid[None, None, :]
+    if ATOMIC:
+        rc = c_lo + tl.arange(0, BC)
+        d_hpost, d_hres = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                                          rm64, mmask, rc, rc < c_hi, C, N, NPAD, BM)
+        tl.atomic_add(dhpost_ptr + post_off, d_hpost, mask=mi)
+        tl.atomic_add(dhres_ptr + res_off, d_hres, mask=res_mask)
+    else:
+        d_hpost = tl.zeros((BM, NPAD), dtype=tl.float32)
+        d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+        for c0 in range(c_lo, c_hi, BC):
+            rc = c0 + tl.arange(0, BC)
+            hp, hr = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
+                                     rm64, mmask, rc, rc < c_hi, C, N, NPAD, BM)
+            d_hpost += hp
+            d_hres += hr
+        base = tl.program_id(1).to(tl.int64) * M
+        tl.store(dhpost_ptr + base * N + post_off, d_hpost, mask=mi)
+        tl.store(dhres_ptr + base * (N * N) + res_off, d_hres, mask=res_mask)
 
 
 @triton.jit
