@@ -4,6 +4,8 @@
 # MHC_TESTS: test files (default tests/test_kernels.py; empty: skip the tests)
 # MHC_KERNELS_ARGS: arguments of benchmarks/kernels.py ("skip": do not run it)
 # MHC_TRAIN_ARGS: arguments of benchmarks/train_step.py ("skip": do not run it)
+# MHC_STUDY_ARGS: arguments of benchmarks/study.py ("skip": do not run it; "defaults": its defaults);
+#   the results, the JSON and the figure land in $OUT (study-<gpu>.md, study-<gpu>.json, study.png)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/local}"
@@ -26,3 +28,9 @@ run_bench() {  # name, args, timeout
 }
 run_bench kernels "${MHC_KERNELS_ARGS:-}" "${MHC_KERNELS_TIMEOUT:-300}"
 run_bench train_step "${MHC_TRAIN_ARGS:-skip}" "${MHC_TRAIN_TIMEOUT:-400}"
+if [ "${MHC_STUDY_ARGS:-skip}" != "skip" ]; then
+  [ "$MHC_STUDY_ARGS" = "defaults" ] && MHC_STUDY_ARGS=""
+  timeout "${MHC_STUDY_TIMEOUT:-600}" python3 benchmarks/study.py --out "$OUT/" --figure "$OUT/study.png" $MHC_STUDY_ARGS \
+    > "$OUT/study.log" 2>&1
+  echo "== study (exit $?)"; tail -40 "$OUT/study.log"
+fi

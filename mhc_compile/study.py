@@ -20,8 +20,10 @@ Data: the source text of Python's standard library (``demo.stdlib_corpus(recursi
 about 11 MB of bytes on Python 3.11, no download), split into 64 KiB blocks of which every
 tenth is the held-out validation text.
 
-On CUDA: bf16 autocast, ``layer.compile()`` on every decoder layer (regional compilation;
-equal layers share one graph, and the runs of one model reuse it), the Triton kernels
+On CUDA: bf16 autocast, ``layer.compile()`` on every decoder layer (regional compilation:
+equal layers share one graph, so a converted model compiles three, for its first, middle
+and last layers, and the residual model one; the runs of a model, and mHC's second init,
+reuse them), the Triton kernels
 (``backend="auto"``). Evaluation and the gain measurement run eagerly
 (``torch.compiler.set_stance("force_eager")``), so they compile nothing. On the CPU:
 float32, no compilation (the smoke test), smaller default batches.
@@ -50,9 +52,11 @@ batch 32, 300 steps = 4.9M tokens per run, 8 runs; about 77M parameters): an est
 (6 x 77M + attention), 2.5 PFLOP per run: about 12 s per residual run at 200 TFLOP/s. The
 mHC ops are memory-bound, about 100 KB per token per connection forward + backward with
 float32 streams, 48 connections: about 7 s more per run at 3.5 TB/s, so 20-25 s per HC or
-mHC run. Four models x (build + conversion 10-20 s, first compilation 30-50 s, the second
-mHC init reuses the graphs) plus eight runs of training and evaluation: 6-8 minutes. The
-script prints each run's ETA after its first timed steps, so a slower machine shows
+mHC run: about 170 s of training for the eight runs. Compilation (the least certain
+part): one graph for the residual model, three each for HC and mHC, 20-40 s each, 2-4
+minutes; conversion of three models, 10-20 s each; evaluation and gain measurement (eager),
+a few seconds per run. In all 6-8 minutes. The script prints each run's ETA after its
+first timed steps and each run's warm-up (compilation) time, so a slower machine shows
 early; ``--steps`` scales the training part linearly.
 """
 
@@ -408,7 +412,9 @@ def run_study(args: argparse.Namespace) -> list[RunRecord]:
         torch.set_num_threads(args.threads or 1)
     if args.compile:
         _set_compile_limits()
-    out = args.out or os.path.join("benchmarks", "results", f"study-{device_slug(device)}.md")
+    out = args.out or os.path.join("benchmarks", "results", "")
+    if out.endswith(os.sep) or os.path.isdir(out):
+        out = os.path.join(out, f"study-{device_slug(device)}.md")
     corpus = stdlib_corpus(args.corpus_bytes, recursive=True)
     train, val = split_corpus(corpus)
     val_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -527,7 +533,7 @@ def markdown(records: list[RunRecord], args: argparse.Namespace, device: torch.d
     return "\n".join([
         f"# Residual vs HC vs mHC on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU'}",
         "",
-        f"Command: `{args.command_line}`",
+        f"Command: `{args.command_line}` (the output paths, `--out` and `--figure`, left out)",
         "",
         f"- Environment: {_environment(device)}.",
         f"- Model: Hugging Face `LlamaForCausalLM`, byte-level (vocabulary 256), {args.depth} layers, width "
@@ -551,9 +557,15 @@ def markdown(records: list[RunRecord], args: argparse.Namespace, device: torch.d
         "(warm-up s: those steps, compilation included), evaluation excluded.",
         "",
         f"Curves (every step's train loss and gradient norm, validation loss, gain per depth; null: not finite): "
-        f"`{os.path.basename(args.json_path)}`; figure: `{args.figure}`.",
+        f"`{os.path.basename(args.json_path)}`; figure: `{_shown_path(args.figure)}`.",
         "",
     ])
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when inside it, else its file name."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return os.path.basename(path) if relative.startswith(os.pardir) else relative
 
 
 def write_results(records: list[RunRecord], args: argparse.Namespace, out: str, device: torch.device,
@@ -619,12 +631,14 @@ def plot(records: list[RunRecord], path: str, lrs: list[float]) -> bool:
             style = "--" if r.mode == "residual" else "-"
             ax_gain.plot(r.gain_steps, r.forward_gain, color=color, linestyle=style, marker=".",
                          label=r.name + (" (1: no mixing)" if r.mode == "residual" else ""))
+            if r.mode != "residual":
+                ax_gain.plot(r.gain_steps, r.backward_gain, color=color, linestyle=":", linewidth=0.9)
         ax_loss.set_title(f"lr {lr:g}")
         ax_loss.set_ylabel("loss (nats/byte): train EMA, val (dots)")
         ax_loss.legend(fontsize=8)
         ax_gain.set_yscale("log")
         ax_gain.set_xlabel("step")
-        ax_gain.set_ylabel("max forward gain of the composite H_res")
+        ax_gain.set_ylabel("Amax gain of the composite H_res: forward, backward (dotted)")
         ax_gain.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -665,8 +679,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default 1 on the CPU: the smoke test's ops are too small to split)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
-    parser.add_argument("--out", default=None, help="markdown results (default benchmarks/results/study-<gpu>.md); "
-                                                    "the JSON goes beside it")
+    parser.add_argument("--out", default=None, help="markdown results, or a folder for study-<gpu>.md (default "
+                                                    "benchmarks/results/study-<gpu>.md); the JSON goes beside it")
     parser.add_argument("--figure", default=os.path.join("docs", "study.png"), help="the figure (default docs/study.png)")
 
 
@@ -687,6 +701,19 @@ def problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def recorded_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--out`` and ``--figure`` (where the files went is not part of the experiment)."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--figure"):
+            skip = True
+        elif not arg.startswith(("--out=", "--figure=")):
+            shown.append(arg)
+    return shown
+
+
 def main(argv: Optional[list[str]] = None, prog: str = "benchmarks/study.py") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
@@ -695,7 +722,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "benchmarks/study.py") ->
     args = parser.parse_args(argv)
     if problem(args):
         parser.error(problem(args))
-    args.command_line = shlex.join(["python", prog, *argv]) if prog.endswith(".py") else shlex.join([*prog.split(), *argv])
+    shown = recorded_argv(argv)
+    args.command_line = shlex.join(["python", prog, *shown] if prog.endswith(".py") else [*prog.split(), *shown])
     run_study(args)
     return 0
 

@@ -32,7 +32,7 @@ def smoke(tmp_path_factory):
 def test_table_has_every_run_at_every_lr(smoke):
     out, stdout, results = smoke
     table = (out / "study.md").read_text()
-    assert "--steps 20 --depth 4 --width 64" in table  # the exact command
+    assert "python benchmarks/study.py --steps 20 --depth 4 --width 64` (the output paths" in table  # the command
     rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     seen = {(name.strip(), float(lr)) for name, lr in rows[1:]}  # rows[0]: the header
     assert seen == {(name, lr) for name in RUN_NAMES for lr in (1e-3, 4e-3)}
