@@ -437,7 +437,7 @@ def run_study(args: argparse.Namespace) -> list[RunRecord]:
             initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if args.compile:
                 for layer in model.model.layers:
-                    layer.compile()
+                    layer.compile(backend=args.compile_backend)
         except Exception as err:  # noqa: BLE001 - one model failing is a result; the study goes on
             for lr in args.lrs:
                 records.append(RunRecord(spec.name, spec.mode, spec.init, lr, error=f"{type(err).__name__}: {err}"))
@@ -518,6 +518,7 @@ def table_rows(records: list[RunRecord]) -> list[dict]:
             "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "-",
             "peak GiB": _fmt(r.peak_memory_gib, ".2f"),
             "warm-up s": _fmt(r.warmup_s, ".1f"),
+            "graphs compiled": "-" if r.graphs_compiled is None else r.graphs_compiled,
             "wall s": _fmt(r.wall_s, ".1f"),
         })
     return rows
@@ -554,7 +555,8 @@ def markdown(records: list[RunRecord], args: argparse.Namespace, device: torch.d
         f"batch and over depth, measured every {args.gain_every} steps; a residual model does not mix: 1 by "
         f"definition. Spikes: steps whose train loss exceeds the EMA (0.9) of the losses before it by more than "
         f"{args.spike_margin} nats. tokens/s: training steps after the first {args.warmup_timing_steps} "
-        "(warm-up s: those steps, compilation included), evaluation excluded.",
+        "(warm-up s: those steps, compilation included), evaluation excluded. Graphs compiled: new Dynamo graphs "
+        "during the run (0 without compilation; later runs of a model reuse its graphs).",
         "",
         f"Curves (every step's train loss and gradient norm, validation loss, gain per depth; null: not finite): "
         f"`{os.path.basename(args.json_path)}`; figure: `{_shown_path(args.figure)}`.",
@@ -674,6 +676,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the n streams (default: the package's default)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile every decoder layer (default: on CUDA)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: trace only)")
     parser.add_argument("--corpus-bytes", type=int, default=64_000_000, help="at most this much text")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
