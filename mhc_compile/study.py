@@ -260,6 +260,8 @@ class Trainer:
         with torch.compiler.set_stance("force_eager"), diagnostics.observe() as rec, self.autocast():
             self.model(input_ids=self.data["val_batches"][0][0], use_cache=False)
         self.model.train()
+        if not rec.h_res:
+            raise RuntimeError("the gain forward observed no H_res: the connections did not run eagerly")
         fwd, bwd = [], []
         for chain in diagnostics.chains(rec.h_res):
             f, b = diagnostics.composite_gains(chain)
@@ -495,6 +497,15 @@ def _fmt(value: Optional[float], spec: str = ".3f") -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _max_gain(gains: list[float]) -> str:
+    """The largest gain measured; ``"inf or nan"`` once one was not finite (the mixing overflowed)."""
+    if not gains:
+        return "-"
+    if not all(math.isfinite(g) for g in gains):
+        return "inf or nan"
+    return format(max(gains), ".3g")
+
+
 def table_rows(records: list[RunRecord]) -> list[dict]:
     """One row per run: the columns of the results table."""
     rows = []
@@ -512,8 +523,8 @@ def table_rows(records: list[RunRecord]) -> list[dict]:
             "lr": f"{r.lr:g}",
             "final val loss": final,
             "best val loss": _fmt(min(finite_val) if finite_val else None),
-            "max fwd gain": "1 (no mixing)" if residual else _fmt(max(r.forward_gain, default=None), ".3g"),
-            "max bwd gain": "1 (no mixing)" if residual else _fmt(max(r.backward_gain, default=None), ".3g"),
+            "max fwd gain": "1 (no mixing)" if residual else _max_gain(r.forward_gain),
+            "max bwd gain": "1 (no mixing)" if residual else _max_gain(r.backward_gain),
             "spikes": len(r.spikes),
             "tokens/s": f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "-",
             "peak GiB": _fmt(r.peak_memory_gib, ".2f"),

@@ -82,8 +82,10 @@ def test_a_non_finite_loss_is_recorded_as_divergence():
     pending = [(torch.tensor(2.5), torch.tensor(1.0)), (torch.tensor(float("nan")), torch.tensor(3.0))]
     assert trainer._flush(pending) is True
     assert record.diverged_at == 2 and record.train_loss[0] == 2.5
+    record.forward_gain = [1.5, float("inf")]
     row = study.table_rows([record])[0]
     assert row["final val loss"] == "diverged at step 2" and row["best val loss"] == "-"
+    assert row["max fwd gain"] == "inf or nan" and row["max bwd gain"] == "-"
 
 
 def test_validation_split_is_every_tenth_block():
@@ -98,3 +100,28 @@ def test_cli_forwards_to_the_study_and_refuses_bad_sizes(capsys):
         cli.main(["study", "--steps", "0"])
     assert err.value.code == 2
     assert "--steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_run_that_turns_nan_stops_is_recorded_and_the_results_are_still_written(tmp_path):
+    parser = study.argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args(["--steps", "12", "--depth", "2", "--width", "32", "--lrs", "1e-3",
+                              "--out", str(tmp_path / "r.md"), "--figure", str(tmp_path / "r.png")])
+    device = torch.device("cpu")
+    study._fill_defaults(args, device)
+    args.command_line = "test"
+    corpus = torch.randint(0, 256, (40_000,), generator=torch.Generator().manual_seed(0))
+    train, val = study.split_corpus(corpus, block=1000)
+    data = {"train": train, "val_batches": [study.sample_batch(val, 2, args.seq_len, torch.Generator(), "cpu")]}
+    spec = study.RunSpec("hc", "hc", "paper")
+    model = study.build_model(args, spec, device)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = float("nan")  # NaN embeddings: every loss is NaN from step 1
+    record = study.RunRecord(spec.name, spec.mode, spec.init, 1e-3)
+    study.Trainer(model, record, args, data, device).run(on_eta=lambda seconds: None)
+    assert record.diverged_at == 1 and len(record.train_loss) == 1 and record.error is None
+    study.write_results([record], args, args.out, device, corpus.numel(), train.numel(), val.numel())
+    assert "diverged at step 1" in (tmp_path / "r.md").read_text()
+    saved = study.json.load(open(tmp_path / "r.json"))["runs"][0]
+    assert saved["diverged_at"] == 1 and saved["train_loss"] == [None]  # NaN is written as null
+    assert (tmp_path / "r.png").exists()
