@@ -4,8 +4,9 @@
 # MHC_TESTS: test files (default tests/test_kernels.py; empty: skip the tests)
 # MHC_KERNELS_ARGS: arguments of benchmarks/kernels.py ("skip": do not run it)
 # MHC_TRAIN_ARGS: arguments of benchmarks/train_step.py ("skip": do not run it)
-# MHC_LOSS_ARGS, MHC_DECODE_ARGS, MHC_STUDY_ARGS: likewise for train_step.py --loss-check,
-#   decode.py and study.py (default: skip)
+# MHC_LOSS_ARGS, MHC_DECODE_ARGS: likewise for train_step.py --loss-check and decode.py (default: skip)
+# MHC_STUDY_ARGS: arguments of benchmarks/study.py ("skip": do not run it; "defaults": its defaults);
+#   the results, the JSON and the figure land in $OUT (study-<gpu>.md, study-<gpu>.json, study.png)
 # MHC_BUNDLE=1: pack every result into $OUT/results.tgz (the GPU tool returns few files)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -38,8 +39,13 @@ if [ "${MHC_LOSS_ARGS:-skip}" != "skip" ]; then
   echo "== loss check (exit $?)"; tail -15 "$OUT/loss-check.log"
 fi
 run_bench decode "${MHC_DECODE_ARGS:-skip}" "${MHC_DECODE_TIMEOUT:-300}"
-run_bench study "${MHC_STUDY_ARGS:-skip}" "${MHC_STUDY_TIMEOUT:-500}"
+if [ "${MHC_STUDY_ARGS:-skip}" != "skip" ]; then
+  [ "$MHC_STUDY_ARGS" = "defaults" ] && MHC_STUDY_ARGS=""
+  timeout "${MHC_STUDY_TIMEOUT:-600}" python3 benchmarks/study.py --out "$OUT/" --figure "$OUT/study.png" $MHC_STUDY_ARGS \
+    > "$OUT/study.log" 2>&1
+  echo "== study (exit $?)"; tail -40 "$OUT/study.log"
+fi
 if [ "${MHC_BUNDLE:-0}" = "1" ]; then
   (cd "$OUT" && tar czf /tmp/results.tgz --exclude results.tgz . && mv /tmp/results.tgz results.tgz \
-    && find . -type f ! -name results.tgz ! -name '*.md' -delete)
+    && find . -type f ! -name results.tgz ! -name '*.md' ! -name '*.png' -delete)
 fi

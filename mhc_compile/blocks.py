@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .capture import CallRecord
+from .codeshare import shared_function
 from .errors import CaptureError, ConversionError
 from .trace import BlockSignature, bind_call, find_passthrough, split_signature, trace_block
 from .config import MHCConfig
@@ -186,7 +187,7 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
     _check_interface(a, result, training)
     if config.fuse_adjacent:
         fuse_post_pre(gm)
-    return Variant(type(gm).forward, tuple(values_sig.dynamic))
+    return Variant(shared_function(type(gm).forward), tuple(values_sig.dynamic))  # compiled once for equal blocks
 
 
 def _check_interface(a: BlockAnalysis, result: RewriteResult, training: bool) -> None:

@@ -1,10 +1,11 @@
-"""Command line: ``mhc-compile demo | inspect | coverage`` (also ``python -m mhc_compile``).
+"""Command line: ``mhc-compile demo | inspect | coverage | study`` (also ``python -m mhc_compile``).
 
     mhc-compile inspect --hf llama
     mhc-compile inspect --hf-config config.json
     mhc-compile inspect mypkg.models:build --input-shape 2,3,224,224
     mhc-compile inspect mypkg.models:gpt --input-shape 2,64 --input-dtype long --input-high 50257
     mhc-compile coverage --mappings causal --only llama gpt2 --out /tmp/cov
+    mhc-compile study --steps 20 --depth 4 --width 64
 
 Exit codes: 0 success; 2 any expected failure (bad arguments, a model that cannot be
 built, a conversion refused with an :class:`~mhc_compile.errors.MHCError`), reported as
@@ -173,6 +174,14 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return int(module.main(rest) or 0)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run the residual vs HC vs mHC study (:mod:`mhc_compile.study`) with ``args.rest``."""
+    from . import study
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    return study.main(rest, prog="mhc-compile study")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhc-compile", description="mHC as a compiler pass")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,14 +201,17 @@ def make_parser() -> argparse.ArgumentParser:
     p_cov = sub.add_parser("coverage", help="sweep transformers' architectures (benchmarks/coverage.py; "
                                             "its options follow, e.g. --mappings causal --only llama)")
     p_cov.add_argument("rest", nargs=argparse.REMAINDER, help="options of benchmarks/coverage.py")
+    p_study = sub.add_parser("study", help="train residual vs HC vs mHC at depth and several learning rates "
+                                           "(benchmarks/study.py; its options follow, e.g. --steps 20 --depth 4)")
+    p_study.add_argument("rest", nargs=argparse.REMAINDER, help="options of the study (mhc-compile study -- --help)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["coverage"] and not {"-h", "--help"} & set(argv[1:2]):
-        # the sweep's own options follow; argparse's REMAINDER would not take leading "--x"
-        argv = ["coverage", "--", *argv[1:]]
+    if argv[:1] in (["coverage"], ["study"]) and not {"-h", "--help"} & set(argv[1:2]):
+        # the sweep's or the study's own options follow; argparse's REMAINDER would not take leading "--x"
+        argv = [argv[0], "--", *argv[1:]]
     args = make_parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -207,6 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if args.command == "coverage":
             return cmd_coverage(args)
+        if args.command == "study":
+            return cmd_study(args)
         return cmd_inspect(args)
     except UsageError as err:
         return _fail(args, "error", err)

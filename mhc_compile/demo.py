@@ -68,21 +68,39 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def stdlib_corpus(max_bytes: int = 2_000_000) -> torch.Tensor:
-    """The standard library's ``.py`` sources as a byte tensor (sorted, so every run sees the same text)."""
+def stdlib_corpus(max_bytes: int = 2_000_000, *, recursive: bool = False) -> torch.Tensor:
+    """The standard library's ``.py`` sources as a byte tensor (sorted, so every run sees the same text).
+
+    ``recursive=False``: the top-level modules only (about 4.7 MB on Python 3.11);
+    ``recursive=True``: also the packages below them, without ``site-packages``, the test
+    suites and ``idlelib`` (about 11 MB on Python 3.11).
+    """
     root = sysconfig.get_paths()["stdlib"]
     chunks, total = [], 0
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            with open(os.path.join(root, name), "rb") as f:
-                data = f.read()
-            chunks.append(data)
-            total += len(data)
-            if total >= max_bytes:
-                break
+    for path in _stdlib_sources(root, recursive):
+        with open(path, "rb") as f:
+            data = f.read()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
     if not chunks:
         raise RuntimeError(f"no Python sources found under {root} to train the demo on")
     return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+
+
+_SKIPPED_PACKAGES = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+
+
+def _stdlib_sources(root: str, recursive: bool) -> list[str]:
+    """Paths of the ``.py`` files under ``root``, in sorted order (top level first)."""
+    if not recursive:
+        return [os.path.join(root, name) for name in sorted(os.listdir(root)) if name.endswith(".py")]
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED_PACKAGES)
+        paths.extend(os.path.join(folder, name) for name in sorted(files) if name.endswith(".py"))
+    return paths
 
 
 @dataclass
@@ -98,7 +116,8 @@ class RunResult:
     ms_per_step: float = 0.0
 
 
-def _batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, device: str):
+def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, device: str):
+    """``batch`` random windows of ``data``: inputs and next-byte targets, each ``[batch, seq_len]`` int64."""
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=gen)
     rows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
     return rows[:, :-1].to(device), rows[:, 1:].to(device)
@@ -118,10 +137,10 @@ def train_one(name: str, mode: str, args: argparse.Namespace, train: torch.Tenso
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     val_gen = torch.Generator().manual_seed(args.seed + 1)
-    val_batches = [_batch(val, args.batch, args.seq_len, val_gen, args.device) for _ in range(4)]
+    val_batches = [sample_batch(val, args.batch, args.seq_len, val_gen, args.device) for _ in range(4)]
     elapsed = 0.0
     for step in range(1, args.steps + 1):
-        x, y = _batch(train, args.batch, args.seq_len, gen, args.device)
+        x, y = sample_batch(train, args.batch, args.seq_len, gen, args.device)
         start = time.perf_counter()
         model.train()
         loss = _loss(model, x, y)
@@ -237,4 +256,4 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["TinyGPT", "stdlib_corpus", "run", "main", "add_arguments"]
+__all__ = ["TinyGPT", "stdlib_corpus", "sample_batch", "run", "main", "add_arguments"]

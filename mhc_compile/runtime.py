@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockAnalysis, Variant, build_variant
+from .codeshare import shared_function
 from .config import MHCConfig
 from .heuristics import MHC_ATTRIBUTE
 from .layers import MHCConnection
@@ -128,7 +129,7 @@ def _make_binder(params: list[inspect.Parameter], name: str) -> Callable:
     lines.append("    return dispatch(_block, _vals)")
     scope = {"_defaults": defaults, "dispatch": dispatch}
     exec(compile("\n".join(lines) + "\n", f"<mhc forward of {name}>", "exec"), scope)  # noqa: S102
-    return scope["forward"]
+    return shared_function(scope["forward"])  # equal binders of equal blocks: one code object
 
 
 def dispatch(block: nn.Module, values: dict) -> Any:
