@@ -74,10 +74,19 @@ def run_probes(model: nn.Module, calls: list[Probe]) -> list[Optional[list[torch
     return outs
 
 
-def _tolerance(dtype: torch.dtype, stream_dtype: Optional[torch.dtype]) -> float:
-    """Relative error allowed at init: rounding of the outputs' and the streams' dtype."""
+def _tolerance(dtype: torch.dtype, stream_dtype: Optional[torch.dtype], device_type: str = "cpu") -> float:
+    """Relative error allowed at init: rounding of the outputs' and the streams' dtype.
+
+    float32 matmuls on CUDA under ``torch.set_float32_matmul_precision("high")`` run in
+    TF32 (10 mantissa bits): the streams' float32 rounding (1e-7) then moves some TF32
+    roundings, and over tens of layers the outputs differ by ~1e-3, so TF32 gets the
+    half-precision bound of 2e-2 rather than float32's 1e-4."""
     exact = (None, torch.float32, torch.float64)
-    return 1e-4 if dtype in (torch.float32, torch.float64) and stream_dtype in exact else 5e-2
+    if dtype not in (torch.float32, torch.float64) or stream_dtype not in exact:
+        return 5e-2
+    if device_type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return 2e-2
+    return 1e-4
 
 
 def check(model: nn.Module, calls: list[Probe], reference: list[Optional[list[torch.Tensor]]],
@@ -109,7 +118,7 @@ def check(model: nn.Module, calls: list[Probe], reference: list[Optional[list[to
                 )
             scale = a.detach().abs().max().float().clamp_min(1e-12)
             err = ((a.detach().float() - b.detach().float()).abs().max() / scale).item()
-            if not err <= _tolerance(a.dtype, stream_dtype):
+            if not err <= _tolerance(a.dtype, stream_dtype, a.device.type):
                 raise ConversionError(
                     f"the converted {type(model).__name__} differs from the original at init on "
                     f"{what} (max relative error {err:.3g}); a connection was rewritten with the "
