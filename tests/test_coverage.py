@@ -177,17 +177,53 @@ def test_ops_on_the_skip_and_scaled_branches_are_connections(kind):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
 
 
-def test_scaled_skip_is_not_a_connection():
-    class ScaledSkip(nn.Module):
+class _ScaledSkip(nn.Module):
+    """The skip scaled or shifted by values computed without it (MiniMax, Beam, Doge, Zaya)."""
+
+    def __init__(self, kind: str, dim: int = 8):
+        super().__init__()
+        self.kind, self.f = kind, nn.Linear(dim, dim)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+        self.shift = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        if self.kind == "alpha":
+            return torch.add(self.f(x), x, alpha=0.5)
+        if self.kind == "constants":
+            return x * 0.75 + self.f(x) * 1.5
+        if self.kind == "per_channel":
+            return self.scale * x + self.f(x)
+        if self.kind == "affine":
+            return self.f(x) + ((x + self.shift) * self.scale).to(torch.float32)
+        return self.f(x) - x
+
+
+@pytest.mark.parametrize("kind", ["alpha", "constants", "per_channel", "affine", "negated"])
+def test_scaled_skip_is_a_connection(kind):
+    model = nn.Sequential(nn.Linear(4, 8), *[_ScaledSkip(kind) for _ in range(3)], nn.Linear(8, 3))
+    x = torch.randn(2, 5, 4)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    rows = mhc.inspect(model, print_table=False)
+    assert len(rows) == 3 and {r["chain"] for r in rows} == {0}
+    assert _rel_err(model(x), ref) <= 1e-5
+    assert _rel_err(model(x[:1, :3]), ref[:1, :3]) <= 1e-5
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
+def test_gated_skip_is_not_a_connection():
+    class Highway(nn.Module):  # the skip's scale is computed from the skip itself
         def __init__(self):
             super().__init__()
-            self.f = nn.Linear(8, 8)
+            self.f, self.g = nn.Linear(8, 8), nn.Linear(8, 8)
 
         def forward(self, x):
-            return torch.add(self.f(x), x, alpha=0.5)  # f(x) + 0.5 x: the skip is scaled
+            return torch.sigmoid(self.g(x)) * x + self.f(x)
 
     with pytest.raises(mhc.NoResidualError):
-        mhc.mhc_compile(ScaledSkip(), example_inputs=torch.randn(2, 8))
+        mhc.mhc_compile(Highway(), example_inputs=torch.randn(2, 8))
 
 
 # ---------------------------------------------------------------- 5. analysis and trace agree
