@@ -221,6 +221,7 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
                 and outs[i] is x_in
                 and not a.link_out
                 and a.channel_dim == b.channel_dim
+                and a.output_leaf not in records[a.path].read_outside
             ):
                 a.link_out = b.link_in = True
                 b.chain = a.chain
@@ -229,11 +230,11 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
             chain += 1
             b.chain = chain
             if j > 0:
-                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in)}")
+                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in, records)}")
     return notes
 
 
-def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
+def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any, records: dict) -> str:
     """Why block ``b`` does not continue the streams of the block ``a`` called before it."""
     if b.stream_input is None:
         return "its first connection's skip is computed inside the block, not passed in"
@@ -245,6 +246,9 @@ def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
         return f"{a.path or '(root)'} returns no value that carries its streams"
     if a.link_out:
         return f"{a.path or '(root)'}'s streams already continue into another block"
+    if out is x_in and a.output_leaf in records[a.path].read_outside:
+        return (f"the parent also reads {a.path or '(root)'}'s output itself ({records[a.path].read_outside[a.output_leaf]}"
+                " outside any block, e.g. to keep a memory of hidden states), so it must stay one stream")
     if a.channel_dim != b.channel_dim:
         return f"the channel axis changes ({a.channel_dim} in {a.path}, {b.channel_dim} here)"
     if isinstance(out, torch.Tensor) and isinstance(x_in, torch.Tensor) and out.shape != x_in.shape:

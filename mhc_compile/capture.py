@@ -7,7 +7,8 @@
   where the residual adds are and which module owns each of them.
 * :func:`record_calls` runs one sample forward with hooks to learn each block's actual
   call arguments (for tracing and shape propagation) and outputs (for linking blocks
-  into chains).
+  into chains), and which outputs the code between the blocks reads (such an output
+  cannot carry n streams).
 
 Per-block tracing (the graphs that are rewritten) lives in :mod:`mhc_compile.trace`.
 See ``docs/design.md`` for how the pieces fit.
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .errors import CaptureError
@@ -244,17 +246,53 @@ class CallRecord:
     output: Any = None
     calls: int = 0
     order: int = -1
+    # output leaf index -> the first op that code outside every block applied to it
+    # (XLNet's parent slices each layer's output into its memory)
+    read_outside: dict[int, str] = field(default_factory=dict)
+
+
+# ops that read only a tensor's metadata, not its values
+_METADATA_OPS = {"__get__", "size", "dim", "__len__", "numel", "nelement", "ndimension", "stride",
+                 "is_contiguous", "is_floating_point", "is_complex", "element_size", "get_device",
+                 "data_ptr", "storage_offset"}
+
+
+class _OutsideReads(TorchFunctionMode):
+    """Notes the torch ops that run outside every recorded block on a block's output."""
+
+    def __init__(self, records: dict[str, CallRecord]) -> None:
+        super().__init__()
+        self.records = records
+        self.depth = 0  # recorded blocks now running
+        self.watched: dict[int, tuple[str, int]] = {}  # id(output leaf) -> (path, leaf index)
+
+    def watch(self, path: str, output: Any) -> None:
+        for idx, leaf in enumerate(tree_leaves(output)):
+            if isinstance(leaf, torch.Tensor):
+                self.watched[id(leaf)] = (path, idx)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0 and self.watched and getattr(func, "__name__", "") not in _METADATA_OPS:
+            for leaf in tree_leaves((args, kwargs)):
+                hit = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if hit is not None:
+                    self.records[hit[0]].read_outside.setdefault(hit[1], getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
 
 
 def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) -> dict[str, CallRecord]:
-    """Run one forward and record the call arguments and outputs of the modules at ``paths``."""
+    """Run one forward and record the call arguments and outputs of the modules at ``paths``,
+    and the ops that code outside these modules applies to their outputs."""
     modules = dict(model.named_modules())
     records = {p: CallRecord(p) for p in paths}
+    reads = _OutsideReads(records)
     counter = [0]
     handles = []
 
     def pre_hook(path):
         def hook(mod, a, kw):
+            reads.depth += 1
             rec = records[path]
             rec.calls += 1
             if rec.calls == 1:  # caches as they are now: the forward appends to them later
@@ -267,8 +305,10 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
 
     def post_hook(path):
         def hook(mod, a, kw, out):
+            reads.depth -= 1
             if records[path].calls == 1:
                 records[path].output = out
+                reads.watch(path, out)
 
         return hook
 
@@ -276,7 +316,7 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
         handles.append(modules[p].register_forward_pre_hook(pre_hook(p), with_kwargs=True))
         handles.append(modules[p].register_forward_hook(post_hook(p), with_kwargs=True))
     try:
-        with side_effect_free(model):
+        with side_effect_free(model), reads:
             model(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CaptureError(

@@ -297,6 +297,31 @@ def test_chain_cuts_are_listed_with_reasons(capsys):
     assert "projection shortcut" in printed
 
 
+def test_parent_reading_a_block_output_cuts_the_chain_there(capsys):
+    class Memory(nn.Module):  # XLNet's idiom: the parent keeps a slice of each layer's input
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([_Idiom("plain") for _ in range(4)])
+
+        def forward(self, x):
+            mems = []
+            for i, block in enumerate(self.blocks):
+                if i == 2:
+                    mems.append(x[:, -2:].detach())
+                x = block(x)
+            return x, torch.stack(mems)
+
+    model = Memory()
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=torch.randn(2, 5, 8))
+    assert [r["chain"] for r in mhc.inspect(model, print_table=False)] == [0, 0, 1, 1]
+    mhc.inspect(model)
+    assert "chain cut before blocks.2: the parent also reads blocks.1's output" in capsys.readouterr().out
+    x = torch.randn(3, 7, 8)
+    for new, old in zip(model(x), original(x)):
+        assert new.shape == old.shape and _rel_err(new, old) <= 1e-5
+
+
 # ---------------------------------------------------------------- 7. synthesised inputs
 
 
