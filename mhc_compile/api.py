@@ -108,6 +108,12 @@ def analyse(
             "connections, so this model has nothing to convert"
         )
     modules = dict(model.named_modules())
+    residuals, long_skips = _split_long_skips(residuals, exported.module_path, modules)
+    if not residuals:
+        raise NoResidualError(
+            f"the only residual adds found in {type(model).__name__} span several layers of a "
+            f"stack, which mhc_compile leaves alone: {'; '.join(long_skips)}"
+        )
     owners = [_called_owner(owner_module(r, exported.module_path), modules) for r in residuals]
     candidates = topmost(owners)
     block_paths = _filter_blocks(candidates, modules, filter_fn)
@@ -154,7 +160,7 @@ def analyse(
         for c, path in zip(cuts, cut_paths)
         if not any(path == b or inside(path, b) for b in block_paths)
     ]
-    cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected]
+    cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected] + long_skips
     block_notes = [n for a in dropped + analyses for n in a.cuts]
     return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
 
@@ -192,6 +198,26 @@ def _filter_blocks(candidates: list[str], modules: dict[str, nn.Module], filter_
             "nothing would be converted: let it accept at least one of these paths"
         )
     return kept
+
+
+def _split_long_skips(residuals: list, module_path: Callable, modules: dict[str, nn.Module]) -> tuple[list, list[str]]:
+    """The residual adds of single blocks, and one note per *long skip*: an add whose skip
+    enters its branch in one element of a ``ModuleList``/``ModuleDict`` and is added back in
+    another (CPM-Ant's position bias, fed to every layer's attention scores: from layer 1
+    on, the scores are computed from it through layer 0). Left as plain adds, so each
+    layer of the stack stays its own block."""
+    kept, notes = [], []
+    for r in residuals:
+        owner = owner_module(r, module_path)
+        if owner and isinstance(modules.get(owner), (nn.ModuleList, nn.ModuleDict)):
+            notes.append(
+                f"{module_path(r.add)}: the add's skip enters its branch in another element of "
+                f"{owner} (a skip across the layers of a stack, such as a bias shared by every "
+                "layer); not rewritten, each layer is converted on its own"
+            )
+        else:
+            kept.append(r)
+    return kept, notes
 
 
 def _called_owner(path: str, modules: dict[str, nn.Module]) -> str:

@@ -270,6 +270,36 @@ def test_adds_across_a_module_list_belong_to_its_parent():
     assert _rel_err(model(x), ref) <= 1e-5
 
 
+def test_a_bias_shared_by_every_layer_is_no_connection(capsys):
+    class BiasedLayer(nn.Module):  # CPM-Ant's idiom: every layer adds one shared bias to its scores
+        def __init__(self):
+            super().__init__()
+            self.f, self.g = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, bias):
+            return x + self.f(torch.tanh(self.g(x) + bias))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([BiasedLayer() for _ in range(3)])
+
+        def forward(self, x, bias):  # from layer 1 on, ``bias`` is an ancestor of the scores
+            for layer in self.layers:
+                x = layer(x, bias)
+            return x
+
+    model = Stack()
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=(torch.randn(2, 5, 8), torch.randn(2, 5, 8)))
+    rows = mhc.inspect(model, print_table=False)
+    assert [(r["block"], r["chain"]) for r in rows] == [("layers.0", 0), ("layers.1", 0), ("layers.2", 0)]
+    mhc.inspect(model)
+    assert "skip enters its branch in another element of layers" in capsys.readouterr().out
+    x, bias = torch.randn(3, 7, 8), torch.randn(3, 7, 8)
+    assert _rel_err(model(x, bias), original(x, bias)) <= 1e-5
+
+
 # ---------------------------------------------------------------- 6. every chain cut has a reason
 
 
