@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import multiprocessing as mp
@@ -600,7 +601,12 @@ def _run_reference(task: Task, res: Result) -> tuple[nn.Module, str, list[dict],
 
 
 def _backward(task: Task, model: nn.Module, inputs: dict) -> tuple[bool, str]:
+    """One gradient step's backward, called as training calls the model: without a KV
+    cache (RWKV's eval-mode default ``use_cache=True`` updates its state in place, which
+    breaks the backward of the unconverted model too)."""
     model.zero_grad(set_to_none=True)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        inputs = {**inputs, "use_cache": False}
     if task.mapping == "causal":
         loss = model(**inputs, labels=inputs["input_ids"]).loss
     else:
