@@ -106,6 +106,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hunyuan_v1_dense": {"head_dim": 16},
     "hunyuan_v1_moe": {"head_dim": 16},
     "mamba2": {"head_dim": 32, "n_groups": 1},
+    # the default SSM is 1024 wide with 128 heads and a 256-step chunked scan in plain
+    # PyTorch: 6 s per tiny forward, past the time limit for conversion's traces and probes
+    "falcon_h1": {"mamba_d_ssm": 128, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16,
+                  "mamba_chunk_size": 16},
 }
 
 
