@@ -373,6 +373,8 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
         with side_effect_free(model):
             ep = torch.export.export(wrapper, (args, kwargs), strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with context
+        if _is_data_dependent(err):
+            return _trace_on_sample(wrapper, args, kwargs)
         raise CaptureError(
             f"torch.export (non-strict) could not capture {type(model).__name__} for "
             f"analysis: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
@@ -387,3 +389,61 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     return ExportedGraph(ep.graph, params)
 
 
+
+
+def _is_data_dependent(err: BaseException) -> bool:
+    """``err`` (or its cause) is export's refusal of Python that branches on tensor values."""
+    while err is not None:
+        if "DataDependent" in type(err).__name__ or "data-dependent" in str(err).split("\n")[0]:
+            return True
+        err = err.__cause__
+    return False
+
+
+def _trace_on_sample(wrapper: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
+    """The analysis graph of a model whose Python branches on tensor values (a mixture of
+    experts that loops over the experts the sample routes to): an ATen trace that runs on
+    the sample's real values, so such branches follow the sample.
+
+    The analysis only needs where the residual adds are and which module owns each; an
+    expert the sample does not reach lies inside a branch and owns none. Each node is
+    tagged with the module stack at its creation (what ``torch.export`` records as
+    ``nn_module_stack``), kept up to date by hooks on every module.
+    """
+    from torch.func import functional_call
+    from torch.fx import traceback as fx_traceback
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = dict(wrapper.named_parameters())
+    names = {m: n for n, m in wrapper.named_modules()}
+    stack: list[dict] = [{}]
+
+    def enter(mod, _args):
+        top = dict(stack[-1])
+        top[names.get(mod, "")] = (names.get(mod, ""), type(mod))
+        stack.append(top)
+        fx_traceback.current_meta["nn_module_stack"] = top
+
+    def leave(mod, _args, _out):
+        stack.pop()
+        fx_traceback.current_meta["nn_module_stack"] = stack[-1]
+
+    def run(p, a, kw):
+        return functional_call(wrapper, p, (a, kw))
+
+    handles = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
+    try:
+        with side_effect_free(wrapper.inner), fx_traceback.preserve_node_meta():
+            gm = make_fx(run, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False)(
+                params, args, kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(
+            f"{type(wrapper.inner).__name__}'s forward branches on tensor values, and tracing it on the "
+            f"sample inputs failed too ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "pass example_inputs= that match one ordinary forward call"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return ExportedGraph(gm.graph, set(placeholders[: len(params)]))

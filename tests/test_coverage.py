@@ -300,6 +300,47 @@ def test_a_bias_shared_by_every_layer_is_no_connection(capsys):
     assert _rel_err(model(x, bias), original(x, bias)) <= 1e-5
 
 
+class _Routed(nn.Module):
+    """A mixture of experts that loops over the experts the input routes to (Python that
+    branches on tensor values: torch.export cannot capture it)."""
+
+    def __init__(self, dim: int = 8, experts: int = 3):
+        super().__init__()
+        self.router = nn.Linear(dim, experts)
+        self.experts = nn.ModuleList([nn.Linear(dim, dim) for _ in range(experts)])
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for e in choice.unique().tolist():
+            hit = choice == e
+            out = out.masked_scatter(hit[..., None], self.experts[e](x[hit]))
+        return out
+
+
+class _MoEBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.norm, self.moe = nn.LayerNorm(dim), _Routed(dim)
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+def test_data_dependent_experts_are_analysed_on_the_sample():
+    model = nn.Sequential(nn.Linear(4, 8), _MoEBlock(), _MoEBlock(), nn.Linear(8, 3))
+    x = torch.randn(2, 6, 4)
+    with pytest.raises(Exception, match="(?i)data.dependent"):
+        torch.export.export(model, (x,), strict=False)
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert [(r["block"], r["chain"]) for r in mhc.inspect(model, print_table=False)] == [("1", 0), ("2", 0)]
+    y = torch.randn(3, 5, 4)
+    assert _rel_err(model(y), original(y)) <= 1e-5
+    model(y).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
 # ---------------------------------------------------------------- 6. every chain cut has a reason
 
 
