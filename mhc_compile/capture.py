@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,18 +371,21 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     """Capture ``model`` with ``torch.export`` (non-strict) for analysis."""
     wrapper = _TensorOutputs(model)
     kwargs = without_cache(model, kwargs)
+    printed = io.StringIO()  # export prints its partial graph where it stops: kept if we do not go on
     try:
-        with side_effect_free(model):
+        with side_effect_free(model), contextlib.redirect_stderr(printed):
             ep = torch.export.export(wrapper, (args, kwargs), strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         if _is_data_dependent(err):
             return _trace_on_sample(wrapper, args, kwargs)
+        sys.stderr.write(printed.getvalue())
         raise CaptureError(
             f"torch.export (non-strict) could not capture {type(model).__name__} for "
             f"analysis: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
             "Pass example_inputs= that match one ordinary forward call (for Hugging Face "
             "models also use_cache=False)."
         ) from err
+    sys.stderr.write(printed.getvalue())
     params = {
         spec.arg.name
         for spec in ep.graph_signature.input_specs
