@@ -108,6 +108,12 @@ def analyse(
             "connections, so this model has nothing to convert"
         )
     modules = dict(model.named_modules())
+    residuals, long_skips = _split_long_skips(residuals, exported.module_path, modules)
+    if not residuals:
+        raise NoResidualError(
+            f"the only residual adds found in {type(model).__name__} span several layers of a "
+            f"stack, which mhc_compile leaves alone: {'; '.join(long_skips)}"
+        )
     owners = [_called_owner(owner_module(r, exported.module_path), modules) for r in residuals]
     candidates = topmost(owners)
     block_paths = _filter_blocks(candidates, modules, filter_fn)
@@ -154,7 +160,7 @@ def analyse(
         for c, path in zip(cuts, cut_paths)
         if not any(path == b or inside(path, b) for b in block_paths)
     ]
-    cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected]
+    cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected] + long_skips
     block_notes = [n for a in dropped + analyses for n in a.cuts]
     return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
 
@@ -194,6 +200,26 @@ def _filter_blocks(candidates: list[str], modules: dict[str, nn.Module], filter_
     return kept
 
 
+def _split_long_skips(residuals: list, module_path: Callable, modules: dict[str, nn.Module]) -> tuple[list, list[str]]:
+    """The residual adds of single blocks, and one note per *long skip*: an add whose skip
+    enters its branch in one element of a ``ModuleList``/``ModuleDict`` and is added back in
+    another (CPM-Ant's position bias, fed to every layer's attention scores: from layer 1
+    on, the scores are computed from it through layer 0). Left as plain adds, so each
+    layer of the stack stays its own block."""
+    kept, notes = [], []
+    for r in residuals:
+        owner = owner_module(r, module_path)
+        if owner and isinstance(modules.get(owner), (nn.ModuleList, nn.ModuleDict)):
+            notes.append(
+                f"{module_path(r.add)}: the add's skip enters its branch in another element of "
+                f"{owner} (a skip across the layers of a stack, such as a bias shared by every "
+                "layer); not rewritten, each layer is converted on its own"
+            )
+        else:
+            kept.append(r)
+    return kept, notes
+
+
 def _called_owner(path: str, modules: dict[str, nn.Module]) -> str:
     """``path``, or its nearest parent that is called: a ``ModuleList``/``ModuleDict`` that
     holds the adds' modules is a container, never called itself."""
@@ -221,6 +247,7 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
                 and outs[i] is x_in
                 and not a.link_out
                 and a.channel_dim == b.channel_dim
+                and a.output_leaf not in records[a.path].read_outside
             ):
                 a.link_out = b.link_in = True
                 b.chain = a.chain
@@ -229,11 +256,11 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
             chain += 1
             b.chain = chain
             if j > 0:
-                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in)}")
+                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in, records)}")
     return notes
 
 
-def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
+def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any, records: dict) -> str:
     """Why block ``b`` does not continue the streams of the block ``a`` called before it."""
     if b.stream_input is None:
         return "its first connection's skip is computed inside the block, not passed in"
@@ -245,6 +272,9 @@ def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
         return f"{a.path or '(root)'} returns no value that carries its streams"
     if a.link_out:
         return f"{a.path or '(root)'}'s streams already continue into another block"
+    if out is x_in and a.output_leaf in records[a.path].read_outside:
+        return (f"the parent also reads {a.path or '(root)'}'s output itself ({records[a.path].read_outside[a.output_leaf]}"
+                " outside any block, e.g. to keep a memory of hidden states), so it must stay one stream")
     if a.channel_dim != b.channel_dim:
         return f"the channel axis changes ({a.channel_dim} in {a.path}, {b.channel_dim} here)"
     if isinstance(out, torch.Tensor) and isinstance(x_in, torch.Tensor) and out.shape != x_in.shape:

@@ -7,7 +7,8 @@
   where the residual adds are and which module owns each of them.
 * :func:`record_calls` runs one sample forward with hooks to learn each block's actual
   call arguments (for tracing and shape propagation) and outputs (for linking blocks
-  into chains).
+  into chains), and which outputs the code between the blocks reads (such an output
+  cannot carry n streams).
 
 Per-block tracing (the graphs that are rewritten) lives in :mod:`mhc_compile.trace`.
 See ``docs/design.md`` for how the pieces fit.
@@ -18,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .errors import CaptureError
@@ -244,17 +248,53 @@ class CallRecord:
     output: Any = None
     calls: int = 0
     order: int = -1
+    # output leaf index -> the first op that code outside every block applied to it
+    # (XLNet's parent slices each layer's output into its memory)
+    read_outside: dict[int, str] = field(default_factory=dict)
+
+
+# ops that read only a tensor's metadata, not its values
+_METADATA_OPS = {"__get__", "size", "dim", "__len__", "numel", "nelement", "ndimension", "stride",
+                 "is_contiguous", "is_floating_point", "is_complex", "element_size", "get_device",
+                 "data_ptr", "storage_offset"}
+
+
+class _OutsideReads(TorchFunctionMode):
+    """Notes the torch ops that run outside every recorded block on a block's output."""
+
+    def __init__(self, records: dict[str, CallRecord]) -> None:
+        super().__init__()
+        self.records = records
+        self.depth = 0  # recorded blocks now running
+        self.watched: dict[int, tuple[str, int]] = {}  # id(output leaf) -> (path, leaf index)
+
+    def watch(self, path: str, output: Any) -> None:
+        for idx, leaf in enumerate(tree_leaves(output)):
+            if isinstance(leaf, torch.Tensor):
+                self.watched[id(leaf)] = (path, idx)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0 and self.watched and getattr(func, "__name__", "") not in _METADATA_OPS:
+            for leaf in tree_leaves((args, kwargs)):
+                hit = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+                if hit is not None:
+                    self.records[hit[0]].read_outside.setdefault(hit[1], getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
 
 
 def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) -> dict[str, CallRecord]:
-    """Run one forward and record the call arguments and outputs of the modules at ``paths``."""
+    """Run one forward and record the call arguments and outputs of the modules at ``paths``,
+    and the ops that code outside these modules applies to their outputs."""
     modules = dict(model.named_modules())
     records = {p: CallRecord(p) for p in paths}
+    reads = _OutsideReads(records)
     counter = [0]
     handles = []
 
     def pre_hook(path):
         def hook(mod, a, kw):
+            reads.depth += 1
             rec = records[path]
             rec.calls += 1
             if rec.calls == 1:  # caches as they are now: the forward appends to them later
@@ -267,8 +307,10 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
 
     def post_hook(path):
         def hook(mod, a, kw, out):
+            reads.depth -= 1
             if records[path].calls == 1:
                 records[path].output = out
+                reads.watch(path, out)
 
         return hook
 
@@ -276,7 +318,7 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
         handles.append(modules[p].register_forward_pre_hook(pre_hook(p), with_kwargs=True))
         handles.append(modules[p].register_forward_hook(post_hook(p), with_kwargs=True))
     try:
-        with side_effect_free(model):
+        with side_effect_free(model), reads:
             model(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CaptureError(
@@ -329,16 +371,21 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     """Capture ``model`` with ``torch.export`` (non-strict) for analysis."""
     wrapper = _TensorOutputs(model)
     kwargs = without_cache(model, kwargs)
+    printed = io.StringIO()  # export prints its partial graph where it stops: kept if we do not go on
     try:
-        with side_effect_free(model):
+        with side_effect_free(model), contextlib.redirect_stderr(printed):
             ep = torch.export.export(wrapper, (args, kwargs), strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with context
+        if _is_data_dependent(err):
+            return _trace_on_sample(wrapper, args, kwargs)
+        sys.stderr.write(printed.getvalue())
         raise CaptureError(
             f"torch.export (non-strict) could not capture {type(model).__name__} for "
             f"analysis: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
             "Pass example_inputs= that match one ordinary forward call (for Hugging Face "
             "models also use_cache=False)."
         ) from err
+    sys.stderr.write(printed.getvalue())
     params = {
         spec.arg.name
         for spec in ep.graph_signature.input_specs
@@ -347,3 +394,61 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     return ExportedGraph(ep.graph, params)
 
 
+
+
+def _is_data_dependent(err: BaseException) -> bool:
+    """``err`` (or its cause) is export's refusal of Python that branches on tensor values."""
+    while err is not None:
+        if "DataDependent" in type(err).__name__ or "data-dependent" in str(err).split("\n")[0]:
+            return True
+        err = err.__cause__
+    return False
+
+
+def _trace_on_sample(wrapper: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
+    """The analysis graph of a model whose Python branches on tensor values (a mixture of
+    experts that loops over the experts the sample routes to): an ATen trace that runs on
+    the sample's real values, so such branches follow the sample.
+
+    The analysis only needs where the residual adds are and which module owns each; an
+    expert the sample does not reach lies inside a branch and owns none. Each node is
+    tagged with the module stack at its creation (what ``torch.export`` records as
+    ``nn_module_stack``), kept up to date by hooks on every module.
+    """
+    from torch.func import functional_call
+    from torch.fx import traceback as fx_traceback
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = dict(wrapper.named_parameters())
+    names = {m: n for n, m in wrapper.named_modules()}
+    stack: list[dict] = [{}]
+
+    def enter(mod, _args):
+        top = dict(stack[-1])
+        top[names.get(mod, "")] = (names.get(mod, ""), type(mod))
+        stack.append(top)
+        fx_traceback.current_meta["nn_module_stack"] = top
+
+    def leave(mod, _args, _out):
+        stack.pop()
+        fx_traceback.current_meta["nn_module_stack"] = stack[-1]
+
+    def run(p, a, kw):
+        return functional_call(wrapper, p, (a, kw))
+
+    handles = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
+    try:
+        with side_effect_free(wrapper.inner), fx_traceback.preserve_node_meta():
+            gm = make_fx(run, tracing_mode="real", pre_dispatch=True, _error_on_data_dependent_ops=False)(
+                params, args, kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(
+            f"{type(wrapper.inner).__name__}'s forward branches on tensor values, and tracing it on the "
+            f"sample inputs failed too ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "pass example_inputs= that match one ordinary forward call"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return ExportedGraph(gm.graph, set(placeholders[: len(params)]))

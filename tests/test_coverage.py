@@ -163,31 +163,64 @@ class _Idiom(nn.Module):
         return x + self.f(x)
 
 
-@pytest.mark.parametrize("kind", ["cast", "contiguous", "alpha", "sub"])
-def test_ops_on_the_skip_and_scaled_branches_are_connections(kind):
-    model = nn.Sequential(nn.Linear(4, 8), *[_Idiom(kind) for _ in range(3)], nn.Linear(8, 3))
+def _assert_chain_of_three_converts(block: type, kind: str) -> None:
+    """Three ``block(kind)`` in a row convert to one linked chain, equal at init at two
+    shapes, and every mHC parameter gets a finite gradient."""
+    model = nn.Sequential(nn.Linear(4, 8), *[block(kind) for _ in range(3)], nn.Linear(8, 3))
     x = torch.randn(2, 5, 4)
     ref = model(x)
     mhc.mhc_compile(model, example_inputs=x)
     rows = mhc.inspect(model, print_table=False)
     assert len(rows) == 3 and {r["chain"] for r in rows} == {0}  # one linked chain
     assert _rel_err(model(x), ref) <= 1e-5
+    assert _rel_err(model(x[:1, :3]), ref[:1, :3]) <= 1e-5
     model.train()
     model(x).pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
 
 
-def test_scaled_skip_is_not_a_connection():
-    class ScaledSkip(nn.Module):
+@pytest.mark.parametrize("kind", ["cast", "contiguous", "alpha", "sub"])
+def test_ops_on_the_skip_and_scaled_branches_are_connections(kind):
+    _assert_chain_of_three_converts(_Idiom, kind)
+
+
+class _ScaledSkip(nn.Module):
+    """The skip scaled or shifted by values computed without it (MiniMax, Beam, Doge, Zaya)."""
+
+    def __init__(self, kind: str, dim: int = 8):
+        super().__init__()
+        self.kind, self.f = kind, nn.Linear(dim, dim)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+        self.shift = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        if self.kind == "alpha":
+            return torch.add(self.f(x), x, alpha=0.5)
+        if self.kind == "constants":
+            return x * 0.75 + self.f(x) * 1.5
+        if self.kind == "per_channel":
+            return self.scale * x + self.f(x)
+        if self.kind == "affine":
+            return self.f(x) + ((x + self.shift) * self.scale).to(torch.float32)
+        return self.f(x) - x
+
+
+@pytest.mark.parametrize("kind", ["alpha", "constants", "per_channel", "affine", "negated"])
+def test_scaled_skip_is_a_connection(kind):
+    _assert_chain_of_three_converts(_ScaledSkip, kind)
+
+
+def test_gated_skip_is_not_a_connection():
+    class Highway(nn.Module):  # the skip's scale is computed from the skip itself
         def __init__(self):
             super().__init__()
-            self.f = nn.Linear(8, 8)
+            self.f, self.g = nn.Linear(8, 8), nn.Linear(8, 8)
 
         def forward(self, x):
-            return torch.add(self.f(x), x, alpha=0.5)  # f(x) + 0.5 x: the skip is scaled
+            return torch.sigmoid(self.g(x)) * x + self.f(x)
 
     with pytest.raises(mhc.NoResidualError):
-        mhc.mhc_compile(ScaledSkip(), example_inputs=torch.randn(2, 8))
+        mhc.mhc_compile(Highway(), example_inputs=torch.randn(2, 8))
 
 
 # ---------------------------------------------------------------- 5. analysis and trace agree
@@ -234,6 +267,77 @@ def test_adds_across_a_module_list_belong_to_its_parent():
     assert _rel_err(model(x), ref) <= 1e-5
 
 
+def test_a_bias_shared_by_every_layer_is_no_connection(capsys):
+    class BiasedLayer(nn.Module):  # CPM-Ant's idiom: every layer adds one shared bias to its scores
+        def __init__(self):
+            super().__init__()
+            self.f, self.g = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, bias):
+            return x + self.f(torch.tanh(self.g(x) + bias))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([BiasedLayer() for _ in range(3)])
+
+        def forward(self, x, bias):  # from layer 1 on, ``bias`` is an ancestor of the scores
+            for layer in self.layers:
+                x = layer(x, bias)
+            return x
+
+    model = Stack()
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=(torch.randn(2, 5, 8), torch.randn(2, 5, 8)))
+    rows = mhc.inspect(model, print_table=False)
+    assert [(r["block"], r["chain"]) for r in rows] == [("layers.0", 0), ("layers.1", 0), ("layers.2", 0)]
+    mhc.inspect(model)
+    assert "skip enters its branch in another element of layers" in capsys.readouterr().out
+    x, bias = torch.randn(3, 7, 8), torch.randn(3, 7, 8)
+    assert _rel_err(model(x, bias), original(x, bias)) <= 1e-5
+
+
+class _Routed(nn.Module):
+    """A mixture of experts that loops over the experts the input routes to (Python that
+    branches on tensor values: torch.export cannot capture it)."""
+
+    def __init__(self, dim: int = 8, experts: int = 3):
+        super().__init__()
+        self.router = nn.Linear(dim, experts)
+        self.experts = nn.ModuleList([nn.Linear(dim, dim) for _ in range(experts)])
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for e in choice.unique().tolist():
+            hit = choice == e
+            out = out.masked_scatter(hit[..., None], self.experts[e](x[hit]))
+        return out
+
+
+class _MoEBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.norm, self.moe = nn.LayerNorm(dim), _Routed(dim)
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+def test_data_dependent_experts_are_analysed_on_the_sample():
+    model = nn.Sequential(nn.Linear(4, 8), _MoEBlock(), _MoEBlock(), nn.Linear(8, 3))
+    x = torch.randn(2, 6, 4)
+    with pytest.raises(Exception, match="(?i)data.dependent"):
+        torch.export.export(model, (x,), strict=False)
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert [(r["block"], r["chain"]) for r in mhc.inspect(model, print_table=False)] == [("1", 0), ("2", 0)]
+    y = torch.randn(3, 5, 4)
+    assert _rel_err(model(y), original(y)) <= 1e-5
+    model(y).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
 # ---------------------------------------------------------------- 6. every chain cut has a reason
 
 
@@ -259,6 +363,31 @@ def test_chain_cuts_are_listed_with_reasons(capsys):
     printed = capsys.readouterr().out
     assert "chain cut before encoder.stages.1.layers.1" in printed and "another shape" in printed
     assert "projection shortcut" in printed
+
+
+def test_parent_reading_a_block_output_cuts_the_chain_there(capsys):
+    class Memory(nn.Module):  # XLNet's idiom: the parent keeps a slice of each layer's input
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([_Idiom("plain") for _ in range(4)])
+
+        def forward(self, x):
+            mems = []
+            for i, block in enumerate(self.blocks):
+                if i == 2:
+                    mems.append(x[:, -2:].detach())
+                x = block(x)
+            return x, torch.stack(mems)
+
+    model = Memory()
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=torch.randn(2, 5, 8))
+    assert [r["chain"] for r in mhc.inspect(model, print_table=False)] == [0, 0, 1, 1]
+    mhc.inspect(model)
+    assert "chain cut before blocks.2: the parent also reads blocks.1's output" in capsys.readouterr().out
+    x = torch.randn(3, 7, 8)
+    for new, old in zip(model(x), original(x)):
+        assert new.shape == old.shape and _rel_err(new, old) <= 1e-5
 
 
 # ---------------------------------------------------------------- 7. synthesised inputs

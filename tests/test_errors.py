@@ -45,7 +45,8 @@ class _DataDependent(DeepMLP):
 def test_graph_that_cannot_be_captured():
     model = _DataDependent()
     snap = _snapshot(model)
-    with pytest.raises(mhc.CaptureError, match="torch.export.*example_inputs="):
+    # the analysis follows the sample's branch; the block's own trace names the line
+    with pytest.raises(mhc.CaptureError, match=r"could not trace the forward of _DataDependent at .*test_errors.py:\d+: if x.sum"):
         mhc.mhc_compile(model, example_inputs=torch.randn(2, 3, 10))
     _assert_untouched(model, snap)
 

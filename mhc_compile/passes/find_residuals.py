@@ -3,7 +3,9 @@
 A residual add is ``add(skip, branch)`` where ``skip`` is an ancestor of ``branch`` in the
 dataflow graph, both have the same shape, and the path from ``skip`` to ``branch`` holds
 a trained computation (a parameter is used on it): ``x + F(x)``. The skip may reach the
-add through value-preserving ops (``x.to(float32) + F(x)``), and the branch may be scaled
+add through value-preserving ops (``x.to(float32) + F(x)``) and through a scale or shift
+that does not depend on the stream (``a * x + F(x)``, ``(x + b) * s + F(x)`` with ``a``,
+``b``, ``s`` constants or tensors computed without ``x``), and the branch may be scaled
 or subtracted (``x - F(x)``, ``torch.add(x, F(x), alpha=a)``). Adds that broadcast
 (attention masks, position biases) are never connections. Adds of two values that
 share an ancestor but where neither descends from the other (``shortcut(x) + F(x)`` with a
@@ -31,6 +33,13 @@ _SUB_METHODS = {"sub", "sub_"}
 _SKIP_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as", "contiguous", "clone"}
 
 
+# ``x * s``, ``s * x``, ``x / s``, ``x + b``, ``b + x``, ``x - b`` on the skip, with ``s`` and
+# ``b`` computed without ``x``: the same affine map of every stream (out-of-place only)
+_AFFINE_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+                     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub"}
+_AFFINE_METHODS = {"mul": "mul", "div": "div", "add": "add", "sub": "sub"}
+
+
 def _aten_ops() -> tuple[set, set, set]:
     aten = torch.ops.aten
     adds = {aten.add.Tensor, aten.add_.Tensor}
@@ -38,6 +47,13 @@ def _aten_ops() -> tuple[set, set, set]:
     keeps = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
              aten.contiguous.default, aten.clone.default, aten.alias.default}
     return adds, subs, keeps
+
+
+def _aten_affine() -> dict:
+    aten = torch.ops.aten
+    return {aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.div.Tensor: "div",
+            aten.div.Scalar: "div", aten.add.Tensor: "add", aten.add.Scalar: "add",
+            aten.sub.Tensor: "sub", aten.sub.Scalar: "sub"}
 
 
 @dataclass
@@ -51,6 +67,10 @@ class ResidualAdd:
     branch_nodes: list[fx.Node] = field(default_factory=list)  # skip -> branch path, topo order
     skip_operand: Optional[fx.Node] = None  # the add's skip operand: ``skip`` or a cast of it
     branch_scale: float = 1.0  # ``x - f(x)``: -1; ``torch.add(x, f(x), alpha=a)``: a
+    # ops between ``skip_operand`` and ``skip`` (casts, ``a * x``), each with the index of
+    # its argument that carries the stream, from ``skip_operand`` down
+    skip_ops: list[tuple[fx.Node, int]] = field(default_factory=list)
+    skip_scale: float = 1.0  # ``torch.add(f(x), x, alpha=a)``: a; ``f(x) - x``: -1
 
     def __post_init__(self) -> None:
         if self.skip_operand is None:
@@ -87,16 +107,64 @@ def operand_scale(node: fx.Node) -> Optional[float]:
     return float(sign * alpha)
 
 
-def skip_source(node: fx.Node) -> fx.Node:
-    """``node`` with value-preserving ops (casts, ``contiguous``, ``clone``) walked back."""
+def _is_value_preserving(node: fx.Node) -> bool:
+    """A cast, ``contiguous`` or ``clone`` of its first argument."""
     _, _, keeps = _aten_ops()
-    while isinstance(node.args[0] if node.args else None, fx.Node) and (
+    return isinstance(node.args[0] if node.args else None, fx.Node) and (
         (node.op == "call_method" and node.target in _SKIP_METHODS
          and not any(isinstance(a, fx.Node) for a in node.args[1:]))
         or (node.op == "call_function" and node.target in keeps)
-    ):
-        node = node.args[0]
-    return node
+    )
+
+
+def affine_stream_arg(node: fx.Node, anc: Optional["Ancestry"] = None) -> Optional[int]:
+    """For ``x * s``, ``s * x``, ``x / s``, ``x + b``, ``b + x`` or ``x - b`` where ``s`` / ``b``
+    is a number or a value computed without ``x`` and the op keeps ``x``'s shape: the
+    index of ``x`` in ``node.args``; ``None`` for any other node.
+
+    Without ``anc`` the independence of the other operand is not checked (the caller
+    knows it already).
+    """
+    if node.op == "call_function":
+        kind = _AFFINE_FUNCTIONS.get(node.target) or _aten_affine().get(node.target)
+    elif node.op == "call_method":
+        kind = _AFFINE_METHODS.get(node.target)
+    else:
+        kind = None
+    if kind is None or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    out_shape = node_shape(node)
+    for idx in (0, 1) if kind in ("mul", "add") else (0,):
+        x, other = node.args[idx], node.args[1 - idx]
+        if not isinstance(x, fx.Node) or node_shape(x) is None or node_shape(x) != out_shape:
+            continue
+        if isinstance(other, fx.Node):
+            if other is x or (anc is not None and anc.is_ancestor(x, other)):
+                continue
+        elif isinstance(other, bool) or not isinstance(other, (int, float)):
+            continue
+        return idx
+    return None
+
+
+def skip_chain(node: fx.Node, anc: Optional["Ancestry"] = None,
+               until: Optional[fx.Node] = None) -> list[tuple[fx.Node, int]]:
+    """The ops walked back from ``node`` to its skip source, as ``(op, index of the
+    argument that carries the stream)`` from ``node`` down: value-preserving ops (casts,
+    ``contiguous``, ``clone``) and, given ``anc``, stream-independent scales and shifts
+    (:func:`affine_stream_arg`). With ``until`` the walk stops at the first value that is
+    an ancestor of ``until``.
+    """
+    chain: list[tuple[fx.Node, int]] = []
+    while not (until is not None and anc is not None and anc.is_ancestor(node, until)):
+        idx = 0 if _is_value_preserving(node) else (affine_stream_arg(node, anc) if anc is not None else None)
+        if idx is None:
+            break
+        chain.append((node, idx))
+        node = node.args[idx]
+    return chain
 
 
 def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
@@ -196,7 +264,7 @@ def find_residual_adds(
             continue
         if shape_a != shape_b:
             continue  # a broadcasting add (attention mask, position bias) is no connection
-        pair = _skip_and_branch(anc, a, b, scale)
+        pair = _skip_and_branch(anc, a, b)
         if pair is None:
             if scale == 1.0 and _parallel_trained_paths(anc, a, b, is_param):
                 cuts.append(
@@ -208,29 +276,33 @@ def find_residual_adds(
                     )
                 )
             continue
-        skip, skip_operand, branch = pair
+        skip, skip_operand, branch, chain = pair
         path = anc.between(skip, branch)
         if not any(_uses_params(n, is_param, skip) for n in path):
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
-        found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand, scale))
+        on_skip = skip_operand is b  # ``f(x) + a * x``: ``alpha`` scales the skip
+        found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand,
+                                 1.0 if on_skip else scale, chain, scale if on_skip else 1.0))
     on_branches = {n for res in found for n in res.branch_nodes}
     return found, [c for c in cuts if c.add not in on_branches]  # ``x + (attn(x) + mlp(x))``
 
 
-def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node, scale: float):
-    """``(skip, skip_operand, branch)`` of ``a + scale * b``, or ``None`` if it is no ``x + F(x)``.
+def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node):
+    """``(skip, skip_operand, branch, skip_ops)`` of ``a + s * b``, or ``None`` if it is no ``x + F(x)``.
 
-    The skip may reach the add through value-preserving ops (``residual.to(float32)``);
-    a scaled or subtracted operand must be the branch (``x - f(x)``, not ``f(x) - x``).
+    The skip may reach the add through value-preserving ops (``residual.to(float32)``) and
+    stream-independent scales and shifts (``a * residual``); ``alpha`` or ``-`` may scale
+    either operand (``x - f(x)``, ``f(x) - x``).
     """
-    orders = ((a, b), (b, a)) if scale == 1.0 else ((a, b),)
+    orders = ((a, b), (b, a))
     for operand, branch in orders:
         if anc.is_ancestor(operand, branch):
-            return operand, operand, branch
+            return operand, operand, branch, []
     for operand, branch in orders:
-        source = skip_source(operand)
-        if source is not operand and anc.is_ancestor(source, branch):
-            return source, operand, branch
+        chain = skip_chain(operand, anc, until=branch)
+        source = chain[-1][0].args[chain[-1][1]] if chain else operand
+        if chain and anc.is_ancestor(source, branch):
+            return source, operand, branch, chain
     return None
 
 

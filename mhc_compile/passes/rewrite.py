@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..heuristics import is_per_position_norm
 from ..ops import functional
-from .find_residuals import ResidualAdd, branch_users, is_shape_query, node_shape
+from .find_residuals import ResidualAdd, affine_stream_arg, branch_users, is_shape_query, node_shape
 
 _ELEMENTWISE_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
@@ -134,7 +134,7 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
     replaced: dict[fx.Node, fx.Node] = {}  # erased add -> its mhc_post
     coeffs: dict[int, tuple[fx.Node, fx.Node]] = {}
     inserted: set[fx.Node] = set()
-    skip_casts = {n for res in residuals for n in _skip_casts(res)}
+    skip_ops = {op: idx for res in residuals for op, idx in res.skip_ops}
     first_skip = residuals[0].skip if residuals else None
     # a placeholder's target is the argument's name (its node name may differ: ``input_1``)
     stream_input = first_skip.target if first_skip is not None and first_skip.op == "placeholder" else None
@@ -152,22 +152,23 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
         current = node
         if node.op == "placeholder" and node.target == stream_input and plan.link_in:
             stream[node] = node
-        elif node in skip_casts and node.args[0] in stream and stream[node.args[0]] is not node.args[0]:
-            # ``x.to(float32)`` standing on the skip: the same op on the streams
-            with graph.inserting_after(node):
-                cast = graph.create_node(node.op, node.target, (stream[node.args[0]], *node.args[1:]), node.kwargs)
-            inserted.add(cast)
-            stream[node] = stream[cast] = cast
+        elif node in skip_ops and node.args[skip_ops[node]] in stream:
+            # ``x.to(float32)`` or ``a * x`` standing on the skip: the same op on the streams
+            copy = _skip_op_on_streams(graph, node, skip_ops[node], stream, plan, inserted)
+            stream[node] = stream[copy] = copy
         elif node in by_add:
             i = by_add[node]
             res = residuals[i]
             skip = replaced.get(res.skip_operand, res.skip_operand)
+            streams = stream[skip]
+            if res.skip_scale != 1.0:  # f(x) - x, torch.add(f(x), x, alpha=a)
+                streams = emit(operator.mul, (streams, res.skip_scale), before=node)
             branch = res.branch
             if res.branch_scale != 1.0:  # x - f(x), torch.add(x, f(x), alpha=a)
                 branch = emit(operator.mul, (branch, res.branch_scale), before=node)
             post = emit(
                 functional.mhc_post,
-                (stream[skip], branch, *coeffs[i]),
+                (streams, branch, *coeffs[i]),
                 {"channel_dim": plan.channel_dim, "backend": plan.backend, "deterministic": plan.deterministic},
                 before=node,
             )
@@ -192,6 +193,10 @@ def rewrite_block(gm: fx.GraphModule, residuals: list[ResidualAdd], plan: Stream
         for i in by_skip.get(node, ()):
             _emit_pre(graph, emit, current, i, users_of_branch[i], plan, stream, coeffs)
 
+    for op in skip_ops:  # the single-stream originals where now unused, from the add down
+        if not op.users:
+            graph.erase_node(op)
+            stream.pop(op, None)
     output = next(n for n in graph.nodes if n.op == "output")
     stream_values = [k for k, v in stream.items() if k is v]
     out_leaf = _stream_output_leaf(output, stream_values)
@@ -226,13 +231,16 @@ def _depends_on(node: fx.Node, values: dict) -> bool:
     return False
 
 
-def _align_scale(graph: fx.Graph, node: fx.Node, plan: StreamPlan, inserted: set) -> None:
-    """Give a tensor scale of the single stream's rank (``[B, 1, 1]``) a stream axis, so it
-    broadcasts over ``[B, T, n, C]`` as it did over ``[B, T, C]``."""
-    other = node.args[1]
+def _align_scale(graph: fx.Graph, node: fx.Node, plan: StreamPlan, inserted: set, stream_arg: int = 0,
+                 single: Optional[tuple] = None) -> None:
+    """Give a tensor operand of the single stream's rank (``[B, 1, 1]``) a stream axis, so
+    it broadcasts over ``[B, T, n, C]`` as it did over ``[B, T, C]``; ``stream_arg`` is
+    the index of ``node``'s argument that carries the streams, ``single`` the single
+    stream's shape where ``node`` carries none."""
+    other = node.args[1 - stream_arg]
     if not isinstance(other, fx.Node):
         return
-    single = node_shape(node.args[0]) or node_shape(node)
+    single = single or node_shape(node.args[stream_arg]) or node_shape(node)
     scale = node_shape(other)
     if single is None or scale is None or len(scale) != len(single):
         return
@@ -243,13 +251,24 @@ def _align_scale(graph: fx.Graph, node: fx.Node, plan: StreamPlan, inserted: set
     node.replace_input_with(other, aligned)
 
 
-def _skip_casts(res: ResidualAdd) -> list[fx.Node]:
-    """The value-preserving ops between ``res.skip`` and the add's skip operand."""
-    out, node = [], res.skip_operand
-    while node is not res.skip:
-        out.append(node)
-        node = node.args[0]
-    return out
+def _skip_op_on_streams(graph: fx.Graph, node: fx.Node, idx: int, stream: dict, plan: StreamPlan,
+                        inserted: set) -> fx.Node:
+    """A copy of the skip op ``node`` (a cast, ``a * x``, ``x + b``) that takes the streams
+    of its argument ``idx``; ``node`` itself keeps computing the single stream.
+
+    The op is stream-independent (``find_residuals.affine_stream_arg``), so it acts on
+    every stream alike; under mHC's doubly stochastic ``H_res`` (rows summing to 1) it
+    also commutes with the mixing, and at ``init="preserve"`` the collapse returns the
+    original ``a * x + F(x)``.
+    """
+    args = list(node.args)
+    args[idx] = stream[node.args[idx]]
+    with graph.inserting_after(node):
+        copy = graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+    inserted.add(copy)
+    if affine_stream_arg(node) is not None:  # not for a cast
+        _align_scale(graph, copy, plan, inserted, stream_arg=idx, single=node_shape(node))
+    return copy
 
 
 def _emit_pre(graph, emit, skip, i, users, plan, stream, coeffs) -> None:
