@@ -947,7 +947,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reference-only", action="store_true",
                    help="only build and run the unconverted models (to tune the config shrink)")
     p.add_argument("--attn", choices=["sdpa", "eager"], help="attn_implementation (default: the model's)")
+    p.add_argument("--update", metavar="JSON",
+                   help="an earlier sweep's .json: the report holds its rows with this run's architectures "
+                        "replaced (or added), and names both commands")
     return p.parse_args(argv)
+
+
+def merge_with_earlier(path: str, results: list[dict], command: str, seconds: float,
+                       args: argparse.Namespace) -> tuple[list[dict], str, float]:
+    """``--update``: the earlier sweep's rows, each architecture re-run here replaced by its new row."""
+    with open(path) as f:
+        earlier = json.load(f)
+    rerun = {(r["mapping"], r["model_type"]) for r in results}
+    kept = [r for r in earlier["results"] if (r["mapping"], r["model_type"]) not in rerun]
+    mappings = list(dict.fromkeys([r["mapping"] for r in kept + results]))
+    args.mappings = [m for m in MAPPINGS if m in mappings]
+    merged = sorted(kept + results, key=lambda r: (args.mappings.index(r["mapping"]), r["model_type"]))
+    both = (f"{earlier['meta']['command']}` (transformers {earlier['meta'].get('transformers', '?')}), then "
+            f"the {len(rerun)} architectures of `{command}` re-run (their rows replace the earlier ones")
+    return merged, both + "; the run-time line below is this second run's", earlier["meta"]["seconds"] + seconds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -960,7 +978,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     start = time.time()
     results = run_all(tasks, args.jobs)
-    write_reports(results, args, command, time.time() - start)
+    seconds = time.time() - start
+    if args.update:
+        results, command, seconds = merge_with_earlier(args.update, results, command, seconds, args)
+    write_reports(results, args, command, seconds)
     ok = sum(r["status"] == "ok" for r in results)
     print(f"{ok}/{len(results)} ok; wrote {os.path.join(args.out, args.name)}.md/.json", file=sys.stderr)
     return 0
