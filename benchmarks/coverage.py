@@ -965,7 +965,7 @@ def merge_with_earlier(path: str, results: list[dict], command: str, seconds: fl
     merged = sorted(kept + results, key=lambda r: (args.mappings.index(r["mapping"]), r["model_type"]))
     both = (f"{earlier['meta']['command']}` (transformers {earlier['meta'].get('transformers', '?')}), then "
             f"the {len(rerun)} architectures of `{command}` re-run (their rows replace the earlier ones")
-    return merged, both + "; the run-time line below is this second run's", earlier["meta"]["seconds"] + seconds
+    return merged, both + "; the run-time line below is this second run's", seconds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
