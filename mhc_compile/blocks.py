@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from .capture import CallRecord
 from .errors import CaptureError, ConversionError
-from .trace import BlockSignature, bind_call, find_passthrough, split_signature, trace_block
+from .trace import BlockSignature, bind_call, constants_of, is_dynamic, find_passthrough, split_signature, trace_block
 from .config import MHCConfig
 from .ops import functional
 from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
@@ -53,6 +53,7 @@ class BlockAnalysis:
     chain: int = -1
     calls: int = 1  # > 1: a weight-shared block, called that often per forward
     opaque: list[str] = field(default_factory=list)  # children kept as single calls, and why
+    constants: tuple = ()  # the sample call's constants and object types (trace.constants_of)
 
 
 def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
@@ -93,7 +94,9 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
     opaque = [f"{child} ({why})" for child, why in gm.meta.get("mhc_opaque", {}).items()]
     if not residuals:
-        return BlockAnalysis(path, values, signature, [], [], -1, None, None, opaque=opaque)
+        return BlockAnalysis(
+            path, values, signature, [], [], -1, None, None, opaque=opaque, constants=constants_of(values)
+        )
     channel_dim = channel_axis(gm, residuals, config.channel_dim)
     infos = []
     for i, res in enumerate(residuals):
@@ -111,6 +114,7 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
         stream_input=dry.stream_input,
         output_leaf=dry.stream_output_leaf,
         opaque=opaque,
+        constants=constants_of(values),
     )
 
 
@@ -146,11 +150,13 @@ class Variant:
 
     ``forward`` is the generated forward of the rewritten ``GraphModule``, called with the
     block itself as ``self`` (its ``get_attr``/``call_module`` paths are the block's own);
-    ``names`` are the arguments it takes, in order.
+    ``names`` are the arguments it takes, in order; ``passthrough`` the constant arguments
+    it takes as placeholders (those of the analysis that still pass through in this call).
     """
 
     forward: Callable
     names: tuple[str, ...]
+    passthrough: frozenset = frozenset()
 
     def __call__(self, block: nn.Module, values: dict) -> Any:
         return self.forward(block, *[values[n] for n in self.names])
@@ -169,9 +175,8 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
         trace_values[a.stream_input] = functional.collapse(
             stream, channel_dim=a.channel_dim, reduce="mean"
         )
-    values_sig = split_signature(
-        trace_values, a.signature.params, a.signature.var_keyword, a.signature.passthrough
-    )
+    passthrough = _passthrough_here(block, a, trace_values, training)
+    values_sig = split_signature(trace_values, a.signature.params, a.signature.var_keyword, passthrough)
     gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training)
     sizes = [r.shape[a.channel_dim] for r in residuals]
     expected = [c.hidden_size for c in a.connections]
@@ -185,7 +190,23 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
     _check_interface(a, result, training)
     if config.fuse_adjacent:
         fuse_post_pre(gm)
-    return Variant(type(gm).forward, tuple(values_sig.dynamic))
+    return Variant(type(gm).forward, tuple(values_sig.dynamic), passthrough)
+
+
+def _passthrough_here(block: nn.Module, a: BlockAnalysis, values: dict, training: bool) -> frozenset:
+    """The analysis's passthrough arguments that still do not change the graph in this call.
+
+    Passthrough is found for the sample call's constants: an encoder mask handed to a child
+    that did not trace there (its cache path branches on the cache) can be read by the
+    same child's inlined code when the call's other constants differ (no cache). Such an
+    argument is then specialised again (``runtime`` drops it from the key's passthrough).
+    """
+    passthrough = a.signature.passthrough
+    if not passthrough or constants_of(values) == a.constants:
+        return passthrough
+    constant = frozenset(n for n in passthrough if n in values and not is_dynamic(values[n]))
+    plain = split_signature(values, a.signature.params, a.signature.var_keyword)
+    return (passthrough - constant) | find_passthrough(block, values, plain, training, candidates=constant)
 
 
 def _check_interface(a: BlockAnalysis, result: RewriteResult, training: bool) -> None:

@@ -55,7 +55,24 @@ def classify(value: Any) -> Any:
         return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
     if isinstance(value, torch.Tensor):
         return (_DYNAMIC, value.dtype, value.device.type, value.dim())
+    if is_state_object(value):  # a cache: traced code may branch on its type
+        return (_DYNAMIC, f"{type(value).__module__}.{type(value).__qualname__}")
     return _DYNAMIC
+
+
+def is_state_object(value: Any) -> bool:
+    """A plain Python object argument (a key/value cache), not a tensor, module or container."""
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, (torch.Tensor, nn.Module, type, tuple, list, dict))
+        and not callable(value)
+    )
+
+
+def constants_of(values: dict) -> tuple:
+    """The part of a call's specialisation that is not tensor metadata: every constant
+    argument's value and every object argument's type."""
+    return tuple((n, classify(v)) for n, v in sorted(values.items()) if not isinstance(v, torch.Tensor))
 
 
 def is_dynamic(value: Any) -> bool:
@@ -128,7 +145,8 @@ def split_signature(
 class ConcreteProxy(fx.Proxy):
     """A proxy that answers size-independent metadata (``dtype``, ``device``, ``dim()``)
     from the value its node had in the traced call, and iterates over a shape or a tuple
-    (``(*x.shape[:-1], -1)``) by its concrete length, each item staying symbolic."""
+    (``(*x.shape[:-1], -1)``) by its concrete length, each item staying symbolic. A proxy
+    of an object argument (a cache) passes ``isinstance`` checks as its value does."""
 
     def _concrete(self) -> Any:
         return self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
@@ -145,6 +163,13 @@ class ConcreteProxy(fx.Proxy):
         if at < len(instructions) and instructions[at].opname == "UNPACK_SEQUENCE":
             return iter([self[i] for i in range(instructions[at].argval)])
         return self.tracer.iter(self)
+
+    @property
+    def __class__(self):  # noqa: D105 - read by ``isinstance`` when the proxy's own type does not match
+        value = self._concrete()
+        # an object argument (a cache) answers ``isinstance(cache, EncoderDecoderCache)`` as
+        # its value does; the specialisation key holds its type (:func:`classify`)
+        return type(value) if is_state_object(value) else type(self)
 
     def __len__(self) -> int:
         value = self._concrete()
@@ -370,15 +395,21 @@ def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
     ]
 
 
-def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> frozenset:
+def find_passthrough(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, candidates: Optional[frozenset] = None
+) -> frozenset:
     """Constant or ``None`` arguments whose value does not change the traced graph.
 
     An attention mask that the block only hands to its attention module is such an
     argument: tracing it as a placeholder gives the same graph with the value swapped for
     a placeholder. Those arguments are not specialised, so a caller that passes a tensor
     where the sample call passed ``None`` (as Hugging Face models do under
-    ``torch.compile``) reuses the same graph.
+    ``torch.compile``) reuses the same graph. ``candidates`` limits the names tried
+    (default: every constant of ``signature``).
     """
+    tried = [name for name in signature.static if candidates is None or name in candidates]
+    if not tried:
+        return frozenset()
     base = _graph_shape(trace_block(block, values, signature, training, shapes=False).graph)
 
     def same_graph(names: list[str]) -> bool:
@@ -389,5 +420,5 @@ def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, 
             return False
         return _graph_shape(gm.graph, {n: values[n] for n in names}) == base
 
-    found = [name for name in signature.static if same_graph([name])]
+    found = [name for name in tried if same_graph([name])]
     return frozenset(found) if found and same_graph(found) else frozenset()

@@ -89,6 +89,25 @@ def test_generate_with_cache_equals_original(name):
         assert _rel_err(model(ids).logits, original(ids).logits) <= 1e-5
 
 
+def test_encoder_decoder_cache_branches_and_masks_per_specialisation():
+    """PegasusX's eager attention traces inline and branches on
+    ``isinstance(cache, EncoderDecoderCache)``; the cross-attention mask passes through the
+    layer when a cache is given (that child stays one call) but is read inline without one."""
+    cfg = transformers.PegasusXConfig(vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, num_global_tokens=4, block_size=4, max_position_embeddings=64,
+                                      decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.PegasusXForConditionalGeneration(cfg)
+    inputs = {"input_ids": torch.randint(3, 97, (2, 8)), "decoder_input_ids": torch.randint(3, 97, (2, 5))}
+    original = _convert_and_compare(model, inputs)  # the sample call holds an EncoderDecoderCache
+    with torch.no_grad():
+        assert _rel_err(model(**inputs, use_cache=False).logits, original(**inputs, use_cache=False).logits) <= 1e-5
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    ids = inputs["input_ids"][:1]
+    assert torch.equal(model.generate(ids, **kwargs), original.generate(ids, **kwargs))
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
