@@ -18,14 +18,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_leaves
 
 from .errors import CaptureError
+
+logger = logging.getLogger("mhc_compile")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -325,13 +331,47 @@ class ExportedGraph:
         return node.op == "placeholder" and node.name in self.param_inputs
 
 
+def _export_for_analysis(wrapper: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict); where the forward branches on tensor values
+    (``if mask.any():``), a draft export that follows the sample's values instead.
+
+    Such a graph holds only the branch the sample took, which is all the analysis needs:
+    the blocks are traced on their own calls, and the conversion checks itself on probes.
+    """
+    printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
+    try:
+        with contextlib.redirect_stderr(printed), _quiet_loggers("torch.fx.experimental.symbolic_shapes"):
+            return torch.export.export(wrapper, (args, kwargs), strict=False)
+    except GuardOnDataDependentSymNode:
+        logger.info("export: data-dependent branch; analysing the sample's path with a draft export")
+        with _quiet_loggers("torch.export", "torch.fx.experimental.symbolic_shapes"):
+            return torch.export.draft_export(wrapper, (args, kwargs), strict=False)
+    except Exception:
+        sys.stderr.write(printed.getvalue())
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence warnings of the named loggers (a draft export reports every branch it followed)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     """Capture ``model`` with ``torch.export`` (non-strict) for analysis."""
     wrapper = _TensorOutputs(model)
     kwargs = without_cache(model, kwargs)
     try:
         with side_effect_free(model):
-            ep = torch.export.export(wrapper, (args, kwargs), strict=False)
+            ep = _export_for_analysis(wrapper, args, kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CaptureError(
             f"torch.export (non-strict) could not capture {type(model).__name__} for "

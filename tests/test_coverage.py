@@ -108,6 +108,48 @@ def test_encoder_decoder_cache_branches_and_masks_per_specialisation():
     assert torch.equal(model.generate(ids, **kwargs), original.generate(ids, **kwargs))
 
 
+class _PadBranch(nn.Module):
+    """FSMT/LED style: the model (not a block) branches on tensor values, ``if mask.any():``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.blocks = nn.ModuleList([_Residual(8), _Residual(8)])
+
+    def forward(self, ids):
+        pad = ids.eq(0)
+        if not pad.any():
+            pad = None
+        x = self.emb(ids)
+        if pad is not None:
+            x = x.masked_fill(pad[..., None], 0.0)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _Residual(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_data_dependent_branch_outside_the_blocks_is_analysed(capfd):
+    model = _PadBranch()
+    ids = torch.randint(1, 11, (2, 5))
+    padded = ids.clone()
+    padded[0, 0] = 0
+    refs = [model(ids), model(padded)]
+    mhc.mhc_compile(model, example_inputs=ids)
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    assert "def forward" not in capfd.readouterr().err  # torch's partial graph is not printed
+    with torch.no_grad():
+        assert max(_rel_err(model(x), r) for x, r in zip((ids, padded), refs)) <= 1e-5
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
