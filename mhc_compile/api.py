@@ -24,7 +24,7 @@ from .capture import export_model, record_calls, resolve_example_inputs
 from .config import MHCConfig
 from .errors import CaptureError, ConversionError, MHCConfigError, MHCError
 from .heuristics import hyper_connection_modules, is_mhc_parameter_name
-from .passes.find_residuals import find_residual_adds, inside, owner_module, topmost
+from .passes.find_residuals import find_residual_adds, inside, owner_module, reaches_output, topmost
 
 logger = logging.getLogger("mhc_compile")
 
@@ -101,6 +101,9 @@ def analyse(
     args, kwargs = resolve_example_inputs(model, example_inputs)
     exported = export_model(model, args, kwargs)
     residuals, cuts = find_residual_adds(exported.graph, exported.is_param)
+    live = reaches_output(exported.graph)
+    every_add = [(r, r.add in live) for r in residuals]  # graph order; unused: left plain
+    residuals = [r for r in residuals if r.add in live]
     if not residuals:
         raise NoResidualError(
             f"found no residual add (x + F(x), both of the same shape, F with trained "
@@ -120,11 +123,21 @@ def analyse(
                 "but was not called in the sample forward; pass example_inputs= that run it"
             )
     ordered = sorted(block_paths, key=lambda p: records[p].order)
-    analyses = [_analyse_block(p, modules[p], records[p], config) for p in ordered]
+    def unused_in(path: str) -> tuple[tuple[int, ...], int]:
+        """Positions of ``path``'s adds whose result reaches no output, and its add count."""
+        if records[path].calls != 1:
+            return (), -1
+        mine = [used for r, used in every_add if _within(_owner(r), path)]
+        return tuple(i for i, used in enumerate(mine) if not used), len(mine)
+
+    def _owner(r: Any) -> str:
+        return _called_owner(owner_module(r, exported.module_path), modules)
+
+    analyses = [_analyse_block(p, modules[p], records[p], config, unused_in(p)) for p in ordered]
     dropped = []
     for a in analyses:
         a.calls = records[a.path].calls
-        found = sum(1 for o in owners if o == a.path or o.startswith(a.path + ".") or a.path == "")
+        found = sum(1 for o in owners if _within(o, a.path))
         expected = found // a.calls  # a weight-shared block's adds appear once per call
         if len(a.connections) > expected:
             raise ConversionError(
@@ -159,11 +172,16 @@ def analyse(
     return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
 
 
-def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig) -> BlockAnalysis:
+def _within(owner: str, path: str) -> bool:
+    """True when an add owned by ``owner`` lies in block ``path``."""
+    return owner == path or inside(owner, path)
+
+
+def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig, unused: tuple = ((), -1)) -> BlockAnalysis:
     """:func:`blocks.analyse_block`, with any unexpected failure reported as a CaptureError
     that names the block (the original exception is chained as ``__cause__``)."""
     try:
-        return blocks.analyse_block(path, module, record, config)
+        return blocks.analyse_block(path, module, record, config, unused)
     except MHCError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the block's name

@@ -54,6 +54,7 @@ class BlockAnalysis:
     calls: int = 1  # > 1: a weight-shared block, called that often per forward
     opaque: list[str] = field(default_factory=list)  # children kept as single calls, and why
     constants: tuple = ()  # the sample call's constants and object types (trace.constants_of)
+    unused: tuple = ()  # positions of traced residual adds left plain: their result reaches no output
 
 
 def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
@@ -73,10 +74,11 @@ def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
     return is_param
 
 
-def _trace_residuals(block: nn.Module, values: dict, signature: BlockSignature, training: bool):
+def _trace_residuals(block: nn.Module, values: dict, signature: BlockSignature, training: bool, unused: tuple = ()):
     gm = trace_block(block, values, signature, training)
     inline_identities(gm)
     residuals, cuts = find_residual_adds(gm.graph, _block_is_param(gm))
+    residuals = [r for i, r in enumerate(residuals) if i not in unused]
     return gm, residuals, cuts
 
 
@@ -85,13 +87,22 @@ def _branch_summary(res: ResidualAdd) -> str:
     return " -> ".join(dict.fromkeys(names)) or "(inline ops)"
 
 
-def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCConfig) -> BlockAnalysis:
-    """Trace a block as it was called in the sample forward and describe its connections."""
+def analyse_block(
+    path: str, block: nn.Module, record: CallRecord, config: MHCConfig, unused: tuple = ((), -1)
+) -> BlockAnalysis:
+    """Trace a block as it was called in the sample forward and describe its connections.
+
+    ``unused``: the positions (in graph order) of the block's residual adds whose result
+    the whole-model capture saw reach no output, and how many adds it saw in the block;
+    where the block's own trace finds as many, those adds are left plain."""
     values, params, var_kw = bind_call(block, record.args, record.kwargs)
     signature = split_signature(values, params, var_kw)
     passthrough = find_passthrough(block, values, signature, block.training)
     signature = split_signature(values, params, var_kw, passthrough)
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
+    skip = unused[0] if unused[0] and len(residuals) == unused[1] else ()
+    notes = [f"{path}: add {residuals[i].add.name}: its result reaches no output of the model; left a plain add" for i in skip]
+    residuals = [r for i, r in enumerate(residuals) if i not in skip]
     opaque = [f"{child} ({why})" for child, why in gm.meta.get("mhc_opaque", {}).items()]
     if not residuals:
         return BlockAnalysis(
@@ -109,12 +120,13 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
         values=values,
         signature=signature,
         connections=infos,
-        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts],
+        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts] + notes,
         channel_dim=channel_dim,
         stream_input=dry.stream_input,
         output_leaf=dry.stream_output_leaf,
         opaque=opaque,
         constants=constants_of(values),
+        unused=skip,
     )
 
 
@@ -177,7 +189,7 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
         )
     passthrough = _passthrough_here(block, a, trace_values, training)
     values_sig = split_signature(trace_values, a.signature.params, a.signature.var_keyword, passthrough)
-    gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training)
+    gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training, a.unused)
     sizes = [r.shape[a.channel_dim] for r in residuals]
     expected = [c.hidden_size for c in a.connections]
     if sizes != expected:

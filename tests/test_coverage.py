@@ -150,6 +150,44 @@ def test_data_dependent_branch_outside_the_blocks_is_analysed(capfd):
         assert max(_rel_err(model(x), r) for x, r in zip((ids, padded), refs)) <= 1e-5
 
 
+class _TwoStreams(nn.Module):
+    """PegasusX's encoder layer: local and global tokens, each with its own residual add."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f, self.g = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, glob):
+        return x + self.f(x + glob.mean(1, keepdim=True)), glob + self.g(glob)
+
+
+class _UnusedResults(nn.Module):
+    """The last layer's global stream and a pooling head (SigLIP's) feed no output."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleList([_TwoStreams(dim), _TwoStreams(dim)])
+        self.head = _Residual(dim)
+
+    def forward(self, x, glob):
+        for layer in self.layers:
+            x, glob = layer(x, glob)
+        self.head(x)  # computed, never used
+        return x
+
+
+def test_residual_adds_whose_result_reaches_no_output_stay_plain():
+    model = _UnusedResults()
+    x, glob = torch.randn(2, 5, 8), torch.randn(2, 2, 8)
+    ref = model(x, glob)
+    mhc.mhc_compile(model, example_inputs=(x, glob))
+    assert [r["block"] for r in mhc.inspect(model, print_table=False)] == ["layers.0", "layers.0", "layers.1"]
+    assert any("layers.1: add" in c and "reaches no output" in c for c in model._mhc_analysis.cuts)
+    assert _rel_err(model(x, glob), ref) <= 1e-5
+    model(x, glob).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
