@@ -105,6 +105,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hunyuan_v1_dense": {"head_dim": 16},
     "hunyuan_v1_moe": {"head_dim": 16},
     "mamba2": {"head_dim": 32, "n_groups": 1},
+    # the default config is EfficientNet-B7 (63M parameters at any image size): B0's scaling
+    "efficientnet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "hidden_dim": 1280},
 }
 
 
