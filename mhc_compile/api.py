@@ -108,7 +108,7 @@ def analyse(
         raise NoResidualError(
             f"found no residual add (x + F(x), both of the same shape, F with trained "
             f"parameters) in {type(model).__name__}; mhc_compile rewrites residual "
-            "connections, so this model has nothing to convert"
+            "connections, so this model has nothing to convert" + _near_misses(exported, cuts, every_add)
         )
     modules = dict(model.named_modules())
     owners = [_called_owner(owner_module(r, exported.module_path), modules) for r in residuals]
@@ -170,6 +170,21 @@ def analyse(
     cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected]
     block_notes = [n for a in dropped + analyses for n in a.cuts]
     return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
+
+
+def _near_misses(exported: Any, cuts: list, every_add: list) -> str:
+    """What came closest to a residual connection, for a model that has none."""
+    parts = []
+    if cuts:
+        where = sorted({exported.module_path(c.add) or "(root)" for c in cuts})
+        parts.append(
+            f"{len(cuts)} adds sum two trained branches of one input, none of them the input "
+            f"itself (multi-branch blocks such as RepVGG's conv + batch-norm branches), in "
+            f"{', '.join(repr(w) for w in where[:3])}{' and more' if len(where) > 3 else ''}"
+        )
+    if every_add:
+        parts.append(f"{len(every_add)} residual adds whose result reaches no output of the model")
+    return f" (not residual connections: {'; '.join(parts)})" if parts else ""
 
 
 def _within(owner: str, path: str) -> bool:

@@ -188,6 +188,24 @@ def test_residual_adds_whose_result_reaches_no_output_stay_plain():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
 
 
+def test_multi_branch_blocks_without_identity_are_refused_with_the_reason():
+    """TextNet/RepVGG: ``bn(conv(x)) + bn(x)``: two trained branches, no identity skip."""
+
+    class RepBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.bn_id = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + self.bn_id(x))
+
+    model = nn.Sequential(RepBlock(), RepBlock()).eval()
+    snap = _snapshot(model)
+    with pytest.raises(mhc.NoResidualError, match=r"2 adds sum two trained branches of one input.*'0', '1'"):
+        mhc.mhc_compile(model, example_inputs=torch.randn(2, 4, 6, 6))
+    _assert_untouched(model, snap)
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
