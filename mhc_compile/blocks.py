@@ -55,6 +55,7 @@ class BlockAnalysis:
     opaque: list[str] = field(default_factory=list)  # children kept as single calls, and why
     constants: tuple = ()  # the sample call's constants and object types (trace.constants_of)
     unused: tuple = ()  # positions of traced residual adds left plain: their result reaches no output
+    output_type: Optional[type] = None  # a dict subclass the block returns (an HF ModelOutput)
 
 
 def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
@@ -127,7 +128,13 @@ def analyse_block(
         opaque=opaque,
         constants=constants_of(values),
         unused=skip,
+        output_type=_dict_type(record.output),
     )
+
+
+def _dict_type(output: Any) -> Optional[type]:
+    """The class of a dict-like output (torch.fx turns it into a plain ``dict``)."""
+    return type(output) if isinstance(output, dict) and type(output) is not dict else None
 
 
 def stream_in_value(analysis: BlockAnalysis) -> Any:
@@ -164,14 +171,20 @@ class Variant:
     block itself as ``self`` (its ``get_attr``/``call_module`` paths are the block's own);
     ``names`` are the arguments it takes, in order; ``passthrough`` the constant arguments
     it takes as placeholders (those of the analysis that still pass through in this call).
+    A block that returns a ``ModelOutput`` gets one back (``output_type``): a traced graph
+    returns a plain ``dict`` in its place.
     """
 
     forward: Callable
     names: tuple[str, ...]
     passthrough: frozenset = frozenset()
+    output_type: Optional[type] = None
 
     def __call__(self, block: nn.Module, values: dict) -> Any:
-        return self.forward(block, *[values[n] for n in self.names])
+        out = self.forward(block, *[values[n] for n in self.names])
+        if self.output_type is not None and type(out) is dict:
+            return self.output_type(**out)
+        return out
 
 
 def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, values: dict, training: bool) -> Variant:
@@ -202,7 +215,7 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
     _check_interface(a, result, training)
     if config.fuse_adjacent:
         fuse_post_pre(gm)
-    return Variant(type(gm).forward, tuple(values_sig.dynamic), passthrough)
+    return Variant(type(gm).forward, tuple(values_sig.dynamic), passthrough, a.output_type)
 
 
 def _passthrough_here(block: nn.Module, a: BlockAnalysis, values: dict, training: bool) -> frozenset:

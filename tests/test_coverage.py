@@ -206,6 +206,34 @@ def test_multi_branch_blocks_without_identity_are_refused_with_the_reason():
     _assert_untouched(model, snap)
 
 
+def test_block_returning_a_model_output_returns_one():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=x + self.f(x))
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)[0]
+            return x
+
+    model, x = Root(), torch.randn(2, 5, 8)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert isinstance(model.layers[0](x), BaseModelOutput)
+    assert _rel_err(model(x), ref) <= 1e-5
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
