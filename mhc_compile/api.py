@@ -123,6 +123,7 @@ def analyse(
                 "but was not called in the sample forward; pass example_inputs= that run it"
             )
     ordered = sorted(block_paths, key=lambda p: records[p].order)
+
     def unused_in(path: str) -> tuple[tuple[int, ...], int]:
         """Positions of ``path``'s adds whose result reaches no output, and its add count."""
         if records[path].calls != 1:
@@ -133,7 +134,25 @@ def analyse(
     def _owner(r: Any) -> str:
         return _called_owner(owner_module(r, exported.module_path), modules)
 
-    analyses = [_analyse_block(p, modules[p], records[p], config, unused_in(p)) for p in ordered]
+    analyses, fallback_notes = [], []
+    for p in ordered:
+        try:
+            analyses.append(_analyse_block(p, modules[p], records[p], config, unused_in(p)))
+        except CaptureError as err:
+            inner = topmost([o for o in owners if inside(o, p)])
+            if not inner:
+                raise
+            # the blocks inside a block that cannot be traced (an encoder with LayerDrop
+            # that owns a positional-convolution add) are converted on their own
+            fallback_notes.append(
+                f"{p or '(root)'}: its own residual adds are not rewritten ({err}); "
+                f"the {len(inner)} blocks inside it are converted instead"
+            )
+            records.update(record_calls(model, inner, args, kwargs))
+            analyses += [_analyse_block(q, modules[q], records[q], config, unused_in(q)) for q in inner]
+    if fallback_notes:  # one sample forward again, for every block's call order
+        records = record_calls(model, [a.path for a in analyses], args, kwargs)
+        analyses.sort(key=lambda a: records[a.path].order)
     dropped = []
     for a in analyses:
         a.calls = records[a.path].calls
@@ -169,7 +188,7 @@ def analyse(
     ]
     cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected]
     block_notes = [n for a in dropped + analyses for n in a.cuts]
-    return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
+    return ModelAnalysis(config, analyses, cut_notes + fallback_notes + chain_notes + block_notes)
 
 
 def _near_misses(exported: Any, cuts: list, every_add: list) -> str:

@@ -101,6 +101,7 @@ def analyse_block(
     passthrough = find_passthrough(block, values, signature, block.training)
     signature = split_signature(values, params, var_kw, passthrough)
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
+    trace_block(block, values, signature, not block.training, shapes=False)  # both modes must trace
     skip = unused[0] if unused[0] and len(residuals) == unused[1] else ()
     notes = [f"{path}: add {residuals[i].add.name}: its result reaches no output of the model; left a plain add" for i in skip]
     residuals = [r for i, r in enumerate(residuals) if i not in skip]

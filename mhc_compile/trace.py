@@ -21,6 +21,7 @@ attention mask handed straight to the attention module), so they are not special
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dis
 import inspect
 import logging
@@ -28,7 +29,7 @@ import math
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx, nn
@@ -208,6 +209,10 @@ class BlockTracer(fx.Tracer):
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
 
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
+        with _random_factories_traced(self):
+            return super().trace(root, concrete_args)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced_leaves:
             return True
@@ -289,6 +294,34 @@ class BlockTracer(fx.Tracer):
 
 
 # --------------------------------------------------------------------------- tracing
+
+# random tensors made from sizes only: traced as nodes, so that LayerDrop's
+# ``if torch.rand([]) < p:`` is seen as a branch on a random value, not baked in as one draw
+_RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm")
+
+
+@contextlib.contextmanager
+def _random_factories_traced(tracer: BlockTracer):
+    """While ``tracer`` traces, ``torch.rand`` & co. called without tensor arguments
+    record a node instead of returning one fixed draw."""
+    originals = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
+
+    def traced(fn: Callable) -> Callable:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if tracer._concrete:
+                return fn(*args, **kwargs)
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+
+        return factory
+
+    for name, fn in originals.items():
+        setattr(torch, name, traced(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
 
 
 def _user_frame(err: BaseException) -> str:

@@ -206,6 +206,25 @@ def test_multi_branch_blocks_without_identity_are_refused_with_the_reason():
     _assert_untouched(model, snap)
 
 
+def test_encoder_with_layerdrop_falls_back_to_its_layers():
+    """HuBERT's encoder owns an add (positional convolution) and drops layers at random in
+    training (``if torch.rand([]) < layerdrop``): that draw is not baked into a graph; the
+    encoder stays as written and its layers are converted."""
+    cfg = transformers.HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 4),
+                                    num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, layerdrop=0.5)
+    torch.manual_seed(0)
+    model = transformers.HubertModel(cfg)
+    inputs = {"input_values": torch.randn(2, 800)}
+    _convert_and_compare(model, inputs, lambda o: o.last_hidden_state)
+    blocks = [r["block"] for r in mhc.inspect(model, print_table=False)]
+    assert blocks and all(b.startswith("encoder.layers.") for b in blocks)
+    assert any(c.startswith("encoder: its own residual adds are not rewritten") for c in model._mhc_analysis.cuts)
+    model.train()
+    torch.manual_seed(1)
+    model(**inputs).last_hidden_state.pow(2).mean().backward()  # LayerDrop draws anew per call
+
+
 def test_block_returning_a_model_output_returns_one():
     from transformers.modeling_outputs import BaseModelOutput
 
