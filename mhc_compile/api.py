@@ -271,6 +271,7 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
                 outs[i] is not None
                 and a.calls == b.calls == 1
                 and outs[i] is x_in
+                and not records[a.path].parent_uses
                 and not a.link_out
                 and a.channel_dim == b.channel_dim
             ):
@@ -281,11 +282,11 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
             chain += 1
             b.chain = chain
             if j > 0:
-                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in)}")
+                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in, records[analyses[j - 1].path].parent_uses)}")
     return notes
 
 
-def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
+def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any, uses: list[str]) -> str:
     """Why block ``b`` does not continue the streams of the block ``a`` called before it."""
     if b.stream_input is None:
         return "its first connection's skip is computed inside the block, not passed in"
@@ -297,6 +298,8 @@ def _cut_reason(a: BlockAnalysis, out: Any, b: BlockAnalysis, x_in: Any) -> str:
         return f"{a.path or '(root)'} returns no value that carries its streams"
     if a.link_out:
         return f"{a.path or '(root)'}'s streams already continue into another block"
+    if out is x_in and uses:
+        return f"the parent also reads {a.path or '(root)'}'s output itself ({', '.join(dict.fromkeys(uses))})"
     if a.channel_dim != b.channel_dim:
         return f"the channel axis changes ({a.channel_dim} in {a.path}, {b.channel_dim} here)"
     if isinstance(out, torch.Tensor) and isinstance(x_in, torch.Tensor) and out.shape != x_in.shape:

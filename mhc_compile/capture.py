@@ -250,6 +250,29 @@ class CallRecord:
     output: Any = None
     calls: int = 0
     order: int = -1
+    parent_uses: list[str] = field(default_factory=list)  # ops outside the blocks that read the output
+
+
+class _ParentUses(torch.overrides.TorchFunctionMode):
+    """Records torch ops that read a block's output outside every block (the parent's own
+    code): such an output cannot carry n streams to the next block. An op that returns
+    its input itself (``x.to(x.dtype)``) only passes it on and is not counted."""
+
+    def __init__(self, records: dict) -> None:
+        super().__init__()
+        self.records = records
+        self.depth = 0  # blocks running now
+        self.outputs: dict[int, str] = {}  # id of a block's output tensor -> block path
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0 and self.outputs:
+            for t in tree_leaves((args, kwargs)):
+                path = self.outputs.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if path is not None and out is not t:
+                    self.records[path].parent_uses.append(getattr(func, "__name__", str(func)))
+        return out
 
 
 def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) -> dict[str, CallRecord]:
@@ -259,8 +282,11 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
     counter = [0]
     handles = []
 
+    uses = _ParentUses(records)
+
     def pre_hook(path):
         def hook(mod, a, kw):
+            uses.depth += 1
             rec = records[path]
             rec.calls += 1
             if rec.calls == 1:  # caches as they are now: the forward appends to them later
@@ -273,8 +299,10 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
 
     def post_hook(path):
         def hook(mod, a, kw, out):
+            uses.depth -= 1
             if records[path].calls == 1:
                 records[path].output = out
+                uses.outputs.update((id(t), path) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
 
         return hook
 
@@ -282,7 +310,7 @@ def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) 
         handles.append(modules[p].register_forward_pre_hook(pre_hook(p), with_kwargs=True))
         handles.append(modules[p].register_forward_hook(post_hook(p), with_kwargs=True))
     try:
-        with side_effect_free(model):
+        with side_effect_free(model), uses:
             model(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CaptureError(

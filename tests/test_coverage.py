@@ -253,6 +253,28 @@ def test_block_returning_a_model_output_returns_one():
     assert _rel_err(model(x), ref) <= 1e-5
 
 
+def test_block_output_the_parent_also_reads_is_not_linked():
+    """BridgeTower: the parent hands a block's output to the next block *and* reads it
+    itself (``head(x.type(dtype))``, a no-op cast that returns the same tensor)."""
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = _Residual(8), _Residual(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.first(x)
+            side = self.head(x.type(x.dtype).permute(1, 0, 2))
+            return self.second(x), side
+
+    model, x = Root(), torch.randn(2, 5, 8)
+    refs = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert any("chain cut before second: the parent also reads first's output" in c for c in model._mhc_analysis.cuts)
+    assert max(_rel_err(a, b) for a, b in zip(model(x), refs)) <= 1e-5
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
