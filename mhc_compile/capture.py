@@ -253,10 +253,16 @@ class CallRecord:
     parent_uses: list[str] = field(default_factory=list)  # ops outside the blocks that read the output
 
 
+# reads of a tensor's metadata (``x.dtype`` is ``__get__``), not of its values
+_METADATA_READS = {"__get__", "size", "dim", "numel", "stride", "is_floating_point", "is_complex",
+                   "element_size", "get_device", "is_contiguous", "data_ptr"}
+
+
 class _ParentUses(torch.overrides.TorchFunctionMode):
     """Records torch ops that read a block's output outside every block (the parent's own
     code): such an output cannot carry n streams to the next block. An op that returns
-    its input itself (``x.to(x.dtype)``) only passes it on and is not counted."""
+    its input itself (``x.to(x.dtype)``) only passes it on and metadata reads (``x.dtype``)
+    see no values: neither is counted."""
 
     def __init__(self, records: dict) -> None:
         super().__init__()
@@ -267,7 +273,7 @@ class _ParentUses(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth == 0 and self.outputs:
+        if self.depth == 0 and self.outputs and getattr(func, "__name__", "") not in _METADATA_READS:
             for t in tree_leaves((args, kwargs)):
                 path = self.outputs.get(id(t)) if isinstance(t, torch.Tensor) else None
                 if path is not None and out is not t:

@@ -260,18 +260,22 @@ def test_block_output_the_parent_also_reads_is_not_linked():
     class Root(nn.Module):
         def __init__(self):
             super().__init__()
-            self.first, self.second = _Residual(8), _Residual(8)
+            self.first, self.second, self.third = _Residual(8), _Residual(8), _Residual(8)
             self.head = nn.Linear(8, 3)
 
         def forward(self, x):
             x = self.first(x)
+            if x.dtype == torch.float16 or x.shape[-1] != 8:  # metadata reads: still linked
+                raise TypeError
+            x = self.second(x)
             side = self.head(x.type(x.dtype).permute(1, 0, 2))
-            return self.second(x), side
+            return self.third(x), side
 
     model, x = Root(), torch.randn(2, 5, 8)
     refs = model(x)
     mhc.mhc_compile(model, example_inputs=x)
-    assert any("chain cut before second: the parent also reads first's output" in c for c in model._mhc_analysis.cuts)
+    assert [b.chain for b in model._mhc_analysis.blocks] == [0, 0, 1]
+    assert any("chain cut before third: the parent also reads second's output" in c for c in model._mhc_analysis.cuts)
     assert max(_rel_err(a, b) for a, b in zip(model(x), refs)) <= 1e-5
 
 
