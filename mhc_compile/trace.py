@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .capture import CaptureError, copy_state, is_static, side_effect_free
+from .capture import CaptureError, copy_state, is_static, module_state, restore_module_state, side_effect_free
 from .heuristics import is_norm_module
 
 logger = logging.getLogger("mhc_compile")
@@ -208,9 +208,10 @@ class BlockTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
+        self.assignments = 0  # module attribute assignments made by the traced code so far
 
     def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
-        with _random_factories_traced(self):
+        with _random_factories_traced(self), _module_assignments_counted(self):
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -230,9 +231,14 @@ class BlockTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         before = list(self.graph.nodes)
         stack = self.module_stack.copy()
+        state, assigned = module_state(m), self.assignments
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if self.assignments != assigned:
+                raise _ModuleStateChanged(f"{type(m).__name__}'s forward assigns module attributes (state)")
+            return out
         except Exception as err:  # noqa: BLE001 - fall back to an opaque call of this child
+            restore_module_state(state)
             where = _user_frame(err)
             self.opaque[qualname] = f"{type(err).__name__}{' at ' + where if where else ''}"
             logger.debug("trace: %s kept as an opaque call (%s: %s)", qualname, type(err).__name__, err)
@@ -294,6 +300,29 @@ class BlockTracer(fx.Tracer):
 
 
 # --------------------------------------------------------------------------- tracing
+
+class _ModuleStateChanged(RuntimeError):
+    """A child's forward assigned module attributes: a graph would not repeat that."""
+
+
+@contextlib.contextmanager
+def _module_assignments_counted(tracer: BlockTracer):
+    """While ``tracer`` traces, count ``module.attr = value`` assignments by the traced code
+    (a recurrent state ``self.conv1d_state = ...``): a graph would not repeat them, so a
+    child that makes one is kept as a call (:meth:`BlockTracer.call_module`)."""
+    original = nn.Module.__setattr__
+
+    def setattr_counted(module: nn.Module, name: str, value: Any) -> None:
+        if not tracer._concrete:
+            tracer.assignments += 1
+        original(module, name, value)
+
+    nn.Module.__setattr__ = setattr_counted
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original
+
 
 # random tensors made from sizes only: traced as nodes, so that LayerDrop's
 # ``if torch.rand([]) < p:`` is seen as a branch on a random value, not baked in as one draw

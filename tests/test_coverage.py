@@ -279,6 +279,21 @@ def test_block_output_the_parent_also_reads_is_not_linked():
     assert max(_rel_err(a, b) for a, b in zip(model(x), refs)) <= 1e-5
 
 
+def test_child_that_keeps_state_on_the_module_stays_a_call():
+    """RecurrentGemma's temporal block keeps its state on the module (``self.conv1d_state =
+    ...``, reset when ``use_cache=False``): a graph would not repeat the assignment, so that
+    child runs as written; tracing leaves the module's attributes as they were."""
+    cfg = transformers.RecurrentGemmaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, lru_width=32,
+                                            attention_window_size=16, block_types=["recurrent", "attention"])
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaForCausalLM(cfg)
+    original = _convert_and_compare(model, {"input_ids": torch.randint(3, 97, (2, 7))})
+    ids = torch.randint(3, 97, (3, 9))  # another batch size: no state of the sample's left behind
+    with torch.no_grad():
+        assert _rel_err(model(ids, use_cache=False).logits, original(ids, use_cache=False).logits) <= 1e-5
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 
