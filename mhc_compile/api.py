@@ -211,7 +211,9 @@ def _within(owner: str, path: str) -> bool:
     return owner == path or inside(owner, path)
 
 
-def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig, unused: tuple = ((), -1)) -> BlockAnalysis:
+def _analyse_block(
+    path: str, module: nn.Module, record: Any, config: MHCConfig, unused: tuple = ((), -1)
+) -> BlockAnalysis:
     """:func:`blocks.analyse_block`, with any unexpected failure reported as a CaptureError
     that names the block (the original exception is chained as ``__cause__``)."""
     try:
@@ -282,7 +284,9 @@ def _link_chains(analyses: list[BlockAnalysis], records: dict) -> list[str]:
             chain += 1
             b.chain = chain
             if j > 0:
-                notes.append(f"chain cut before {b.path or '(root)'}: {_cut_reason(analyses[j - 1], outs[j - 1], b, x_in, records[analyses[j - 1].path].parent_uses)}")
+                before = analyses[j - 1]
+                reason = _cut_reason(before, outs[j - 1], b, x_in, records[before.path].parent_uses)
+                notes.append(f"chain cut before {b.path or '(root)'}: {reason}")
     return notes
 
 

@@ -75,7 +75,9 @@ def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
     return is_param
 
 
-def _trace_residuals(block: nn.Module, values: dict, signature: BlockSignature, training: bool, unused: tuple = ()):
+def _trace_residuals(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, unused: tuple = ()
+):
     gm = trace_block(block, values, signature, training)
     inline_identities(gm)
     residuals, cuts = find_residual_adds(gm.graph, _block_is_param(gm))
@@ -103,7 +105,8 @@ def analyse_block(
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
     trace_block(block, values, signature, not block.training, shapes=False)  # both modes must trace
     skip = unused[0] if unused[0] and len(residuals) == unused[1] else ()
-    notes = [f"{path}: add {residuals[i].add.name}: its result reaches no output of the model; left a plain add" for i in skip]
+    notes = [f"{path}: add {residuals[i].add.name}: its result reaches no output of the model; left a plain add"
+             for i in skip]
     residuals = [r for i, r in enumerate(residuals) if i not in skip]
     opaque = [f"{child} ({why})" for child, why in gm.meta.get("mhc_opaque", {}).items()]
     if not residuals:
