@@ -605,8 +605,12 @@ def _backward(task: Task, model: nn.Module, inputs: dict) -> tuple[bool, str]:
     model.zero_grad(set_to_none=True)
     if task.mapping == "causal":
         loss = model(**inputs, labels=inputs["input_ids"]).loss
-    else:
-        loss = main_output(model(**inputs)).float().sum()
+    else:  # every float output: a part that feeds only a secondary output (BridgeTower's) gets a gradient too
+        from torch.utils._pytree import tree_leaves
+
+        out = model(**inputs)
+        leaves = tree_leaves(list(out.values()) if isinstance(out, dict) else out)
+        loss = sum(t.float().sum() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
     loss.backward()
     return grads_ok(model)
 
