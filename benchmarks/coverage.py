@@ -111,6 +111,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # PyTorch: 6 s per tiny forward, past the time limit for conversion's traces and probes
     "falcon_h1": {"mamba_d_ssm": 128, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16,
                   "mamba_chunk_size": 16},
+    # the default config is EfficientNet-B7 (63M parameters at any image size): B0's scaling
+    "efficientnet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "hidden_dim": 1280},
 }
 
 
@@ -637,8 +639,12 @@ def _backward(task: Task, model: nn.Module, inputs: dict) -> tuple[bool, str]:
         inputs = {**inputs, "use_cache": False}
     if task.mapping == "causal":
         loss = model(**inputs, labels=inputs["input_ids"]).loss
-    else:
-        loss = main_output(model(**inputs)).float().sum()
+    else:  # every float output: a part that feeds only a secondary output (BridgeTower's) gets a gradient too
+        from torch.utils._pytree import tree_leaves
+
+        out = model(**inputs)
+        leaves = tree_leaves(list(out.values()) if isinstance(out, dict) else out)
+        loss = sum(t.float().sum() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
     loss.backward()
     return grads_ok(model)
 

@@ -24,7 +24,7 @@ from .capture import export_model, record_calls, resolve_example_inputs
 from .config import MHCConfig
 from .errors import CaptureError, ConversionError, MHCConfigError, MHCError
 from .heuristics import hyper_connection_modules, is_mhc_parameter_name
-from .passes.find_residuals import find_residual_adds, inside, owner_module, topmost
+from .passes.find_residuals import find_residual_adds, inside, owner_module, reaches_output, topmost
 
 logger = logging.getLogger("mhc_compile")
 
@@ -101,11 +101,14 @@ def analyse(
     args, kwargs = resolve_example_inputs(model, example_inputs)
     exported = export_model(model, args, kwargs)
     residuals, cuts = find_residual_adds(exported.graph, exported.is_param)
+    live = reaches_output(exported.graph)
+    every_add = [(r, r.add in live) for r in residuals]  # graph order; unused: left plain
+    residuals = [r for r in residuals if r.add in live]
     if not residuals:
         raise NoResidualError(
             f"found no residual add (x + F(x), both of the same shape, F with trained "
             f"parameters) in {type(model).__name__}; mhc_compile rewrites residual "
-            "connections, so this model has nothing to convert"
+            "connections, so this model has nothing to convert" + _near_misses(exported, cuts, every_add)
         )
     modules = dict(model.named_modules())
     residuals, long_skips = _split_long_skips(residuals, exported.module_path, modules)
@@ -126,11 +129,40 @@ def analyse(
                 "but was not called in the sample forward; pass example_inputs= that run it"
             )
     ordered = sorted(block_paths, key=lambda p: records[p].order)
-    analyses = [_analyse_block(p, modules[p], records[p], config) for p in ordered]
+
+    def unused_in(path: str) -> tuple[tuple[int, ...], int]:
+        """Positions of ``path``'s adds whose result reaches no output, and its add count."""
+        if records[path].calls != 1:
+            return (), -1
+        mine = [used for r, used in every_add if _within(_owner(r), path)]
+        return tuple(i for i, used in enumerate(mine) if not used), len(mine)
+
+    def _owner(r: Any) -> str:
+        return _called_owner(owner_module(r, exported.module_path), modules)
+
+    analyses, fallback_notes = [], []
+    for p in ordered:
+        try:
+            analyses.append(_analyse_block(p, modules[p], records[p], config, unused_in(p)))
+        except CaptureError as err:
+            inner = topmost([o for o in owners if inside(o, p)])
+            if not inner:
+                raise
+            # the blocks inside a block that cannot be traced (an encoder with LayerDrop
+            # that owns a positional-convolution add) are converted on their own
+            fallback_notes.append(
+                f"{p or '(root)'}: its own residual adds are not rewritten ({err}); "
+                f"the {len(inner)} blocks inside it are converted instead"
+            )
+            records.update(record_calls(model, inner, args, kwargs))
+            analyses += [_analyse_block(q, modules[q], records[q], config, unused_in(q)) for q in inner]
+    if fallback_notes:  # one sample forward again, for every block's call order
+        records = record_calls(model, [a.path for a in analyses], args, kwargs)
+        analyses.sort(key=lambda a: records[a.path].order)
     dropped = []
     for a in analyses:
         a.calls = records[a.path].calls
-        found = sum(1 for o in owners if o == a.path or o.startswith(a.path + ".") or a.path == "")
+        found = sum(1 for o in owners if _within(o, a.path))
         expected = found // a.calls  # a weight-shared block's adds appear once per call
         if len(a.connections) > expected:
             raise ConversionError(
@@ -162,14 +194,36 @@ def analyse(
     ]
     cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected] + long_skips
     block_notes = [n for a in dropped + analyses for n in a.cuts]
-    return ModelAnalysis(config, analyses, cut_notes + chain_notes + block_notes)
+    return ModelAnalysis(config, analyses, cut_notes + fallback_notes + chain_notes + block_notes)
 
 
-def _analyse_block(path: str, module: nn.Module, record: Any, config: MHCConfig) -> BlockAnalysis:
+def _near_misses(exported: Any, cuts: list, every_add: list) -> str:
+    """What came closest to a residual connection, for a model that has none."""
+    parts = []
+    if cuts:
+        where = sorted({exported.module_path(c.add) or "(root)" for c in cuts})
+        parts.append(
+            f"{len(cuts)} adds sum two trained branches of one input, none of them the input "
+            f"itself (multi-branch blocks such as RepVGG's conv + batch-norm branches), in "
+            f"{', '.join(repr(w) for w in where[:3])}{' and more' if len(where) > 3 else ''}"
+        )
+    if every_add:
+        parts.append(f"{len(every_add)} residual adds whose result reaches no output of the model")
+    return f" (not residual connections: {'; '.join(parts)})" if parts else ""
+
+
+def _within(owner: str, path: str) -> bool:
+    """True when an add owned by ``owner`` lies in block ``path``."""
+    return owner == path or inside(owner, path)
+
+
+def _analyse_block(
+    path: str, module: nn.Module, record: Any, config: MHCConfig, unused: tuple = ((), -1)
+) -> BlockAnalysis:
     """:func:`blocks.analyse_block`, with any unexpected failure reported as a CaptureError
     that names the block (the original exception is chained as ``__cause__``)."""
     try:
-        return blocks.analyse_block(path, module, record, config)
+        return blocks.analyse_block(path, module, record, config, unused)
     except MHCError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the block's name

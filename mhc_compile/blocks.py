@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import CallRecord
 from .codeshare import shared_function
 from .errors import CaptureError, ConversionError
-from .trace import BlockSignature, bind_call, find_passthrough, split_signature, trace_block
+from .trace import BlockSignature, bind_call, constants_of, is_dynamic, find_passthrough, split_signature, trace_block
 from .config import MHCConfig
 from .ops import functional
 from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
@@ -54,6 +54,9 @@ class BlockAnalysis:
     chain: int = -1
     calls: int = 1  # > 1: a weight-shared block, called that often per forward
     opaque: list[str] = field(default_factory=list)  # children kept as single calls, and why
+    constants: tuple = ()  # the sample call's constants and object types (trace.constants_of)
+    unused: tuple = ()  # positions of traced residual adds left plain: their result reaches no output
+    output_type: Optional[type] = None  # a dict subclass the block returns (an HF ModelOutput)
 
 
 def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
@@ -73,10 +76,13 @@ def _block_is_param(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
     return is_param
 
 
-def _trace_residuals(block: nn.Module, values: dict, signature: BlockSignature, training: bool):
+def _trace_residuals(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, unused: tuple = ()
+):
     gm = trace_block(block, values, signature, training)
     inline_identities(gm)
     residuals, cuts = find_residual_adds(gm.graph, _block_is_param(gm))
+    residuals = [r for i, r in enumerate(residuals) if i not in unused]
     return gm, residuals, cuts
 
 
@@ -85,16 +91,29 @@ def _branch_summary(res: ResidualAdd) -> str:
     return " -> ".join(dict.fromkeys(names)) or "(inline ops)"
 
 
-def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCConfig) -> BlockAnalysis:
-    """Trace a block as it was called in the sample forward and describe its connections."""
+def analyse_block(
+    path: str, block: nn.Module, record: CallRecord, config: MHCConfig, unused: tuple = ((), -1)
+) -> BlockAnalysis:
+    """Trace a block as it was called in the sample forward and describe its connections.
+
+    ``unused``: the positions (in graph order) of the block's residual adds whose result
+    the whole-model capture saw reach no output, and how many adds it saw in the block;
+    where the block's own trace finds as many, those adds are left plain."""
     values, params, var_kw = bind_call(block, record.args, record.kwargs)
     signature = split_signature(values, params, var_kw)
     passthrough = find_passthrough(block, values, signature, block.training)
     signature = split_signature(values, params, var_kw, passthrough)
     gm, residuals, cuts = _trace_residuals(block, values, signature, block.training)
+    trace_block(block, values, signature, not block.training, shapes=False)  # both modes must trace
+    skip = unused[0] if unused[0] and len(residuals) == unused[1] else ()
+    notes = [f"{path}: add {residuals[i].add.name}: its result reaches no output of the model; left a plain add"
+             for i in skip]
+    residuals = [r for i, r in enumerate(residuals) if i not in skip]
     opaque = [f"{child} ({why})" for child, why in gm.meta.get("mhc_opaque", {}).items()]
     if not residuals:
-        return BlockAnalysis(path, values, signature, [], [], -1, None, None, opaque=opaque)
+        return BlockAnalysis(
+            path, values, signature, [], [], -1, None, None, opaque=opaque, constants=constants_of(values)
+        )
     channel_dim = channel_axis(gm, residuals, config.channel_dim)
     infos = []
     for i, res in enumerate(residuals):
@@ -107,12 +126,20 @@ def analyse_block(path: str, block: nn.Module, record: CallRecord, config: MHCCo
         values=values,
         signature=signature,
         connections=infos,
-        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts],
+        cuts=[f"{path}: add {c.add.name}: {c.reason}" for c in cuts] + notes,
         channel_dim=channel_dim,
         stream_input=dry.stream_input,
         output_leaf=dry.stream_output_leaf,
         opaque=opaque,
+        constants=constants_of(values),
+        unused=skip,
+        output_type=_dict_type(record.output),
     )
+
+
+def _dict_type(output: Any) -> Optional[type]:
+    """The class of a dict-like output (torch.fx turns it into a plain ``dict``)."""
+    return type(output) if isinstance(output, dict) and type(output) is not dict else None
 
 
 def stream_in_value(analysis: BlockAnalysis) -> Any:
@@ -148,14 +175,22 @@ class Variant:
 
     ``forward`` is the generated forward of the rewritten ``GraphModule``, called with the
     block itself as ``self`` (its ``get_attr``/``call_module`` paths are the block's own);
-    ``names`` are the arguments it takes, in order.
+    ``names`` are the arguments it takes, in order; ``passthrough`` the constant arguments
+    it takes as placeholders (those of the analysis that still pass through in this call).
+    A block that returns a ``ModelOutput`` gets one back (``output_type``): a traced graph
+    returns a plain ``dict`` in its place.
     """
 
     forward: Callable
     names: tuple[str, ...]
+    passthrough: frozenset = frozenset()
+    output_type: Optional[type] = None
 
     def __call__(self, block: nn.Module, values: dict) -> Any:
-        return self.forward(block, *[values[n] for n in self.names])
+        out = self.forward(block, *[values[n] for n in self.names])
+        if self.output_type is not None and type(out) is dict:
+            return self.output_type(**out)
+        return out
 
 
 def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, values: dict, training: bool) -> Variant:
@@ -171,10 +206,9 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
         trace_values[a.stream_input] = functional.collapse(
             stream, channel_dim=a.channel_dim, reduce="mean"
         )
-    values_sig = split_signature(
-        trace_values, a.signature.params, a.signature.var_keyword, a.signature.passthrough
-    )
-    gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training)
+    passthrough = _passthrough_here(block, a, trace_values, training)
+    values_sig = split_signature(trace_values, a.signature.params, a.signature.var_keyword, passthrough)
+    gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training, a.unused)
     sizes = [r.shape[a.channel_dim] for r in residuals]
     expected = [c.hidden_size for c in a.connections]
     if sizes != expected:
@@ -187,7 +221,24 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
     _check_interface(a, result, training)
     if config.fuse_adjacent:
         fuse_post_pre(gm)
-    return Variant(shared_function(type(gm).forward), tuple(values_sig.dynamic))  # compiled once for equal blocks
+    return Variant(shared_function(type(gm).forward), tuple(values_sig.dynamic), passthrough,
+                   a.output_type)  # the forward is shared by equal blocks: compiled once
+
+
+def _passthrough_here(block: nn.Module, a: BlockAnalysis, values: dict, training: bool) -> frozenset:
+    """The analysis's passthrough arguments that still do not change the graph in this call.
+
+    Passthrough is found for the sample call's constants: an encoder mask handed to a child
+    that did not trace there (its cache path branches on the cache) can be read by the
+    same child's inlined code when the call's other constants differ (no cache). Such an
+    argument is then specialised again (``runtime`` drops it from the key's passthrough).
+    """
+    passthrough = a.signature.passthrough
+    if not passthrough or constants_of(values) == a.constants:
+        return passthrough
+    constant = frozenset(n for n in passthrough if n in values and not is_dynamic(values[n]))
+    plain = split_signature(values, a.signature.params, a.signature.var_keyword)
+    return (passthrough - constant) | find_passthrough(block, values, plain, training, candidates=constant)
 
 
 def _check_interface(a: BlockAnalysis, result: RewriteResult, training: bool) -> None:

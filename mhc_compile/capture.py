@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from .errors import CaptureError
 
 
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -223,15 +224,54 @@ def without_cache(model: nn.Module, kwargs: dict) -> dict:
     return kwargs
 
 
+_MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
+
+
+class _Same:
+    """Compares by identity: ``module_state`` snapshots are equal when nothing was reassigned."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+
+def module_state(m: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Every submodule's plain attributes and buffers as they are now (by reference):
+    state a forward may reassign (``self.conv1d_state = ...``)."""
+    return [
+        (mod, {k: _Same(v) for k, v in vars(mod).items() if k not in _MODULE_INTERNALS},
+         {k: _Same(v) for k, v in mod._buffers.items()})
+        for mod in m.modules()
+    ]
+
+
+def restore_module_state(state: list) -> None:
+    """Undo reassignments since :func:`module_state` (new attributes are removed)."""
+    for mod, attrs, buffers in state:
+        for k in [k for k in vars(mod) if k not in _MODULE_INTERNALS and k not in attrs]:
+            delattr(mod, k)
+        for k, v in attrs.items():
+            object.__setattr__(mod, k, v.value)
+        mod._buffers.clear()
+        mod._buffers.update({k: v.value for k, v in buffers.items()})
+
+
 @contextlib.contextmanager
 def side_effect_free(model: nn.Module):
-    """Run analysis forwards without changing buffers (batch-norm statistics) or RNG state."""
+    """Run analysis forwards without changing buffers (batch-norm statistics), module
+    attributes (a recurrent state kept on the module) or RNG state."""
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    state = module_state(model)
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         try:
             yield
         finally:
+            restore_module_state(state)
             buffers = dict(model.named_buffers())
             for name, value in saved.items():
                 if name in buffers:
@@ -275,12 +315,13 @@ class _OutsideReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if self.depth == 0 and self.watched and getattr(func, "__name__", "") not in _METADATA_OPS:
             for leaf in tree_leaves((args, kwargs)):
                 hit = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-                if hit is not None:
+                if hit is not None and out is not leaf:  # ``x.to(x.dtype)`` returns x: passed on, not read
                     self.records[hit[0]].read_outside.setdefault(hit[1], getattr(func, "__name__", str(func)))
-        return func(*args, **kwargs)
+        return out
 
 
 def record_calls(model: nn.Module, paths: list[str], args: tuple, kwargs: dict) -> dict[str, CallRecord]:

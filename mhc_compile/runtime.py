@@ -157,8 +157,17 @@ def variant_for(block: nn.Module, values: dict) -> Variant:
 def _build_missing_variant(block: nn.Module, plan: BlockPlan, values: dict, key: tuple) -> Variant:
     """First call with a new specialisation: trace and rewrite outside torch.compile."""
     variant = build_variant(block, plan.analysis, plan.config, values, key[0])
-    plan.variants[key] = variant
+    plan.variants[_key_of(plan, variant, key[0], values)] = variant
     return variant
+
+
+def _key_of(plan: BlockPlan, variant: Variant, training: bool, values: dict) -> tuple:
+    """The key ``variant`` is stored under. A passthrough argument that changes this call's
+    graph (``blocks._passthrough_here``) is part of every key from now on."""
+    signature = plan.analysis.signature
+    if variant.passthrough != signature.passthrough:
+        plan.analysis.signature = replace(signature, passthrough=variant.passthrough)
+    return make_key(training, values, plan.analysis.signature.passthrough)
 
 
 def install(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig) -> None:
@@ -172,8 +181,8 @@ def install(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig) -> Non
     setattr(block, MHC_ATTRIBUTE, connections)  # the graphs read the parameters from here
     try:
         for training in (block.training, not block.training):
-            key = make_key(training, values, analysis.signature.passthrough)
-            plan.variants[key] = build_variant(block, analysis, config, values, training)
+            variant = build_variant(block, plan.analysis, config, values, training)
+            plan.variants[_key_of(plan, variant, training, values)] = variant
     except Exception:
         delattr(block, MHC_ATTRIBUTE)
         raise

@@ -21,6 +21,7 @@ attention mask handed straight to the attention module), so they are not special
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dis
 import inspect
 import logging
@@ -28,14 +29,14 @@ import math
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .capture import CaptureError, copy_state, is_static, side_effect_free
+from .capture import CaptureError, copy_state, is_static, module_state, restore_module_state, side_effect_free
 from .heuristics import is_norm_module
 
 logger = logging.getLogger("mhc_compile")
@@ -55,7 +56,24 @@ def classify(value: Any) -> Any:
         return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
     if isinstance(value, torch.Tensor):
         return (_DYNAMIC, value.dtype, value.device.type, value.dim())
+    if is_state_object(value):  # a cache: traced code may branch on its type
+        return (_DYNAMIC, f"{type(value).__module__}.{type(value).__qualname__}")
     return _DYNAMIC
+
+
+def is_state_object(value: Any) -> bool:
+    """A plain Python object argument (a key/value cache), not a tensor, module or container."""
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, (torch.Tensor, nn.Module, type, tuple, list, dict))
+        and not callable(value)
+    )
+
+
+def constants_of(values: dict) -> tuple:
+    """The part of a call's specialisation that is not tensor metadata: every constant
+    argument's value and every object argument's type."""
+    return tuple((n, classify(v)) for n, v in sorted(values.items()) if not isinstance(v, torch.Tensor))
 
 
 def is_dynamic(value: Any) -> bool:
@@ -128,7 +146,8 @@ def split_signature(
 class ConcreteProxy(fx.Proxy):
     """A proxy that answers size-independent metadata (``dtype``, ``device``, ``dim()``)
     from the value its node had in the traced call, and iterates over a shape or a tuple
-    (``(*x.shape[:-1], -1)``) by its concrete length, each item staying symbolic."""
+    (``(*x.shape[:-1], -1)``) by its concrete length, each item staying symbolic. A proxy
+    of an object argument (a cache) passes ``isinstance`` checks as its value does."""
 
     def _concrete(self) -> Any:
         return self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
@@ -145,6 +164,13 @@ class ConcreteProxy(fx.Proxy):
         if at < len(instructions) and instructions[at].opname == "UNPACK_SEQUENCE":
             return iter([self[i] for i in range(instructions[at].argval)])
         return self.tracer.iter(self)
+
+    @property
+    def __class__(self):  # noqa: D105 - read by ``isinstance`` when the proxy's own type does not match
+        value = self._concrete()
+        # an object argument (a cache) answers ``isinstance(cache, EncoderDecoderCache)`` as
+        # its value does; the specialisation key holds its type (:func:`classify`)
+        return type(value) if is_state_object(value) else type(self)
 
     def __len__(self) -> int:
         value = self._concrete()
@@ -182,6 +208,11 @@ class BlockTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
+        self.assignments = 0  # module attribute assignments made by the traced code so far
+
+    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
+        with _random_factories_traced(self), _module_assignments_counted(self):
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced_leaves:
@@ -200,9 +231,14 @@ class BlockTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         before = list(self.graph.nodes)
         stack = self.module_stack.copy()
+        state, assigned = module_state(m), self.assignments
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if self.assignments != assigned:
+                raise _ModuleStateChanged(f"{type(m).__name__}'s forward assigns module attributes (state)")
+            return out
         except Exception as err:  # noqa: BLE001 - fall back to an opaque call of this child
+            restore_module_state(state)
             where = _user_frame(err)
             self.opaque[qualname] = f"{type(err).__name__}{' at ' + where if where else ''}"
             logger.debug("trace: %s kept as an opaque call (%s: %s)", qualname, type(err).__name__, err)
@@ -264,6 +300,57 @@ class BlockTracer(fx.Tracer):
 
 
 # --------------------------------------------------------------------------- tracing
+
+class _ModuleStateChanged(RuntimeError):
+    """A child's forward assigned module attributes: a graph would not repeat that."""
+
+
+@contextlib.contextmanager
+def _module_assignments_counted(tracer: BlockTracer):
+    """While ``tracer`` traces, count ``module.attr = value`` assignments by the traced code
+    (a recurrent state ``self.conv1d_state = ...``): a graph would not repeat them, so a
+    child that makes one is kept as a call (:meth:`BlockTracer.call_module`)."""
+    original = nn.Module.__setattr__
+
+    def setattr_counted(module: nn.Module, name: str, value: Any) -> None:
+        if not tracer._concrete:
+            tracer.assignments += 1
+        original(module, name, value)
+
+    nn.Module.__setattr__ = setattr_counted
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original
+
+
+# random tensors made from sizes only: traced as nodes, so that LayerDrop's
+# ``if torch.rand([]) < p:`` is seen as a branch on a random value, not baked in as one draw
+_RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm")
+
+
+@contextlib.contextmanager
+def _random_factories_traced(tracer: BlockTracer):
+    """While ``tracer`` traces, ``torch.rand`` & co. called without tensor arguments
+    record a node instead of returning one fixed draw."""
+    originals = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
+
+    def traced(fn: Callable) -> Callable:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if tracer._concrete:
+                return fn(*args, **kwargs)
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+
+        return factory
+
+    for name, fn in originals.items():
+        setattr(torch, name, traced(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
 
 
 def _user_frame(err: BaseException) -> str:
@@ -370,15 +457,21 @@ def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
     ]
 
 
-def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> frozenset:
+def find_passthrough(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, candidates: Optional[frozenset] = None
+) -> frozenset:
     """Constant or ``None`` arguments whose value does not change the traced graph.
 
     An attention mask that the block only hands to its attention module is such an
     argument: tracing it as a placeholder gives the same graph with the value swapped for
     a placeholder. Those arguments are not specialised, so a caller that passes a tensor
     where the sample call passed ``None`` (as Hugging Face models do under
-    ``torch.compile``) reuses the same graph.
+    ``torch.compile``) reuses the same graph. ``candidates`` limits the names tried
+    (default: every constant of ``signature``).
     """
+    tried = [name for name in signature.static if candidates is None or name in candidates]
+    if not tried:
+        return frozenset()
     base = _graph_shape(trace_block(block, values, signature, training, shapes=False).graph)
 
     def same_graph(names: list[str]) -> bool:
@@ -389,5 +482,5 @@ def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, 
             return False
         return _graph_shape(gm.graph, {n: values[n] for n in names}) == base
 
-    found = [name for name in signature.static if same_graph([name])]
+    found = [name for name in tried if same_graph([name])]
     return frozenset(found) if found and same_graph(found) else frozenset()

@@ -89,6 +89,211 @@ def test_generate_with_cache_equals_original(name):
         assert _rel_err(model(ids).logits, original(ids).logits) <= 1e-5
 
 
+def test_encoder_decoder_cache_branches_and_masks_per_specialisation():
+    """PegasusX's eager attention traces inline and branches on
+    ``isinstance(cache, EncoderDecoderCache)``; the cross-attention mask passes through the
+    layer when a cache is given (that child stays one call) but is read inline without one."""
+    cfg = transformers.PegasusXConfig(vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, num_global_tokens=4, block_size=4, max_position_embeddings=64,
+                                      decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.PegasusXForConditionalGeneration(cfg)
+    inputs = {"input_ids": torch.randint(3, 97, (2, 8)), "decoder_input_ids": torch.randint(3, 97, (2, 5))}
+    original = _convert_and_compare(model, inputs)  # the sample call holds an EncoderDecoderCache
+    with torch.no_grad():
+        assert _rel_err(model(**inputs, use_cache=False).logits, original(**inputs, use_cache=False).logits) <= 1e-5
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    ids = inputs["input_ids"][:1]
+    assert torch.equal(model.generate(ids, **kwargs), original.generate(ids, **kwargs))
+
+
+class _PadBranch(nn.Module):
+    """FSMT/LED style: the model (not a block) branches on tensor values, ``if mask.any():``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.blocks = nn.ModuleList([_Residual(8), _Residual(8)])
+
+    def forward(self, ids):
+        pad = ids.eq(0)
+        if not pad.any():
+            pad = None
+        x = self.emb(ids)
+        if pad is not None:
+            x = x.masked_fill(pad[..., None], 0.0)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _Residual(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_data_dependent_branch_outside_the_blocks_is_analysed(capfd):
+    model = _PadBranch()
+    ids = torch.randint(1, 11, (2, 5))
+    padded = ids.clone()
+    padded[0, 0] = 0
+    refs = [model(ids), model(padded)]
+    mhc.mhc_compile(model, example_inputs=ids)
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    assert "def forward" not in capfd.readouterr().err  # torch's partial graph is not printed
+    with torch.no_grad():
+        assert max(_rel_err(model(x), r) for x, r in zip((ids, padded), refs)) <= 1e-5
+
+
+class _TwoStreams(nn.Module):
+    """PegasusX's encoder layer: local and global tokens, each with its own residual add."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f, self.g = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, glob):
+        return x + self.f(x + glob.mean(1, keepdim=True)), glob + self.g(glob)
+
+
+class _UnusedResults(nn.Module):
+    """The last layer's global stream and a pooling head (SigLIP's) feed no output."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleList([_TwoStreams(dim), _TwoStreams(dim)])
+        self.head = _Residual(dim)
+
+    def forward(self, x, glob):
+        for layer in self.layers:
+            x, glob = layer(x, glob)
+        self.head(x)  # computed, never used
+        return x
+
+
+def test_residual_adds_whose_result_reaches_no_output_stay_plain():
+    model = _UnusedResults()
+    x, glob = torch.randn(2, 5, 8), torch.randn(2, 2, 8)
+    ref = model(x, glob)
+    mhc.mhc_compile(model, example_inputs=(x, glob))
+    assert [r["block"] for r in mhc.inspect(model, print_table=False)] == ["layers.0", "layers.0", "layers.1"]
+    assert any("layers.1: add" in c and "reaches no output" in c for c in model._mhc_analysis.cuts)
+    assert _rel_err(model(x, glob), ref) <= 1e-5
+    model(x, glob).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
+def test_multi_branch_blocks_without_identity_are_refused_with_the_reason():
+    """TextNet/RepVGG: ``bn(conv(x)) + bn(x)``: two trained branches, no identity skip."""
+
+    class RepBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.bn_id = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + self.bn_id(x))
+
+    model = nn.Sequential(RepBlock(), RepBlock()).eval()
+    snap = _snapshot(model)
+    with pytest.raises(mhc.NoResidualError, match=r"2 adds sum two trained branches of one input.*'0', '1'"):
+        mhc.mhc_compile(model, example_inputs=torch.randn(2, 4, 6, 6))
+    _assert_untouched(model, snap)
+
+
+def test_encoder_with_layerdrop_falls_back_to_its_layers():
+    """HuBERT's encoder owns an add (positional convolution) and drops layers at random in
+    training (``if torch.rand([]) < layerdrop``): that draw is not baked into a graph; the
+    encoder stays as written and its layers are converted."""
+    cfg = transformers.HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    conv_dim=(16, 16), conv_stride=(4, 4), conv_kernel=(8, 4),
+                                    num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, layerdrop=0.5)
+    torch.manual_seed(0)
+    model = transformers.HubertModel(cfg)
+    inputs = {"input_values": torch.randn(2, 800)}
+    _convert_and_compare(model, inputs, lambda o: o.last_hidden_state)
+    blocks = [r["block"] for r in mhc.inspect(model, print_table=False)]
+    assert blocks and all(b.startswith("encoder.layers.") for b in blocks)
+    assert any(c.startswith("encoder: its own residual adds are not rewritten") for c in model._mhc_analysis.cuts)
+    model.train()
+    torch.manual_seed(1)
+    model(**inputs).last_hidden_state.pow(2).mean().backward()  # LayerDrop draws anew per call
+
+
+def test_block_returning_a_model_output_returns_one():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=x + self.f(x))
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)[0]
+            return x
+
+    model, x = Root(), torch.randn(2, 5, 8)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert isinstance(model.layers[0](x), BaseModelOutput)
+    assert _rel_err(model(x), ref) <= 1e-5
+
+
+def test_block_output_the_parent_also_reads_is_not_linked():
+    """BridgeTower: the parent hands a block's output to the next block *and* reads it
+    itself (``head(x.type(dtype))``, a no-op cast that returns the same tensor)."""
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.third = _Residual(8), _Residual(8), _Residual(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.first(x)
+            if x.dtype == torch.float16 or x.shape[-1] != 8:  # metadata reads: still linked
+                raise TypeError
+            x = self.second(x)
+            side = self.head(x.type(x.dtype).permute(1, 0, 2))
+            return self.third(x), side
+
+    model, x = Root(), torch.randn(2, 5, 8)
+    refs = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert [b.chain for b in model._mhc_analysis.blocks] == [0, 0, 1]
+    assert any("chain cut before third: the parent also reads second's output" in c for c in model._mhc_analysis.cuts)
+    assert max(_rel_err(a, b) for a, b in zip(model(x), refs)) <= 1e-5
+
+
+def test_child_that_keeps_state_on_the_module_stays_a_call():
+    """RecurrentGemma's temporal block keeps its state on the module (``self.conv1d_state =
+    ...``, reset when ``use_cache=False``): a graph would not repeat the assignment, so that
+    child runs as written; tracing leaves the module's attributes as they were."""
+    cfg = transformers.RecurrentGemmaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, lru_width=32,
+                                            attention_window_size=16, block_types=["recurrent", "attention"])
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaForCausalLM(cfg)
+    original = _convert_and_compare(model, {"input_ids": torch.randint(3, 97, (2, 7))})
+    ids = torch.randint(3, 97, (3, 9))  # another batch size: no state of the sample's left behind
+    with torch.no_grad():
+        assert _rel_err(model(ids, use_cache=False).logits, original(ids, use_cache=False).logits) <= 1e-5
+
+
 # ---------------------------------------------------------------- 3. tensor metadata while tracing
 
 

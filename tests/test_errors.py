@@ -35,7 +35,7 @@ def test_model_without_residual_adds():
 class _DataDependent(DeepMLP):
     def forward(self, x):
         x = self.inp(x)
-        if x.sum() > 0:  # data-dependent Python: torch.export cannot capture it
+        if x.sum() > 0:  # data-dependent Python in the block that owns the adds: not traceable
             x = x * 2
         for f in self.layers:
             x = x + f(x)

@@ -336,6 +336,19 @@ def lowest_common_module(paths: Sequence[str]) -> str:
     return ".".join(common)
 
 
+def reaches_output(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value reaches the graph's output (a residual add outside this set is
+    dead code: its connection parameters would never receive a gradient)."""
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
+
+
 def owner_module(res: ResidualAdd, module_path: Callable[[fx.Node], str]) -> str:
     """Module that owns a residual connection: the lowest module containing the add and
     every place where the skip value enters the branch (BERT's add lives in
