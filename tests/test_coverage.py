@@ -375,3 +375,31 @@ def test_converted_model_pickles_and_copies(how):
     copied.train()
     copied(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert all(p.grad is not None for p in mhc.mhc_parameters(copied))
+
+
+# ---------------------------------------------------------------- value-free ops
+
+
+def test_zeros_like_of_the_stream_carries_no_values():
+    """GIT: ``token_type_ids = zeros_like(embeddings)`` embedded and added to the stream is no
+    residual add of the whole model; the layers are the blocks."""
+
+    class TypeIds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.types = nn.Embedding(11, 8), nn.Embedding(2, 8)
+            self.layers = nn.ModuleList([_Idiom("plain"), _Idiom("plain")])
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = h + self.types(torch.zeros_like(h, dtype=torch.long)[..., 0])
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    model, ids = TypeIds(), torch.randint(0, 11, (2, 5))
+    ref = model(ids)
+    mhc.mhc_compile(model, example_inputs=ids)
+    assert [(r["block"], r["chain"]) for r in mhc.inspect(model, print_table=False)] == [("layers.0", 0), ("layers.1", 0)]
+    assert _rel_err(model(ids), ref) <= 1e-5
+

@@ -16,6 +16,7 @@ ATen-level graphs (``torch.export``) alike; callers say which nodes are paramete
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -110,20 +111,33 @@ def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     return None
 
 
-_SHAPE_METHODS = {"size", "dim", "numel"}
+_SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty"}
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like}
+
+
+@functools.lru_cache(maxsize=None)
+def _like_ops() -> frozenset:
+    aten = torch.ops.aten
+    return frozenset({aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                      aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default,
+                      aten.new_ones.default, aten.new_empty.default})
 
 
 def is_shape_query(node: fx.Node) -> bool:
-    """True for a node that reads only its input's shape (``x.size(-1)``, ``aten.sym_size``).
+    """True for a node that reads only its input's metadata (``x.size(-1)``, ``aten.sym_size``,
+    ``torch.zeros_like(x)``, ``x.new_zeros(...)``).
 
-    Its users depend on the input's shape, not on its values: a mask sliced to the key
-    length is not computed *from* the keys.
+    Its users depend on the input's shape, dtype or device, not on its values: a mask sliced
+    to the key length is not computed *from* the keys, and token-type ids made by
+    ``zeros_like(embeddings)`` do not carry the embeddings.
     """
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
     if node.op == "call_function":
         if node.target is getattr:
             return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device")
+        if node.target in _LIKE_FUNCTIONS or node.target in _like_ops():
+            return True
         name = getattr(node.target, "__name__", "") or ""
         return name.startswith(("sym_size", "sym_numel", "sym_stride")) or node.target is torch.ops.aten.sym_size.int
     return False
