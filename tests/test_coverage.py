@@ -403,3 +403,26 @@ def test_zeros_like_of_the_stream_carries_no_values():
     assert [(r["block"], r["chain"]) for r in mhc.inspect(model, print_table=False)] == [("layers.0", 0), ("layers.1", 0)]
     assert _rel_err(model(ids), ref) <= 1e-5
 
+
+class _CastsBack(nn.Module):
+    """Inkling-style: the residual is kept in float32 and the output cast back to the input's
+    dtype, so the next block's skip is a cast of the previous block's cast."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        dtype, y = x.dtype, self.f(x)
+        return (x.float() + y).to(dtype)
+
+
+def test_skip_cast_of_the_previous_blocks_output_belongs_to_this_block():
+    model = nn.Sequential(nn.Linear(4, 8), _CastsBack(), _CastsBack(), _CastsBack())
+    x = torch.randn(2, 5, 4)
+    ref = model(x)
+    mhc.mhc_compile(model, example_inputs=x)
+    rows = mhc.inspect(model, print_table=False)
+    assert [r["block"] for r in rows] == ["1", "2", "3"] and {r["chain"] for r in rows} == {0}
+    assert _rel_err(model(x), ref) <= 1e-5
+

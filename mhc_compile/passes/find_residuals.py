@@ -88,16 +88,19 @@ def operand_scale(node: fx.Node) -> Optional[float]:
     return float(sign * alpha)
 
 
-def skip_source(node: fx.Node) -> fx.Node:
-    """``node`` with value-preserving ops (casts, ``contiguous``, ``clone``) walked back."""
+def skip_sources(node: fx.Node) -> list[fx.Node]:
+    """The values ``node`` is a value-preserving op (cast, ``contiguous``, ``clone``) of,
+    nearest first: ``[a, x]`` for ``a.float()`` with ``a = x.to(dtype)``."""
     _, _, keeps = _aten_ops()
+    out = []
     while isinstance(node.args[0] if node.args else None, fx.Node) and (
         (node.op == "call_method" and node.target in _SKIP_METHODS
          and not any(isinstance(a, fx.Node) for a in node.args[1:]))
         or (node.op == "call_function" and node.target in keeps)
     ):
         node = node.args[0]
-    return node
+        out.append(node)
+    return out
 
 
 def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
@@ -235,16 +238,19 @@ def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node, scale: float):
     """``(skip, skip_operand, branch)`` of ``a + scale * b``, or ``None`` if it is no ``x + F(x)``.
 
     The skip may reach the add through value-preserving ops (``residual.to(float32)``);
-    a scaled or subtracted operand must be the branch (``x - f(x)``, not ``f(x) - x``).
+    the skip is the nearest value before them that the branch is computed from (a block
+    whose input is the previous block's ``out.to(dtype)`` has that cast as its skip, not
+    the previous block's ``out``). A scaled or subtracted operand must be the branch
+    (``x - f(x)``, not ``f(x) - x``).
     """
     orders = ((a, b), (b, a)) if scale == 1.0 else ((a, b),)
     for operand, branch in orders:
         if anc.is_ancestor(operand, branch):
             return operand, operand, branch
     for operand, branch in orders:
-        source = skip_source(operand)
-        if source is not operand and anc.is_ancestor(source, branch):
-            return source, operand, branch
+        for source in skip_sources(operand):
+            if anc.is_ancestor(source, branch):
+                return source, operand, branch
     return None
 
 
