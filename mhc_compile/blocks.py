@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from .capture import CallRecord
 from .errors import CaptureError, ConversionError
-from .trace import BlockSignature, bind_call, find_passthrough, split_signature, trace_block
+from .trace import BlockSignature, bind_call, find_passthrough, passthrough_holds, split_signature, trace_block
 from .config import MHCConfig
 from .ops import functional
 from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
@@ -156,21 +156,39 @@ class Variant:
         return self.forward(block, *[values[n] for n in self.names])
 
 
-def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, values: dict, training: bool) -> Variant:
-    """Trace + rewrite one specialisation of ``block`` for the call ``values``.
-
-    ``values`` carry n streams at the stream input where the block is linked in; they are
-    collapsed for the trace (the original block sees one stream).
-    """
-    a = analysis
+def _single_stream(a: BlockAnalysis, values: dict) -> dict:
+    """``values`` with n streams at a linked-in stream input collapsed to the one stream the
+    original block sees."""
     trace_values = dict(values)
     if a.link_in and a.stream_input in trace_values:
         stream = trace_values[a.stream_input]
         trace_values[a.stream_input] = functional.collapse(
             stream, channel_dim=a.channel_dim, reduce="mean"
         )
+    return trace_values
+
+
+def keeps_passthrough(block: nn.Module, analysis: BlockAnalysis, values: dict, training: bool) -> bool:
+    """The sample call's passthrough arguments leave this call's graph unchanged too
+    (:func:`~mhc_compile.trace.passthrough_holds`)."""
+    return passthrough_holds(block, _single_stream(analysis, values), analysis.signature, training)
+
+
+def build_variant(
+    block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, values: dict, training: bool,
+    passthrough: bool = True,
+) -> Variant:
+    """Trace + rewrite one specialisation of ``block`` for the call ``values``.
+
+    ``values`` carry n streams at the stream input where the block is linked in; they are
+    collapsed for the trace (the original block sees one stream). ``passthrough=False``
+    bakes in the values of the sample call's passthrough arguments as well.
+    """
+    a = analysis
+    trace_values = _single_stream(a, values)
     values_sig = split_signature(
-        trace_values, a.signature.params, a.signature.var_keyword, a.signature.passthrough
+        trace_values, a.signature.params, a.signature.var_keyword,
+        a.signature.passthrough if passthrough else frozenset(),
     )
     gm, residuals, _ = _trace_residuals(block, trace_values, values_sig, training)
     sizes = [r.shape[a.channel_dim] for r in residuals]

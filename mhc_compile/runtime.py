@@ -16,7 +16,9 @@ it keeps working: FSDP2's ``fully_shard(block)``, activation checkpointing (HF's
 Which graph: one rewritten graph (a :class:`~mhc_compile.blocks.Variant`) exists per
 *specialisation* of the call, keyed by :func:`~mhc_compile.trace.make_key`: the
 ``training`` flag, the value of every ``None``/constant argument and the dtype/device of
-every tensor argument. Both training flags of the sample call are built at conversion;
+every tensor argument (arguments that leave the graph unchanged, ``passthrough``, are left
+out of the key where that was checked for the call's specialisation, see
+:func:`variant_for`). Both training flags of the sample call are built at conversion;
 any other key is traced and rewritten on its first call, outside ``torch.compile``
 (one graph break; an error under ``fullgraph=True``, where one eager call first helps).
 
@@ -38,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .blocks import BlockAnalysis, Variant, build_variant
+from .blocks import BlockAnalysis, Variant, build_variant, keeps_passthrough
 from .config import MHCConfig
 from .heuristics import MHC_ATTRIBUTE
 from .layers import MHCConnection
@@ -143,20 +145,32 @@ def dispatch(block: nn.Module, values: dict) -> Any:
 
 
 def variant_for(block: nn.Module, values: dict) -> Variant:
-    """The rewritten graph for this call's specialisation; built on first use."""
+    """The rewritten graph for this call's specialisation; built on first use.
+
+    A graph is filed under the key that leaves the passthrough arguments unspecialised
+    where they were checked to leave its graph unchanged, else under the key of every
+    constant (see :func:`_build_missing_variant`); both are looked up.
+    """
     plan: BlockPlan = getattr(block, PLAN_ATTRIBUTE)
-    key = make_key(block.training, values, plan.analysis.signature.passthrough)
-    variant = plan.variants.get(key)
+    passthrough = plan.analysis.signature.passthrough
+    variant = plan.variants.get(make_key(block.training, values, passthrough))
+    if variant is None and passthrough:
+        variant = plan.variants.get(make_key(block.training, values))
     if variant is None:
-        variant = _build_missing_variant(block, plan, values, key)
+        variant = _build_missing_variant(block, plan, values, block.training)
     return variant
 
 
 @torch.compiler.disable
-def _build_missing_variant(block: nn.Module, plan: BlockPlan, values: dict, key: tuple) -> Variant:
-    """First call with a new specialisation: trace and rewrite outside torch.compile."""
-    variant = build_variant(block, plan.analysis, plan.config, values, key[0])
-    plan.variants[key] = variant
+def _build_missing_variant(block: nn.Module, plan: BlockPlan, values: dict, training: bool) -> Variant:
+    """First call with a new specialisation: trace and rewrite outside torch.compile.
+
+    The passthrough arguments were found for the sample call; for this one they stay
+    unspecialised only if they still leave the graph unchanged."""
+    keep = keeps_passthrough(block, plan.analysis, values, training)
+    variant = build_variant(block, plan.analysis, plan.config, values, training, passthrough=keep)
+    passthrough = plan.analysis.signature.passthrough if keep else frozenset()
+    plan.variants[make_key(training, values, passthrough)] = variant
     return variant
 
 
@@ -170,9 +184,9 @@ def install(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig) -> Non
     values = _as_stream_values(analysis, config)
     setattr(block, MHC_ATTRIBUTE, connections)  # the graphs read the parameters from here
     try:
-        for training in (block.training, not block.training):
-            key = make_key(training, values, analysis.signature.passthrough)
-            plan.variants[key] = build_variant(block, analysis, config, values, training)
+        key = make_key(block.training, values, analysis.signature.passthrough)
+        plan.variants[key] = build_variant(block, analysis, config, values, block.training)
+        _build_missing_variant(block, plan, values, not block.training)
     except Exception:
         delattr(block, MHC_ATTRIBUTE)
         raise

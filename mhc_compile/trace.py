@@ -370,8 +370,11 @@ def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
     ]
 
 
-def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> frozenset:
-    """Constant or ``None`` arguments whose value does not change the traced graph.
+def find_passthrough(
+    block: nn.Module, values: dict, signature: BlockSignature, training: bool, candidates: Optional[frozenset] = None
+) -> frozenset:
+    """Constant or ``None`` arguments (of ``candidates``, by default all) whose value does not
+    change the traced graph.
 
     An attention mask that the block only hands to its attention module is such an
     argument: tracing it as a placeholder gives the same graph with the value swapped for
@@ -389,5 +392,23 @@ def find_passthrough(block: nn.Module, values: dict, signature: BlockSignature, 
             return False
         return _graph_shape(gm.graph, {n: values[n] for n in names}) == base
 
-    found = [name for name in signature.static if same_graph([name])]
+    found = [name for name in signature.static if (candidates is None or name in candidates) and same_graph([name])]
     return frozenset(found) if found and same_graph(found) else frozenset()
+
+
+def passthrough_holds(block: nn.Module, values: dict, signature: BlockSignature, training: bool) -> bool:
+    """True when ``signature.passthrough`` (found for the sample call) also leaves the graph of
+    *this* call unchanged: each of those arguments is a constant here, and tracing it as a
+    placeholder gives the graph its value gives.
+
+    Another specialisation (no cache object, the other training flag) can inline a child
+    that was one opaque call in the sample's trace, and that child may branch on the
+    argument (``if mask is not None``): such a call gets a graph with the constant baked in.
+    """
+    names = signature.passthrough
+    if not names:
+        return True
+    if any(is_dynamic(values[n]) for n in names):
+        return False
+    plain = split_signature(values, signature.params, signature.var_keyword)
+    return find_passthrough(block, values, plain, training, names) == names
