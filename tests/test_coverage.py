@@ -481,3 +481,41 @@ def test_passthrough_argument_is_checked_again_for_other_calls():
     with torch.no_grad():
         for got, ref in zip([model(x, stateful=True), model(x), model(x, mask)], refs):
             assert _rel_err(got, ref) <= 1e-5
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, mask):  # mask: [B, T, T], the scores' own shape
+        scores = self.q(x) @ x.transpose(1, 2) + mask
+        return x + self.o(scores.softmax(-1) @ x)
+
+
+def test_mask_made_from_token_ids_is_no_skip():
+    """ProphetNet: an additive mask of the scores' full shape, made from the padding mask,
+    reaches the next layer's scores through this one's; it carries no stream values, so
+    ``scores + mask`` is no connection and the layers stay the blocks."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.layers = nn.ModuleList([_MaskedAttention(), _MaskedAttention()])
+
+        def forward(self, ids, attention_mask):
+            x = self.emb(ids)
+            length = ids.shape[1]
+            mask = (1.0 - attention_mask[:, None, :].float()).expand(-1, length, -1) * -1e4
+            for layer in self.layers:
+                x = layer(x, mask)
+            return x
+
+    model, ids = Model(), torch.randint(0, 11, (2, 6))
+    pad = torch.ones(2, 6, dtype=torch.long)
+    pad[1, 4:] = 0
+    ref = model(ids, pad)
+    mhc.mhc_compile(model, example_inputs=(ids, pad))
+    assert [r["block"] for r in mhc.inspect(model, print_table=False)] == ["layers.0", "layers.1"]
+    assert _rel_err(model(ids, pad), ref) <= 1e-5

@@ -5,7 +5,8 @@ dataflow graph, both have the same shape, and the path from ``skip`` to ``branch
 a trained computation (a parameter is used on it): ``x + F(x)``. The skip may reach the
 add through value-preserving ops (``x.to(float32) + F(x)``), and the branch may be scaled
 or subtracted (``x - F(x)``, ``torch.add(x, F(x), alpha=a)``). Adds that broadcast
-(attention masks, position biases) are never connections. Adds of two values that
+(attention masks, position biases) are never connections, and neither are adds whose skip
+is computed only from integer inputs and sizes (a mask). Adds of two values that
 share an ancestor but where neither descends from the other (``shortcut(x) + F(x)`` with a
 projection shortcut, ``attn(x) + mlp(x)``) are reported as *cuts*: not rewritten, the
 chain ends there.
@@ -201,6 +202,7 @@ def find_residual_adds(
         is_param: says whether a node is (or directly yields) a trained parameter.
     """
     anc = Ancestry(graph)
+    carries_data = _data_test(anc, is_param)
     found: list[ResidualAdd] = []
     cuts: list[CutAdd] = []
     for node in anc.nodes:
@@ -226,12 +228,33 @@ def find_residual_adds(
                 )
             continue
         skip, skip_operand, branch = pair
+        if not carries_data(skip):
+            continue  # a mask made from token ids and sizes, added to each layer's scores
         path = anc.between(skip, branch)
         if not any(_uses_params(n, is_param, skip) for n in path):
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
         found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand, scale))
     on_branches = {n for res in found for n in res.branch_nodes}
     return found, [c for c in cuts if c.add not in on_branches]  # ``x + (attn(x) + mlp(x))``
+
+
+def _data_test(anc: Ancestry, is_param: Callable[[fx.Node], bool]) -> Callable[[fx.Node], bool]:
+    """``carries(node)``: ``node`` is computed from a floating-point input of the graph or a
+    trained parameter (anything a stream can be), not only from integer inputs, sizes and
+    constants (an additive attention mask made from the token mask, ProphetNet's)."""
+    sources = 0
+    for n in anc.nodes:
+        if is_param(n) or (n.op in ("placeholder", "get_attr") and not _is_integral(n)):
+            sources |= 1 << anc.index[n]
+    return lambda node: bool((anc.mask[node] | 1 << anc.index[node]) & sources)
+
+
+def _is_integral(node: fx.Node) -> bool:
+    """``node`` holds a tensor of integers or booleans (token ids, a padding mask)."""
+    val = node.meta.get("val")
+    meta = val if isinstance(val, torch.Tensor) else node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    return dtype is not None and not dtype.is_floating_point and not dtype.is_complex
 
 
 def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node, scale: float):
