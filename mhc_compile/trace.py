@@ -8,8 +8,9 @@
   as the concrete value from the call (:class:`BlockTracer` runs each op on the call's
   values while it traces), so ``if x.dtype == torch.float16:`` traces; the specialisation
   key (:func:`make_key`) holds every tensor argument's dtype, device and rank, so a call
-  with other dtypes gets a graph of its own. Sizes stay symbolic: one graph serves every batch
-  size and sequence length;
+  with other dtypes gets a graph of its own. Buffers used as operands get values as well.
+  Sizes stay symbolic: one graph serves every batch size and sequence length; item
+  assignment (``y[1:] += first``) records an in-place ``operator.setitem``;
 * child modules are inlined where their code traces and kept as opaque module calls
   where it does not (attention implementations with data-dependent Python);
 * shapes are then propagated with the call's values (caches copied first: they are state).
@@ -25,6 +26,7 @@ import dis
 import inspect
 import logging
 import math
+import operator
 import sys
 import traceback
 from dataclasses import dataclass
@@ -146,6 +148,10 @@ class ConcreteProxy(fx.Proxy):
             return iter([self[i] for i in range(instructions[at].argval)])
         return self.tracer.iter(self)
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``x[1:] += y`` and ``x[mask] = v``: an in-place ``operator.setitem`` node."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __len__(self) -> int:
         value = self._concrete()
         if isinstance(value, (tuple, list)):
@@ -227,11 +233,23 @@ class BlockTracer(fx.Tracer):
             self._run_concrete(proxy.node)
         return proxy
 
+    def _attribute(self, target: str) -> Any:
+        """The root's attribute at the dotted path ``target`` (a parameter, a buffer)."""
+        value = self.root
+        for atom in str(target).split("."):
+            value = getattr(value, atom)
+        return value
+
     def _run_concrete(self, node: fx.Node) -> None:
         """Compute ``node``'s value from its inputs' values; leave it unknown on failure."""
         missing = object()
 
         def value_of(a: Any) -> Any:
+            if isinstance(a, fx.Node) and a.op == "get_attr" and a not in self.values:
+                try:  # a buffer used as an op's operand: its node was made without a proxy
+                    self.values[a] = self._attribute(a.target)
+                except AttributeError:
+                    return missing
             return self.values.get(a, missing) if isinstance(a, fx.Node) else a
 
         args, kwargs = tree_map(value_of, node.args), tree_map(value_of, node.kwargs)
@@ -244,9 +262,7 @@ class BlockTracer(fx.Tracer):
                 if isinstance(value, torch.Tensor):
                     value = value.detach().clone()  # in-place ops of the block hit this copy
             elif node.op == "get_attr":
-                value = self.root
-                for atom in str(node.target).split("."):
-                    value = getattr(value, atom)
+                value = self._attribute(node.target)
             elif node.op == "call_function":
                 value = node.target(*args, **kwargs)
             elif node.op == "call_method":

@@ -519,3 +519,47 @@ def test_mask_made_from_token_ids_is_no_skip():
     mhc.mhc_compile(model, example_inputs=(ids, pad))
     assert [r["block"] for r in mhc.inspect(model, print_table=False)] == ["layers.0", "layers.1"]
     assert _rel_err(model(ids, pad), ref) <= 1e-5
+
+
+# ---------------------------------------------------------------- block code the per-block trace follows
+
+
+class _BufferScaled(nn.Module):
+    """Gemma3n's AltUp: a branch scaled by a buffer, then reshaped by its own leading sizes."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+        self.register_buffer("scale", torch.tensor(0.5), persistent=False)
+
+    def forward(self, x):
+        h = self.f(x) * self.scale
+        return x + h.reshape(*h.shape[:-1], 2, -1).flatten(-2)
+
+
+class _ShiftAdds(nn.Module):
+    """Gemma3n: ``y[1:] += first`` on a computed value (item assignment while tracing)."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f, self.g = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        y = self.f(x)
+        y[:, 1:] += self.g(x)[:, :-1]
+        return x + y
+
+
+@pytest.mark.parametrize("block", [_BufferScaled, _ShiftAdds])
+def test_buffer_operands_and_item_assignment_trace(block):
+    model = nn.Sequential(nn.Linear(4, 8), block(), block())
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 5, 4)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert [r["chain"] for r in mhc.inspect(model, print_table=False)] == [0, 0]
+    with torch.no_grad():
+        for inputs in (x, torch.randn(3, 7, 4)):  # one graph for every batch size and length
+            assert _rel_err(model(inputs), original(inputs)) <= 1e-5
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
