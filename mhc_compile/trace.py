@@ -148,6 +148,18 @@ class ConcreteProxy(fx.Proxy):
             return iter([self[i] for i in range(instructions[at].argval)])
         return self.tracer.iter(self)
 
+    def __getitem__(self, key: Any) -> Any:
+        """An item of a value; ``None`` itself where the item was ``None`` in the traced call
+        (a bias an opaque attention returns only in some layers), so that
+        ``if bias is not None`` takes the branch the call took."""
+        item = super().__getitem__(key)
+        values = getattr(self.tracer, "values", {})
+        if isinstance(item, fx.Proxy) and item.node in values and values[item.node] is None:
+            values.pop(item.node)
+            self.tracer.graph.erase_node(item.node)
+            return None
+        return item
+
     def __setitem__(self, key: Any, value: Any) -> None:
         """``x[1:] += y`` and ``x[mask] = v``: an in-place ``operator.setitem`` node."""
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})

@@ -563,3 +563,39 @@ def test_buffer_operands_and_item_assignment_trace(block):
     model.train()
     model(x).pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mhc.mhc_parameters(model))
+
+
+class _OpaqueWithBias(nn.Module):
+    """An attention-like child that torch.fx cannot trace (it branches on a size); it
+    returns a bias only when it has one (GPT-NeoX-Japanese: only the last layer's)."""
+
+    def __init__(self, dim: int = 8, bias: bool = False):
+        super().__init__()
+        self.f = nn.Linear(dim, dim, bias=False)
+        self.bias = nn.Parameter(torch.randn(dim)) if bias else None
+
+    def forward(self, x):
+        y = self.f(x)
+        if int(x.shape[-1]) > 10**6:  # a size as a Python int: this child stays one call
+            y = y / 2
+        return y, self.bias
+
+
+class _AddsOptionalBias(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.attn = _OpaqueWithBias(bias=bias)
+
+    def forward(self, x):
+        y, bias = self.attn(x)
+        return x + (y + bias.expand_as(x) if bias is not None else y)
+
+
+def test_none_returned_by_an_opaque_child_stays_none():
+    model = nn.Sequential(nn.Linear(4, 8), _AddsOptionalBias(False), _AddsOptionalBias(True))
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 5, 4)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    with torch.no_grad():
+        assert _rel_err(model(x), original(x)) <= 1e-5
