@@ -127,6 +127,17 @@ def split_signature(
 # --------------------------------------------------------------------------- the tracer
 
 
+class CustomFunctionError(TypeError):
+    """Traced values reached a custom ``torch.autograd.Function``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"it calls the custom autograd.Function {name} on the traced values, and its hand-written "
+            "backward would not differentiate rewritten connections (a reversible layer stack's "
+            "rebuilds each layer's inputs by subtracting its branches)"
+        )
+
+
 class ConcreteProxy(fx.Proxy):
     """A proxy that answers size-independent metadata (``dtype``, ``device``, ``dim()``)
     from the value its node had in the traced call, and iterates over a shape or a tuple
@@ -200,6 +211,24 @@ class BlockTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
+
+    def trace(self, root, concrete_args=None):
+        """fx's trace, refusing code that calls a custom ``torch.autograd.Function`` on traced
+        values (:class:`CustomFunctionError`): tracing through its ``forward`` would drop its
+        hand-written ``backward``. In a child, the child is kept as one call instead."""
+        original = torch.autograd.Function.apply.__func__
+        tracer = self
+
+        def apply(cls, *args, **kwargs):
+            if not tracer._concrete and any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+                raise CustomFunctionError(cls.__name__)
+            return original(cls, *args, **kwargs)
+
+        torch.autograd.Function.apply = classmethod(apply)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.autograd.Function.apply = classmethod(original)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced_leaves:
@@ -304,6 +333,33 @@ def _user_frame(err: BaseException) -> str:
     return ""
 
 
+def _untraceable(block: nn.Module, err: BaseException) -> CaptureError:
+    """The CaptureError for a block whose own forward did not trace: the line, the cause and
+    what to do."""
+    where = _user_frame(err)
+    at = f" at {where}" if where else ""
+    first = str(err).splitlines()[0] if str(err) else ""
+    name = type(block).__name__
+    if isinstance(err, CustomFunctionError):
+        return CaptureError(
+            f"block {name} cannot be rewritten: torch.fx traced its forward{at}, where {first}; "
+            "convert a variant of the model without the Function, or leave this block out with "
+            "filter_fn= where the model has other blocks"
+        )
+    if isinstance(err, NotImplementedError) and first.startswith("argument of type"):
+        return CaptureError(
+            f"torch.fx could not trace the forward of {name}{at}: an object made inside the "
+            f"forward ({first.split(':', 1)[-1].strip()}, e.g. a cache built when none was passed) "
+            "is handed to a call the trace keeps, and a graph cannot hold such an object; pass it "
+            "in as an argument where the forward takes one, or leave this block out with filter_fn="
+        )
+    return CaptureError(
+        f"torch.fx could not trace the forward of {name}{at} ({type(err).__name__}: {first}); "
+        "this block's own code (not its children) must be traceable to be rewritten: "
+        "data-dependent Python (branching on tensor values) is the usual cause"
+    )
+
+
 def _trace_root_source(values: dict, signature: BlockSignature) -> str:
     """Source of ``_mhc_trace_root(self, <placeholders>)`` calling the forward with the
     constants of this specialisation filled in."""
@@ -342,13 +398,7 @@ def trace_block(
             block.train(training)
             graph = tracer.trace(block)
     except Exception as err:  # noqa: BLE001 - re-raised with context
-        where = _user_frame(err)
-        raise CaptureError(
-            f"torch.fx could not trace the forward of {type(block).__name__}"
-            f"{' at ' + where if where else ''} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "this block's own code (not its children) must be traceable to be rewritten: "
-            "data-dependent Python (branching on tensor values) is the usual cause"
-        ) from err
+        raise _untraceable(block, err) from err
     finally:
         delattr(cls, "_mhc_trace_root")
         block.train(was_training)

@@ -599,3 +599,58 @@ def test_none_returned_by_an_opaque_child_stays_none():
     assert len(mhc.inspect(model, print_table=False)) == 2
     with torch.no_grad():
         assert _rel_err(model(x), original(x)) <= 1e-5
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """Rounds in forward, passes the gradient straight through in backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Rounded(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return _RoundStraightThrough.apply(self.f(x))
+
+
+class _RoundsInItsOwnCode(_Rounded):
+    def forward(self, x):
+        return x + _RoundStraightThrough.apply(self.f(x))
+
+
+class _RoundsInAChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.child = _Rounded()
+
+    def forward(self, x):
+        return x + self.child(x)
+
+
+def test_custom_autograd_function_is_kept_or_refused():
+    """Tracing through a custom autograd.Function would drop its backward: in a child, the
+    child stays one call (gradients as the original's); in the block's own code (Reformer's
+    reversible layers), conversion is refused with the line, and the model is unchanged."""
+    x = torch.randn(2, 5, 4)
+    model = nn.Sequential(nn.Linear(4, 8), _RoundsInAChild(), _RoundsInAChild())
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    for m in (model, original):
+        m(x).pow(2).sum().backward()
+    grad, ref = model[1].child.f.weight.grad, original[1].child.f.weight.grad
+    assert ref.abs().max() > 0 and _rel_err(grad, ref) <= 1e-5
+    refused = nn.Sequential(nn.Linear(4, 8), _RoundsInItsOwnCode())
+    snap = _snapshot(refused)
+    with pytest.raises(mhc.CaptureError, match="test_coverage.py.*custom autograd.Function _RoundStraightThrough"):
+        mhc.mhc_compile(refused, example_inputs=x)
+    _assert_untouched(refused, snap)
