@@ -654,3 +654,41 @@ def test_custom_autograd_function_is_kept_or_refused():
     with pytest.raises(mhc.CaptureError, match="test_coverage.py.*custom autograd.Function _RoundStraightThrough"):
         mhc.mhc_compile(refused, example_inputs=x)
     _assert_untouched(refused, snap)
+
+
+class _BiasedAttention(nn.Module):
+    """T5-style: the first layer makes a position bias from its own table and returns it;
+    every later layer adds the same bias to its scores."""
+
+    def __init__(self, first: bool, dim: int = 8):
+        super().__init__()
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(16, 16)) if first else None
+
+    def forward(self, x, bias=None):
+        batch, length, _ = x.shape
+        if bias is None:
+            bias = self.table[:length, :length].expand(batch, -1, -1)  # the scores' full shape
+        scores = self.q(x) @ x.transpose(1, 2) + bias
+        return x + self.o(scores.softmax(-1) @ x), bias
+
+
+def test_shared_position_bias_is_no_skip():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([_BiasedAttention(True), _BiasedAttention(False)])
+
+        def forward(self, x):
+            bias = None
+            for layer in self.layers:
+                x, bias = layer(x, bias)
+            return x
+
+    model, x = Model(), torch.randn(2, 6, 8)
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=x)
+    assert [r["block"] for r in mhc.inspect(model, print_table=False)] == ["layers.0", "layers.1"]
+    with torch.no_grad():
+        assert _rel_err(model(x), original(x)) <= 1e-5
+

@@ -233,9 +233,21 @@ def find_residual_adds(
         path = anc.between(skip, branch)
         if not any(_uses_params(n, is_param, skip) for n in path):
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
+        if _enters_only_as_addend(skip, path):
+            cuts.append(CutAdd(node, "its skip enters the branch only as an addend (a position bias shared "
+                                     "by the layers' attention scores), so it is no residual stream; not rewritten"))
+            continue
         found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand, scale))
     on_branches = {n for res in found for n in res.branch_nodes}
     return found, [c for c in cuts if c.add not in on_branches]  # ``x + (attn(x) + mlp(x))``
+
+
+def _enters_only_as_addend(skip: fx.Node, path: list[fx.Node]) -> bool:
+    """Every op that reads ``skip`` on the way to the branch adds it to another value: the
+    skip is a bias added inside each layer (T5's position bias, returned by the first layer
+    and added to every later layer's scores), not the input the branch computes from."""
+    entries = [u for u in skip.users if u in set(path)]
+    return bool(entries) and all(operand_scale(u) is not None for u in entries)
 
 
 def _data_test(anc: Ancestry, is_param: Callable[[fx.Node], bool]) -> Callable[[fx.Node], bool]:
