@@ -52,12 +52,14 @@ _CONCRETE_METHODS = ("dim", "is_floating_point", "is_complex", "get_device", "el
 
 def classify(value: Any) -> Any:
     """The specialisation key of one argument: its value if static (lists as tuples), a
-    tensor's dtype, device type and rank, else a marker."""
+    tensor's dtype, device type and rank, an object's class, else a marker."""
     if is_static(value):
         return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
     if isinstance(value, torch.Tensor):
         return (_DYNAMIC, value.dtype, value.device.type, value.dim())
-    return _DYNAMIC
+    if isinstance(value, (tuple, list, dict)):
+        return _DYNAMIC
+    return (_DYNAMIC, f"{type(value).__module__}.{type(value).__qualname__}")  # isinstance reads it
 
 
 def is_dynamic(value: Any) -> bool:
@@ -145,6 +147,16 @@ class ConcreteProxy(fx.Proxy):
 
     def _concrete(self) -> Any:
         return self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
+
+    @property
+    def __class__(self):  # noqa: D105 - ``isinstance(cache, EncoderDecoderCache)`` on a placeholder
+        """The class of the traced call's value for an object that is no tensor or container
+        (a cache), so ``isinstance`` takes the branch the call took; the specialisation key
+        holds that class (:func:`classify`)."""
+        value = self._concrete()
+        if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or is_static(value):
+            return type(self)
+        return type(value)
 
     def __iter__(self):
         value = self._concrete()

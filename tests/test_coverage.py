@@ -692,3 +692,39 @@ def test_shared_position_bias_is_no_skip():
     with torch.no_grad():
         assert _rel_err(model(x), original(x)) <= 1e-5
 
+
+class _DoublingState(_State):
+    pass
+
+
+class _TypeBranch(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x, state):
+        h = self.f(x)
+        if isinstance(state, _DoublingState):  # LongT5: isinstance(cache, EncoderDecoderCache)
+            h = h * 2
+        return x + h
+
+
+def test_isinstance_on_an_object_argument_takes_the_calls_branch():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([_TypeBranch(), _TypeBranch()])
+
+        def forward(self, x, doubling=True):
+            state = _DoublingState() if doubling else _State()
+            for layer in self.layers:
+                x = layer(x, state)
+            return x
+
+    model, x = Model(), torch.randn(2, 5, 8)
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=((x,), {"doubling": True}))
+    with torch.no_grad():
+        for doubling in (True, False):  # another class: another graph
+            assert _rel_err(model(x, doubling), original(x, doubling)) <= 1e-5
+
