@@ -728,3 +728,27 @@ def test_isinstance_on_an_object_argument_takes_the_calls_branch():
         for doubling in (True, False):  # another class: another graph
             assert _rel_err(model(x, doubling), original(x, doubling)) <= 1e-5
 
+
+def test_default_attention_mask_for_the_analysis_export():
+    """LongT5: the forward builds its default mask only outside compilation, so torch.export
+    sees ``None``; the analysis retries with the all-ones mask eager mode builds."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.layers = nn.ModuleList([_Idiom("plain"), _Idiom("plain")])
+
+        def forward(self, input_ids, attention_mask=None):
+            if attention_mask is None and not torch.compiler.is_compiling():
+                attention_mask = torch.ones_like(input_ids)
+            x = self.emb(input_ids) * attention_mask[..., None]
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model, ids = Model(), torch.randint(0, 11, (2, 5))
+    ref = model(ids)
+    mhc.mhc_compile(model, example_inputs={"input_ids": ids})
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    assert _rel_err(model(input_ids=ids), ref) <= 1e-5
