@@ -147,6 +147,17 @@ def is_shape_query(node: fx.Node) -> bool:
     return False
 
 
+_LIKE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}  # the second operand gives a shape or dtype
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node`` computes from: ``pos.expand_as(x)`` reads only
+    ``x``'s shape, so ``x + emb(pos).expand_as(x)`` adds no value computed from ``x``."""
+    if node.op == "call_method" and node.target in _LIKE_METHODS and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
+
+
 def _is_float(node: fx.Node) -> bool:
     """``node`` holds a floating-point tensor (from ``meta['val']`` or ``meta['tensor_meta']``)."""
     val = node.meta.get("val")
@@ -168,7 +179,7 @@ class Ancestry:
         for n in self.nodes:
             m = 0
             if not is_shape_query(n):
-                for inp in n.all_input_nodes:
+                for inp in value_inputs(n):
                     m |= self.mask[inp] | (1 << self.index[inp])
             self.mask[n] = m
 
@@ -243,11 +254,15 @@ def find_residual_adds(
 
 
 def _enters_only_as_addend(skip: fx.Node, path: list[fx.Node]) -> bool:
-    """Every op that reads ``skip`` on the way to the branch adds it to another value: the
-    skip is a bias added inside each layer (T5's position bias, returned by the first layer
-    and added to every later layer's scores), not the input the branch computes from."""
-    entries = [u for u in skip.users if u in set(path)]
-    return bool(entries) and all(operand_scale(u) is not None for u in entries)
+    """Every op that reads ``skip`` on the way to the branch adds it to another value of its
+    own shape: the skip is a bias added inside each layer (T5's position bias, returned by
+    the first layer and added to every later layer's scores), not the input the branch
+    computes from. (``x + F(x + pos)`` with a ``pos`` that broadcasts stays a connection.)"""
+    on_path = set(path)
+    entries = [u for u in skip.users if u in on_path]
+    return bool(entries) and all(
+        operand_scale(u) is not None and node_shape(u.args[0]) == node_shape(u.args[1]) for u in entries
+    )
 
 
 def _data_test(anc: Ancestry, is_param: Callable[[fx.Node], bool]) -> Callable[[fx.Node], bool]:
