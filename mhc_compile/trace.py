@@ -13,6 +13,9 @@
   assignment (``y[1:] += first``) records an in-place ``operator.setitem``;
 * child modules are inlined where their code traces and kept as opaque module calls
   where it does not (attention implementations with data-dependent Python);
+* ``assert`` on traced values becomes ``torch._assert``; a real tensor sliced by a
+  symbolic size, a returned ``ModelOutput`` and an object made in the forward from no
+  tensors (a fresh cache) become graph ops (see :meth:`BlockTracer.create_arg`);
 * shapes are then propagated with the call's values (caches copied first: they are state).
 
 :func:`find_passthrough` finds constant arguments that do not change the graph (an
@@ -22,6 +25,7 @@ attention mask handed straight to the attention module), so they are not special
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import dis
 import inspect
 import logging
@@ -129,6 +133,78 @@ def split_signature(
 # --------------------------------------------------------------------------- the tracer
 
 
+def _holds_proxy(index: Any) -> bool:
+    """An index (``x[:, :n]``, ``x[i]``) that holds an fx proxy anywhere in it."""
+    if isinstance(index, fx.Proxy):
+        return True
+    if isinstance(index, slice):
+        return any(_holds_proxy(v) for v in (index.start, index.stop, index.step))
+    if isinstance(index, (tuple, list)):
+        return any(_holds_proxy(v) for v in index)
+    return False
+
+
+def _current_instruction(frame) -> tuple[list, int]:
+    """The bytecode of ``frame`` and the index of the instruction it is executing."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    offset = frame.f_lasti if sys.version_info >= (3, 11) else 2 * frame.f_lasti
+    return instructions, bisect.bisect_left(instructions, offset, key=lambda i: i.offset)
+
+
+def _in_assert(frame) -> bool:
+    """``frame`` is testing the condition of an ``assert`` statement (the jump over
+    ``raise AssertionError``)."""
+    instructions, at = _current_instruction(frame)
+    if at < len(instructions) and instructions[at].opname == "COMPARE_OP":
+        at += 1  # Python 3.11 runs a comparison and the jump after it as one instruction
+    jump = instructions[at].opname if at < len(instructions) else ""
+    if not (jump.startswith("POP_JUMP") and "IF_TRUE" in jump) or at + 1 >= len(instructions):
+        return False
+    nxt = instructions[at + 1]
+    return nxt.opname == "LOAD_ASSERTION_ERROR" or (nxt.opname == "LOAD_GLOBAL" and nxt.argval == "AssertionError")
+
+
+def _holds_tensors(value: Any, seen: set) -> bool:
+    """``value`` or anything it holds (containers, object attributes) is a tensor."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if id(value) in seen or isinstance(value, (nn.Module, type)) or callable(value) and not hasattr(value, "__dict__"):
+        return False
+    seen.add(id(value))
+    if isinstance(value, dict):
+        return any(_holds_tensors(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_tensors(v, seen) for v in value)
+    return any(_holds_tensors(v, seen) for v in getattr(value, "__dict__", {}).values())
+
+
+def _object_states(values: Any) -> list[tuple[Any, dict]]:
+    """``(object, copy of its attributes)`` for each plain object among ``values`` (not a
+    proxy, tensor, module or constant): a child's failed trace may change them."""
+    out = []
+    for v in tree_leaves(values):
+        if hasattr(v, "__dict__") and not isinstance(v, (fx.Proxy, torch.Tensor, nn.Module, type)) and not is_static(v):
+            try:
+                out.append((v, dict(vars(copy_state(v)))))
+            except CaptureError:
+                continue
+    return out
+
+
+class _Remake:
+    """Graph op that returns a fresh copy of an object as it was when the trace first handed
+    it to a call (its state holds no tensors)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = copy_state(value)
+        self.__name__ = f"remake_{type(value).__name__}"
+        self.__qualname__ = self.__name__
+        self.__module__ = __name__
+
+    def __call__(self) -> Any:
+        return copy_state(self.value)
+
+
 class CustomFunctionError(TypeError):
     """Traced values reached a custom ``torch.autograd.Function``."""
 
@@ -163,13 +239,16 @@ class ConcreteProxy(fx.Proxy):
         if isinstance(value, (tuple, list)):  # torch.Size too
             return iter([self[i] for i in range(len(value))])
         # unknown value: as fx does, read the length from the caller's ``a, b = proxy``
-        caller = inspect.currentframe().f_back
-        instructions = list(dis.get_instructions(caller.f_code))
-        offset = caller.f_lasti if sys.version_info >= (3, 11) else 2 * caller.f_lasti
-        at = bisect.bisect_left(instructions, offset, key=lambda i: i.offset)
+        instructions, at = _current_instruction(inspect.currentframe().f_back)
         if at < len(instructions) and instructions[at].opname == "UNPACK_SEQUENCE":
             return iter([self[i] for i in range(instructions[at].argval)])
         return self.tracer.iter(self)
+
+    def __bool__(self) -> bool:
+        if _in_assert(inspect.currentframe().f_back):  # ``assert cond``: a check, not a branch
+            self.tracer.create_proxy("call_function", torch._assert, (self, "assertion in traced code"), {})
+            return True
+        return super().__bool__()
 
     def __getitem__(self, key: Any) -> Any:
         """An item of a value; ``None`` itself where the item was ``None`` in the traced call
@@ -223,6 +302,7 @@ class BlockTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
+        self._remade: dict[int, fx.Node] = {}  # id of an object made in the forward -> its node
 
     def trace(self, root, concrete_args=None):
         """fx's trace, refusing code that calls a custom ``torch.autograd.Function`` on traced
@@ -236,11 +316,38 @@ class BlockTracer(fx.Tracer):
                 raise CustomFunctionError(cls.__name__)
             return original(cls, *args, **kwargs)
 
+        original_getitem = torch.Tensor.__getitem__
+
+        def getitem(tensor, index):  # a real tensor sliced by a symbolic size: a graph op
+            if not tracer._concrete and _holds_proxy(index):
+                return tracer.create_proxy("call_function", operator.getitem, (tensor, index), {})
+            return original_getitem(tensor, index)
+
         torch.autograd.Function.apply = classmethod(apply)
+        torch.Tensor.__getitem__ = getitem
         try:
             return super().trace(root, concrete_args)
         finally:
             torch.autograd.Function.apply = classmethod(original)
+            torch.Tensor.__getitem__ = original_getitem
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's ``create_arg``; an object made inside the traced forward from no tensors (a
+        cache built when none was passed) becomes a node that makes a fresh copy of it on
+        every run, as the forward makes a new one on every call."""
+        if isinstance(a, dict) and type(a) is not dict and dataclasses.is_dataclass(a):
+            # a ModelOutput: rebuilt as itself (fx would make it a plain dict)
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            if not hasattr(a, "__dict__") or _holds_tensors(a, set()):
+                raise
+        node = self._remade.get(id(a))
+        if node is None:
+            node = self.create_node("call_function", _Remake(a), (), {})
+            self._remade[id(a)] = node
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced_leaves:
@@ -259,9 +366,13 @@ class BlockTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         before = list(self.graph.nodes)
         stack = self.module_stack.copy()
+        states = _object_states((args, kwargs))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as err:  # noqa: BLE001 - fall back to an opaque call of this child
+            for obj, state in states:  # undo what the failed attempt did to objects it was given
+                obj.__dict__.clear()
+                obj.__dict__.update(state)
             where = _user_frame(err)
             self.opaque[qualname] = f"{type(err).__name__}{' at ' + where if where else ''}"
             logger.debug("trace: %s kept as an opaque call (%s: %s)", qualname, type(err).__name__, err)

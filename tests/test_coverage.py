@@ -14,6 +14,7 @@ from torch import nn
 
 import mhc_compile as mhc
 from mhc_compile.passes.find_residuals import find_residual_adds
+from idioms import PositionTable
 from models import BY_NAME
 
 transformers = pytest.importorskip("transformers")
@@ -752,3 +753,64 @@ def test_default_attention_mask_for_the_analysis_export():
     mhc.mhc_compile(model, example_inputs={"input_ids": ids})
     assert len(mhc.inspect(model, print_table=False)) == 2
     assert _rel_err(model(input_ids=ids), ref) <= 1e-5
+
+
+def test_asserts_and_a_buffer_sliced_by_a_size_trace():
+    model = nn.Sequential(nn.Linear(4, 8), PositionTable(), PositionTable())
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=torch.randn(2, 5, 4))
+    assert len(mhc.inspect(model, print_table=False)) == 2
+    with torch.no_grad():
+        for x in (torch.randn(2, 5, 4), torch.randn(3, 9, 4)):  # one graph for both lengths
+            assert _rel_err(model(x), original(x)) <= 1e-5
+    with pytest.raises(AssertionError):  # the assertion still runs in the rewritten block
+        model(torch.randn(1, 40, 4))
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = 0
+
+
+class _CountingAttention(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+
+    def forward(self, x, counter):
+        counter.calls += 1
+        if int(x.shape[-1]) > 10**6:  # a size as a Python int: this child stays one call
+            x = x / 2
+        return self.f(x) * counter.calls
+
+
+def test_model_with_its_layer_loop_in_its_own_forward():
+    """XLM: the layers' loop lives in the model's forward, which makes a state object when
+    none is passed, adds an embedding ``expand_as`` the stream, and returns a ModelOutput."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(11, 8), nn.Embedding(32, 8)
+            self.attn = nn.ModuleList([_CountingAttention(), _CountingAttention()])
+            self.ffn = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, ids, counter=None):
+            counter = _Counter() if counter is None else counter
+            x = self.emb(ids)
+            x = x + self.pos(torch.arange(ids.shape[1])).expand_as(x)
+            for attn, ffn in zip(self.attn, self.ffn):
+                x = x + attn(x, counter)
+                x = x + ffn(x)
+            return BaseModelOutput(last_hidden_state=x)
+
+    model, ids = Looped(), torch.randint(0, 11, (2, 6))
+    original = copy.deepcopy(model)
+    mhc.mhc_compile(model, example_inputs=ids)
+    assert [r["block"] for r in mhc.inspect(model, print_table=False)] == ["(root)"] * 4
+    with torch.no_grad():
+        for x in (ids, torch.randint(0, 11, (3, 9))):  # a fresh counter on every call
+            out = model(x)
+            assert isinstance(out, BaseModelOutput)
+            assert _rel_err(out[0], original(x).last_hidden_state) <= 1e-5
