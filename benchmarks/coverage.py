@@ -15,8 +15,9 @@ two shapes and measures:
   separate column, with ``example_inputs=None`` (mhc_compile synthesises them);
 * ``max|a-b| / max|a|`` of the main float output (logits, last_hidden_state or the first
   float leaf) between original and converted model at both shapes (pass: <= 1e-5);
-* one backward in eval mode (``.loss`` with labels for causal LMs, else ``.sum()`` of the
-  main output): every mHC parameter must get a finite gradient.
+* one backward in eval mode (``.loss`` with labels for causal LMs whose original computes
+  a finite one, else ``.sum()`` of the main output): every mHC parameter must get a
+  finite gradient.
 
 Each architecture runs in its own forked process (a crash or hang stays contained) under
 a time limit. Results: ``<out>/<name>.md`` (summary per mapping, full table, failures
@@ -630,14 +631,25 @@ def reset_norm_weights(model: nn.Module) -> bool:
     return bool(norms)
 
 
-def _backward(task: Task, model: nn.Module, inputs: dict) -> tuple[bool, str]:
+def labels_loss_works(model: nn.Module, inputs: dict) -> bool:
+    """The unconverted causal LM computes a finite ``.loss`` from ``labels=input_ids`` (GIT's
+    does not when the text is shorter than its image tokens)."""
+    try:
+        with torch.no_grad():
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        return isinstance(loss, torch.Tensor) and bool(torch.isfinite(loss).all())
+    except Exception:  # noqa: BLE001 - the original's own loss fails: use the output's sum
+        return False
+
+
+def _backward(task: Task, model: nn.Module, inputs: dict, labels: bool) -> tuple[bool, str]:
     """One gradient step's backward, called as training calls the model: without a KV
     cache (RWKV's eval-mode default ``use_cache=True`` updates its state in place, which
-    breaks the backward of the unconverted model too)."""
+    breaks the backward of the unconverted model too); ``labels``: the causal LM's own loss."""
     model.zero_grad(set_to_none=True)
     if "use_cache" in inspect.signature(model.forward).parameters:
         inputs = {**inputs, "use_cache": False}
-    if task.mapping == "causal":
+    if labels:
         loss = model(**inputs, labels=inputs["input_ids"]).loss
     else:  # every float output: a part that feeds only a secondary output (BridgeTower's) gets a gradient too
         from torch.utils._pytree import tree_leaves
@@ -664,6 +676,9 @@ def run_arch(task: Task) -> Result:
             res.status = "built"
             res.seconds = round(time.time() - start, 1)
             return res
+        labels = task.mapping == "causal" and labels_loss_works(model, inputs[0])
+        if task.mapping == "causal" and not labels:
+            res.notes.append("backward: sum of logits (the original's labels loss fails)")
         spare = copy.deepcopy(model)
         step = "convert"
         mhc.mhc_compile(model, n_streams=4, example_inputs=dict(inputs[0]))
@@ -673,7 +688,7 @@ def run_arch(task: Task) -> Result:
             errs = [rel_err(main_output(model(**x)), r) for x, r in zip(inputs, refs)]
         res.err_shape1, res.err_shape2 = errs
         step = "backward"
-        res.backward, note = _backward(task, model, inputs[0])
+        res.backward, note = _backward(task, model, inputs[0], labels)
         if note:
             res.notes.append(note)
         if all(e <= TOL for e in errs) and res.backward:

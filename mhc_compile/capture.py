@@ -408,6 +408,26 @@ class ExportedGraph:
         return node.op == "placeholder" and node.name in self.param_inputs
 
 
+_MASK_OF = {"input_ids": "attention_mask", "decoder_input_ids": "decoder_attention_mask"}
+
+
+def with_default_masks(model: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` with an all-ones attention mask for each token-id input that has none.
+
+    Hugging Face forwards build that default mask only outside compilation
+    (``if attention_mask is None and not is_torchdynamo_compiling()``), so under
+    ``torch.export`` LongT5's local attention receives ``None``; with no cache, an all-ones
+    mask is what eager mode builds. Returns ``kwargs`` itself where nothing is added.
+    """
+    params = inspect.signature(model.forward).parameters
+    added = {
+        mask: torch.ones_like(kwargs[ids], dtype=torch.long)
+        for ids, mask in _MASK_OF.items()
+        if mask in params and kwargs.get(mask) is None and isinstance(kwargs.get(ids), torch.Tensor)
+    }
+    return {**kwargs, **added} if added else kwargs
+
+
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     """Capture ``model`` with ``torch.export`` (non-strict) for analysis."""
     wrapper = _TensorOutputs(model)
@@ -415,7 +435,13 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
     printed = io.StringIO()  # export prints its partial graph where it stops: kept if we do not go on
     try:
         with side_effect_free(model), contextlib.redirect_stderr(printed):
-            ep = torch.export.export(wrapper, (args, kwargs), strict=False)
+            try:
+                ep = torch.export.export(wrapper, (args, kwargs), strict=False)
+            except Exception:  # noqa: BLE001 - retried once with the masks eager mode would make
+                masked = with_default_masks(model, kwargs)
+                if masked is kwargs:
+                    raise
+                ep = torch.export.export(wrapper, (args, masked), strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         if _is_data_dependent(err):
             return _trace_on_sample(wrapper, args, kwargs)

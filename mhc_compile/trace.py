@@ -8,10 +8,14 @@
   as the concrete value from the call (:class:`BlockTracer` runs each op on the call's
   values while it traces), so ``if x.dtype == torch.float16:`` traces; the specialisation
   key (:func:`make_key`) holds every tensor argument's dtype, device and rank, so a call
-  with other dtypes gets a graph of its own. Sizes stay symbolic: one graph serves every batch
-  size and sequence length;
+  with other dtypes gets a graph of its own. Buffers used as operands get values as well.
+  Sizes stay symbolic: one graph serves every batch size and sequence length; item
+  assignment (``y[1:] += first``) records an in-place ``operator.setitem``;
 * child modules are inlined where their code traces and kept as opaque module calls
   where it does not (attention implementations with data-dependent Python);
+* ``assert`` on traced values becomes ``torch._assert``; a real tensor sliced by a
+  symbolic size, a returned ``ModelOutput`` and an object made in the forward from no
+  tensors (a fresh cache) become graph ops (see :meth:`BlockTracer.create_arg`);
 * shapes are then propagated with the call's values (caches copied first: they are state).
 
 :func:`find_passthrough` finds constant arguments that do not change the graph (an
@@ -22,10 +26,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import dis
 import inspect
 import logging
 import math
+import operator
 import sys
 import traceback
 from dataclasses import dataclass
@@ -51,7 +57,7 @@ _CONCRETE_METHODS = ("dim", "is_floating_point", "is_complex", "get_device", "el
 
 def classify(value: Any) -> Any:
     """The specialisation key of one argument: its value if static (lists as tuples), a
-    tensor's dtype, device type and rank, else a marker."""
+    tensor's dtype, device type and rank, an object's class, else a marker."""
     if is_static(value):
         return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
     if isinstance(value, torch.Tensor):
@@ -143,6 +149,89 @@ def split_signature(
 # --------------------------------------------------------------------------- the tracer
 
 
+def _holds_proxy(index: Any) -> bool:
+    """An index (``x[:, :n]``, ``x[i]``) that holds an fx proxy anywhere in it."""
+    if isinstance(index, fx.Proxy):
+        return True
+    if isinstance(index, slice):
+        return any(_holds_proxy(v) for v in (index.start, index.stop, index.step))
+    if isinstance(index, (tuple, list)):
+        return any(_holds_proxy(v) for v in index)
+    return False
+
+
+def _current_instruction(frame) -> tuple[list, int]:
+    """The bytecode of ``frame`` and the index of the instruction it is executing."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    offset = frame.f_lasti if sys.version_info >= (3, 11) else 2 * frame.f_lasti
+    return instructions, bisect.bisect_left(instructions, offset, key=lambda i: i.offset)
+
+
+def _in_assert(frame) -> bool:
+    """``frame`` is testing the condition of an ``assert`` statement (the jump over
+    ``raise AssertionError``)."""
+    instructions, at = _current_instruction(frame)
+    if at < len(instructions) and instructions[at].opname == "COMPARE_OP":
+        at += 1  # Python 3.11 runs a comparison and the jump after it as one instruction
+    jump = instructions[at].opname if at < len(instructions) else ""
+    if not (jump.startswith("POP_JUMP") and "IF_TRUE" in jump) or at + 1 >= len(instructions):
+        return False
+    nxt = instructions[at + 1]
+    return nxt.opname == "LOAD_ASSERTION_ERROR" or (nxt.opname == "LOAD_GLOBAL" and nxt.argval == "AssertionError")
+
+
+def _holds_tensors(value: Any, seen: set) -> bool:
+    """``value`` or anything it holds (containers, object attributes) is a tensor."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if id(value) in seen or isinstance(value, (nn.Module, type)) or callable(value) and not hasattr(value, "__dict__"):
+        return False
+    seen.add(id(value))
+    if isinstance(value, dict):
+        return any(_holds_tensors(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_tensors(v, seen) for v in value)
+    return any(_holds_tensors(v, seen) for v in getattr(value, "__dict__", {}).values())
+
+
+def _object_states(values: Any) -> list[tuple[Any, dict]]:
+    """``(object, copy of its attributes)`` for each plain object among ``values`` (not a
+    proxy, tensor, module or constant): a child's failed trace may change them."""
+    out = []
+    for v in tree_leaves(values):
+        if hasattr(v, "__dict__") and not isinstance(v, (fx.Proxy, torch.Tensor, nn.Module, type)) and not is_static(v):
+            try:
+                out.append((v, dict(vars(copy_state(v)))))
+            except CaptureError:
+                continue
+    return out
+
+
+class _Remake:
+    """Graph op that returns a fresh copy of an object as it was when the trace first handed
+    it to a call (its state holds no tensors)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = copy_state(value)
+        self.__name__ = f"remake_{type(value).__name__}"
+        self.__qualname__ = self.__name__
+        self.__module__ = __name__
+
+    def __call__(self) -> Any:
+        return copy_state(self.value)
+
+
+class CustomFunctionError(TypeError):
+    """Traced values reached a custom ``torch.autograd.Function``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"it calls the custom autograd.Function {name} on the traced values, and its hand-written "
+            "backward would not differentiate rewritten connections (a reversible layer stack's "
+            "rebuilds each layer's inputs by subtracting its branches)"
+        )
+
+
 class ConcreteProxy(fx.Proxy):
     """A proxy that answers size-independent metadata (``dtype``, ``device``, ``dim()``)
     from the value its node had in the traced call, and iterates over a shape or a tuple
@@ -152,15 +241,22 @@ class ConcreteProxy(fx.Proxy):
     def _concrete(self) -> Any:
         return self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
 
+    @property
+    def __class__(self):  # noqa: D105 - ``isinstance(cache, EncoderDecoderCache)`` on a placeholder
+        """The class of the traced call's value for an object that is no tensor or container
+        (a cache), so ``isinstance`` takes the branch the call took; the specialisation key
+        holds that class (:func:`classify`)."""
+        value = self._concrete()
+        if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or is_static(value):
+            return type(self)
+        return type(value)
+
     def __iter__(self):
         value = self._concrete()
         if isinstance(value, (tuple, list)):  # torch.Size too
             return iter([self[i] for i in range(len(value))])
         # unknown value: as fx does, read the length from the caller's ``a, b = proxy``
-        caller = inspect.currentframe().f_back
-        instructions = list(dis.get_instructions(caller.f_code))
-        offset = caller.f_lasti if sys.version_info >= (3, 11) else 2 * caller.f_lasti
-        at = bisect.bisect_left(instructions, offset, key=lambda i: i.offset)
+        instructions, at = _current_instruction(inspect.currentframe().f_back)
         if at < len(instructions) and instructions[at].opname == "UNPACK_SEQUENCE":
             return iter([self[i] for i in range(instructions[at].argval)])
         return self.tracer.iter(self)
@@ -171,6 +267,28 @@ class ConcreteProxy(fx.Proxy):
         # an object argument (a cache) answers ``isinstance(cache, EncoderDecoderCache)`` as
         # its value does; the specialisation key holds its type (:func:`classify`)
         return type(value) if is_state_object(value) else type(self)
+
+    def __bool__(self) -> bool:
+        if _in_assert(inspect.currentframe().f_back):  # ``assert cond``: a check, not a branch
+            self.tracer.create_proxy("call_function", torch._assert, (self, "assertion in traced code"), {})
+            return True
+        return super().__bool__()
+
+    def __getitem__(self, key: Any) -> Any:
+        """An item of a value; ``None`` itself where the item was ``None`` in the traced call
+        (a bias an opaque attention returns only in some layers), so that
+        ``if bias is not None`` takes the branch the call took."""
+        item = super().__getitem__(key)
+        values = getattr(self.tracer, "values", {})
+        if isinstance(item, fx.Proxy) and item.node in values and values[item.node] is None:
+            values.pop(item.node)
+            self.tracer.graph.erase_node(item.node)
+            return None
+        return item
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``x[1:] += y`` and ``x[mask] = v``: an in-place ``operator.setitem`` node."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __len__(self) -> int:
         value = self._concrete()
@@ -209,10 +327,52 @@ class BlockTracer(fx.Tracer):
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
         self.assignments = 0  # module attribute assignments made by the traced code so far
+        self._remade: dict[int, fx.Node] = {}  # id of an object made in the forward -> its node
 
-    def trace(self, root: Any, concrete_args: Optional[dict] = None) -> fx.Graph:
-        with _random_factories_traced(self), _module_assignments_counted(self):
-            return super().trace(root, concrete_args)
+    def trace(self, root, concrete_args=None):
+        """fx's trace, refusing code that calls a custom ``torch.autograd.Function`` on traced
+        values (:class:`CustomFunctionError`): tracing through its ``forward`` would drop its
+        hand-written ``backward``. In a child, the child is kept as one call instead."""
+        original = torch.autograd.Function.apply.__func__
+        tracer = self
+
+        def apply(cls, *args, **kwargs):
+            if not tracer._concrete and any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+                raise CustomFunctionError(cls.__name__)
+            return original(cls, *args, **kwargs)
+
+        original_getitem = torch.Tensor.__getitem__
+
+        def getitem(tensor, index):  # a real tensor sliced by a symbolic size: a graph op
+            if not tracer._concrete and _holds_proxy(index):
+                return tracer.create_proxy("call_function", operator.getitem, (tensor, index), {})
+            return original_getitem(tensor, index)
+
+        torch.autograd.Function.apply = classmethod(apply)
+        torch.Tensor.__getitem__ = getitem
+        try:
+            with _random_factories_traced(self), _module_assignments_counted(self):
+                return super().trace(root, concrete_args)
+        finally:
+            torch.autograd.Function.apply = classmethod(original)
+            torch.Tensor.__getitem__ = original_getitem
+    def create_arg(self, a: Any) -> Any:
+        """fx's ``create_arg``; an object made inside the traced forward from no tensors (a
+        cache built when none was passed) becomes a node that makes a fresh copy of it on
+        every run, as the forward makes a new one on every call."""
+        if isinstance(a, dict) and type(a) is not dict and dataclasses.is_dataclass(a):
+            # a ModelOutput: rebuilt as itself (fx would make it a plain dict)
+            return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            if not hasattr(a, "__dict__") or _holds_tensors(a, set()):
+                raise
+        node = self._remade.get(id(a))
+        if node is None:
+            node = self.create_node("call_function", _Remake(a), (), {})
+            self._remade[id(a)] = node
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.forced_leaves:
@@ -232,6 +392,7 @@ class BlockTracer(fx.Tracer):
         before = list(self.graph.nodes)
         stack = self.module_stack.copy()
         state, assigned = module_state(m), self.assignments
+        states = _object_states((args, kwargs))
         try:
             out = super().call_module(m, forward, args, kwargs)
             if self.assignments != assigned:
@@ -239,6 +400,9 @@ class BlockTracer(fx.Tracer):
             return out
         except Exception as err:  # noqa: BLE001 - fall back to an opaque call of this child
             restore_module_state(state)
+            for obj, saved in states:  # undo what the failed attempt did to objects it was given
+                obj.__dict__.clear()
+                obj.__dict__.update(saved)
             where = _user_frame(err)
             self.opaque[qualname] = f"{type(err).__name__}{' at ' + where if where else ''}"
             logger.debug("trace: %s kept as an opaque call (%s: %s)", qualname, type(err).__name__, err)
@@ -263,11 +427,23 @@ class BlockTracer(fx.Tracer):
             self._run_concrete(proxy.node)
         return proxy
 
+    def _attribute(self, target: str) -> Any:
+        """The root's attribute at the dotted path ``target`` (a parameter, a buffer)."""
+        value = self.root
+        for atom in str(target).split("."):
+            value = getattr(value, atom)
+        return value
+
     def _run_concrete(self, node: fx.Node) -> None:
         """Compute ``node``'s value from its inputs' values; leave it unknown on failure."""
         missing = object()
 
         def value_of(a: Any) -> Any:
+            if isinstance(a, fx.Node) and a.op == "get_attr" and a not in self.values:
+                try:  # a buffer used as an op's operand: its node was made without a proxy
+                    self.values[a] = self._attribute(a.target)
+                except AttributeError:
+                    return missing
             return self.values.get(a, missing) if isinstance(a, fx.Node) else a
 
         args, kwargs = tree_map(value_of, node.args), tree_map(value_of, node.kwargs)
@@ -280,9 +456,7 @@ class BlockTracer(fx.Tracer):
                 if isinstance(value, torch.Tensor):
                     value = value.detach().clone()  # in-place ops of the block hit this copy
             elif node.op == "get_attr":
-                value = self.root
-                for atom in str(node.target).split("."):
-                    value = getattr(value, atom)
+                value = self._attribute(node.target)
             elif node.op == "call_function":
                 value = node.target(*args, **kwargs)
             elif node.op == "call_method":
@@ -363,6 +537,33 @@ def _user_frame(err: BaseException) -> str:
     return ""
 
 
+def _untraceable(block: nn.Module, err: BaseException) -> CaptureError:
+    """The CaptureError for a block whose own forward did not trace: the line, the cause and
+    what to do."""
+    where = _user_frame(err)
+    at = f" at {where}" if where else ""
+    first = str(err).splitlines()[0] if str(err) else ""
+    name = type(block).__name__
+    if isinstance(err, CustomFunctionError):
+        return CaptureError(
+            f"block {name} cannot be rewritten: torch.fx traced its forward{at}, where {first}; "
+            "convert a variant of the model without the Function, or leave this block out with "
+            "filter_fn= where the model has other blocks"
+        )
+    if isinstance(err, NotImplementedError) and first.startswith("argument of type"):
+        return CaptureError(
+            f"torch.fx could not trace the forward of {name}{at}: an object made inside the "
+            f"forward ({first.split(':', 1)[-1].strip()}, e.g. a cache built when none was passed) "
+            "is handed to a call the trace keeps, and a graph cannot hold such an object; pass it "
+            "in as an argument where the forward takes one, or leave this block out with filter_fn="
+        )
+    return CaptureError(
+        f"torch.fx could not trace the forward of {name}{at} ({type(err).__name__}: {first}); "
+        "this block's own code (not its children) must be traceable to be rewritten: "
+        "data-dependent Python (branching on tensor values) is the usual cause"
+    )
+
+
 def _trace_root_source(values: dict, signature: BlockSignature) -> str:
     """Source of ``_mhc_trace_root(self, <placeholders>)`` calling the forward with the
     constants of this specialisation filled in."""
@@ -401,13 +602,7 @@ def trace_block(
             block.train(training)
             graph = tracer.trace(block)
     except Exception as err:  # noqa: BLE001 - re-raised with context
-        where = _user_frame(err)
-        raise CaptureError(
-            f"torch.fx could not trace the forward of {type(block).__name__}"
-            f"{' at ' + where if where else ''} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "this block's own code (not its children) must be traceable to be rewritten: "
-            "data-dependent Python (branching on tensor values) is the usual cause"
-        ) from err
+        raise _untraceable(block, err) from err
     finally:
         delattr(cls, "_mhc_trace_root")
         block.train(was_training)
@@ -460,7 +655,8 @@ def _graph_shape(graph: fx.Graph, probes: Optional[dict] = None) -> list:
 def find_passthrough(
     block: nn.Module, values: dict, signature: BlockSignature, training: bool, candidates: Optional[frozenset] = None
 ) -> frozenset:
-    """Constant or ``None`` arguments whose value does not change the traced graph.
+    """Constant or ``None`` arguments (of ``candidates``, by default all) whose value does not
+    change the traced graph.
 
     An attention mask that the block only hands to its attention module is such an
     argument: tracing it as a placeholder gives the same graph with the value swapped for
@@ -484,3 +680,4 @@ def find_passthrough(
 
     found = [name for name in tried if same_graph([name])]
     return frozenset(found) if found and same_graph(found) else frozenset()
+

@@ -7,7 +7,8 @@ add through value-preserving ops (``x.to(float32) + F(x)``) and through a scale 
 that does not depend on the stream (``a * x + F(x)``, ``(x + b) * s + F(x)`` with ``a``,
 ``b``, ``s`` constants or tensors computed without ``x``), and the branch may be scaled
 or subtracted (``x - F(x)``, ``torch.add(x, F(x), alpha=a)``). Adds that broadcast
-(attention masks, position biases) are never connections. Adds of two values that
+(attention masks, position biases) are never connections, and neither are adds whose skip
+is computed only from integer inputs and sizes (a mask). Adds of two values that
 share an ancestor but where neither descends from the other (``shortcut(x) + F(x)`` with a
 projection shortcut, ``attn(x) + mlp(x)``) are reported as *cuts*: not rewritten, the
 chain ends there.
@@ -18,6 +19,7 @@ ATen-level graphs (``torch.export``) alike; callers say which nodes are paramete
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -178,23 +180,47 @@ def node_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     return None
 
 
-_SHAPE_METHODS = {"size", "dim", "numel"}
+_SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty"}
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like, torch.randn_like}
+
+
+@functools.lru_cache(maxsize=None)
+def _like_ops() -> frozenset:
+    aten = torch.ops.aten
+    return frozenset({aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                      aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default,
+                      aten.new_ones.default, aten.new_empty.default})
 
 
 def is_shape_query(node: fx.Node) -> bool:
-    """True for a node that reads only its input's shape (``x.size(-1)``, ``aten.sym_size``).
+    """True for a node that reads only its input's metadata (``x.size(-1)``, ``aten.sym_size``,
+    ``torch.zeros_like(x)``, ``x.new_zeros(...)``).
 
-    Its users depend on the input's shape, not on its values: a mask sliced to the key
-    length is not computed *from* the keys.
+    Its users depend on the input's shape, dtype or device, not on its values: a mask sliced
+    to the key length is not computed *from* the keys, and token-type ids made by
+    ``zeros_like(embeddings)`` do not carry the embeddings.
     """
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
     if node.op == "call_function":
         if node.target is getattr:
             return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device")
+        if node.target in _LIKE_FUNCTIONS or node.target in _like_ops():
+            return True
         name = getattr(node.target, "__name__", "") or ""
         return name.startswith(("sym_size", "sym_numel", "sym_stride")) or node.target is torch.ops.aten.sym_size.int
     return False
+
+
+_LIKE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}  # the second operand gives a shape or dtype
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node`` computes from: ``pos.expand_as(x)`` reads only
+    ``x``'s shape, so ``x + emb(pos).expand_as(x)`` adds no value computed from ``x``."""
+    if node.op == "call_method" and node.target in _LIKE_METHODS and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
 
 
 def _is_float(node: fx.Node) -> bool:
@@ -218,7 +244,7 @@ class Ancestry:
         for n in self.nodes:
             m = 0
             if not is_shape_query(n):
-                for inp in n.all_input_nodes:
+                for inp in value_inputs(n):
                     m |= self.mask[inp] | (1 << self.index[inp])
             self.mask[n] = m
 
@@ -252,6 +278,7 @@ def find_residual_adds(
         is_param: says whether a node is (or directly yields) a trained parameter.
     """
     anc = Ancestry(graph)
+    carries_data = _data_test(anc, is_param)
     found: list[ResidualAdd] = []
     cuts: list[CutAdd] = []
     for node in anc.nodes:
@@ -277,14 +304,51 @@ def find_residual_adds(
                 )
             continue
         skip, skip_operand, branch, chain = pair
+        if not carries_data(skip):
+            continue  # a mask made from token ids and sizes, added to each layer's scores
         path = anc.between(skip, branch)
         if not any(_uses_params(n, is_param, skip) for n in path):
             continue  # e.g. ``x + 0.04 * x**3`` inside an activation: no trained branch
+        if _enters_only_as_addend(skip, path):
+            cuts.append(CutAdd(node, "its skip enters the branch only as an addend (a position bias shared "
+                                     "by the layers' attention scores), so it is no residual stream; not rewritten"))
+            continue
         on_skip = skip_operand is b  # ``f(x) + a * x``: ``alpha`` scales the skip
         found.append(ResidualAdd(node, skip, branch, shape_a, path, skip_operand,
                                  1.0 if on_skip else scale, chain, scale if on_skip else 1.0))
     on_branches = {n for res in found for n in res.branch_nodes}
     return found, [c for c in cuts if c.add not in on_branches]  # ``x + (attn(x) + mlp(x))``
+
+
+def _enters_only_as_addend(skip: fx.Node, path: list[fx.Node]) -> bool:
+    """Every op that reads ``skip`` on the way to the branch adds it to another value of its
+    own shape: the skip is a bias added inside each layer (T5's position bias, returned by
+    the first layer and added to every later layer's scores), not the input the branch
+    computes from. (``x + F(x + pos)`` with a ``pos`` that broadcasts stays a connection.)"""
+    on_path = set(path)
+    entries = [u for u in skip.users if u in on_path]
+    return bool(entries) and all(
+        operand_scale(u) is not None and node_shape(u.args[0]) == node_shape(u.args[1]) for u in entries
+    )
+
+
+def _data_test(anc: Ancestry, is_param: Callable[[fx.Node], bool]) -> Callable[[fx.Node], bool]:
+    """``carries(node)``: ``node`` is computed from a floating-point input of the graph or a
+    trained parameter (anything a stream can be), not only from integer inputs, sizes and
+    constants (an additive attention mask made from the token mask, ProphetNet's)."""
+    sources = 0
+    for n in anc.nodes:
+        if is_param(n) or (n.op in ("placeholder", "get_attr") and not _is_integral(n)):
+            sources |= 1 << anc.index[n]
+    return lambda node: bool((anc.mask[node] | 1 << anc.index[node]) & sources)
+
+
+def _is_integral(node: fx.Node) -> bool:
+    """``node`` holds a tensor of integers or booleans (token ids, a padding mask)."""
+    val = node.meta.get("val")
+    meta = val if isinstance(val, torch.Tensor) else node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    return dtype is not None and not dtype.is_floating_point and not dtype.is_complex
 
 
 def _skip_and_branch(anc: Ancestry, a: fx.Node, b: fx.Node):
