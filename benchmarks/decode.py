@@ -32,18 +32,15 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
+from benchmarks.common import llama_config, report  # noqa: E402
 
 HOWS = ("eager", "compiled", "cuda graphs")
 
 
 def build(args: argparse.Namespace, converted: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 256 * 256,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                      num_key_value_heads=args.hidden // 128, vocab_size=args.vocab,
-                      max_position_embeddings=args.prompt + args.new_tokens + 8,
-                      attn_implementation="sdpa")
+    cfg = llama_config(args.hidden, args.layers, args.vocab, args.prompt + args.new_tokens + 8)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -142,10 +139,7 @@ def main() -> None:
         tabulate(rows, headers="keys", tablefmt="github"),
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

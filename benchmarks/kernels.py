@@ -30,6 +30,7 @@ from tabulate import tabulate
 sys.path.insert(0, ".")
 from mhc_compile.ops import library, reference  # noqa: E402
 from mhc_compile.ops.settings import Tiles  # noqa: E402
+from benchmarks.common import report  # noqa: E402
 
 import te_mhc  # noqa: E402  (benchmarks/, next to this file)
 
@@ -421,10 +422,7 @@ def main() -> None:
         lines += ["## Tile tuning (C = 4096, one knob at a time, in this order)", "",
                   tabulate(tiles, headers="keys", tablefmt="github"), ""]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

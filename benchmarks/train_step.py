@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
+from benchmarks.common import llama_config, report  # noqa: E402
 
 VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not converted)
     ("residual", "eager", None),
@@ -38,12 +39,9 @@ VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not convert
 
 
 def build(args, options):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 256 * 256,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                      num_key_value_heads=args.hidden // 128, vocab_size=args.vocab,
-                      max_position_embeddings=args.seq, attn_implementation="sdpa")
+    cfg = llama_config(args.hidden, args.layers, args.vocab, args.seq)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg)
@@ -151,10 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.loss_check:
         text = loss_check(args)
-        print(text)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text)
+        report(text, args.out, mode="a")
         return
     rows = []
     for i, (name, how, options) in enumerate(VARIANTS):
@@ -184,10 +179,7 @@ def main() -> None:
         tabulate(rows, headers="keys", tablefmt="github"),
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report(text, args.out)
 
 
 if __name__ == "__main__":

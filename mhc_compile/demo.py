@@ -192,11 +192,18 @@ def plot(results: list[RunResult], path: str) -> bool:
     ax_gain.axhline(1.0, color="gray", linewidth=0.8)
     ax_gain.set_title("Amax gain magnitude")
     ax_gain.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out ``fig``, write it as a PNG to ``path`` (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,4 +263,4 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["TinyGPT", "stdlib_corpus", "sample_batch", "run", "main", "add_arguments"]
+__all__ = ["TinyGPT", "stdlib_corpus", "sample_batch", "save_figure", "run", "main", "add_arguments"]

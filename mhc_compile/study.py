@@ -80,7 +80,7 @@ from torch import nn
 
 from . import diagnostics
 from .api import mhc_compile, mhc_parameters
-from .demo import VOCAB, sample_batch, stdlib_corpus
+from .demo import VOCAB, sample_batch, save_figure, stdlib_corpus
 
 
 @dataclass(frozen=True)
@@ -658,10 +658,7 @@ def plot(records: list[RunRecord], path: str, lrs: list[float]) -> bool:
         ax_gain.set_xlabel("step")
         ax_gain.set_ylabel("Amax gain of the composite H_res: forward, backward (dotted)")
         ax_gain.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
