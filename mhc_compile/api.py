@@ -21,6 +21,7 @@ from torch import nn
 from . import blocks, initialization, runtime, saved_options, verify
 from .blocks import BlockAnalysis
 from .capture import export_model, record_calls, resolve_example_inputs
+from .trace import CustomFunctionError
 from .config import MHCConfig
 from .errors import CaptureError, ConversionError, MHCConfigError, MHCError
 from .heuristics import hyper_connection_modules, is_mhc_parameter_name
@@ -146,7 +147,9 @@ def analyse(
             analyses.append(_analyse_block(p, modules[p], records[p], config, unused_in(p)))
         except CaptureError as err:
             inner = topmost([o for o in owners if inside(o, p)])
-            if not inner:
+            if not inner or _runs_custom_function(err):
+                # the blocks inside a custom autograd.Function (Reformer's reversible layers)
+                # run under its hand-written backward: they cannot be rewritten either
                 raise
             # the blocks inside a block that cannot be traced (an encoder with LayerDrop
             # that owns a positional-convolution add) are converted on their own
@@ -195,6 +198,15 @@ def analyse(
     cut_notes += [f"{p or '(root)'}: not converted (filter_fn)" for p in rejected] + long_skips
     block_notes = [n for a in dropped + analyses for n in a.cuts]
     return ModelAnalysis(config, analyses, cut_notes + fallback_notes + chain_notes + block_notes)
+
+
+def _runs_custom_function(err: BaseException) -> bool:
+    """``err`` (or a cause of it) is the trace's refusal of a custom ``autograd.Function``."""
+    while err is not None:
+        if isinstance(err, CustomFunctionError):
+            return True
+        err = err.__cause__
+    return False
 
 
 def _near_misses(exported: Any, cuts: list, every_add: list) -> str:
