@@ -241,16 +241,6 @@ class ConcreteProxy(fx.Proxy):
     def _concrete(self) -> Any:
         return self.tracer.values.get(self.node) if isinstance(self.tracer, BlockTracer) else None
 
-    @property
-    def __class__(self):  # noqa: D105 - ``isinstance(cache, EncoderDecoderCache)`` on a placeholder
-        """The class of the traced call's value for an object that is no tensor or container
-        (a cache), so ``isinstance`` takes the branch the call took; the specialisation key
-        holds that class (:func:`classify`)."""
-        value = self._concrete()
-        if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or is_static(value):
-            return type(self)
-        return type(value)
-
     def __iter__(self):
         value = self._concrete()
         if isinstance(value, (tuple, list)):  # torch.Size too
@@ -269,7 +259,11 @@ class ConcreteProxy(fx.Proxy):
         return type(value) if is_state_object(value) else type(self)
 
     def __bool__(self) -> bool:
-        if _in_assert(inspect.currentframe().f_back):  # ``assert cond``: a check, not a branch
+        caller = inspect.currentframe().f_back
+        # ``assert cond`` in the block's own code: a check, not a branch. In the code of a
+        # child being inlined (Longformer's attention asserts on sizes) it stays an error,
+        # so that the child is kept as one call, which runs its shape-dependent code as written.
+        if _in_assert(caller) and not getattr(self.tracer, "inlining", 0):
             self.tracer.create_proxy("call_function", torch._assert, (self, "assertion in traced code"), {})
             return True
         return super().__bool__()
@@ -327,6 +321,7 @@ class BlockTracer(fx.Tracer):
         self._concrete = False  # True while a node runs on concrete values
         self.opaque: dict[str, str] = {}  # child kept as one call -> why its code did not trace
         self.assignments = 0  # module attribute assignments made by the traced code so far
+        self.inlining = 0  # child modules whose code is being traced into the block's graph now
         self._remade: dict[int, fx.Node] = {}  # id of an object made in the forward -> its node
 
     def trace(self, root, concrete_args=None):
@@ -393,6 +388,7 @@ class BlockTracer(fx.Tracer):
         stack = self.module_stack.copy()
         state, assigned = module_state(m), self.assignments
         states = _object_states((args, kwargs))
+        self.inlining += 1
         try:
             out = super().call_module(m, forward, args, kwargs)
             if self.assignments != assigned:
@@ -411,7 +407,9 @@ class BlockTracer(fx.Tracer):
                 self.graph.erase_node(node)
             self.module_stack = stack
             self.forced_leaves.add(qualname)
-            return super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)  # a leaf now: nothing is inlined
+        finally:
+            self.inlining -= 1
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         if self._concrete:

@@ -1146,3 +1146,25 @@ def test_model_with_its_layer_loop_in_its_own_forward():
             out = model(x)
             assert isinstance(out, BaseModelOutput)
             assert _rel_err(out[0], original(x).last_hidden_state) <= 1e-5
+
+
+def test_an_assert_inside_a_child_keeps_the_child_a_call():
+    # LED's Longformer attention asserts on sizes, then pads by Python arithmetic on them: an
+    # assert in a child being inlined must keep that child one call (in the block's own
+    # code it is a torch._assert node), or the layer's dtype guard after it fails to trace
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = LEDConfig(vocab_size=97, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=4,
+                    max_encoder_position_embeddings=64, max_decoder_position_embeddings=64)
+    model = LEDForConditionalGeneration(cfg).eval()
+    original = copy.deepcopy(model)
+    ids = torch.randint(3, 97, (2, 8))
+    mhc.mhc_compile(model, example_inputs={"input_ids": ids, "decoder_input_ids": ids})
+    assert any(r["block"].startswith("led.encoder.layers") for r in mhc.inspect(model, print_table=False))
+    other = torch.randint(3, 97, (3, 12))
+    with torch.no_grad():
+        out = model(input_ids=other, decoder_input_ids=other).logits
+        ref = original(input_ids=other, decoder_input_ids=other).logits
+    assert _rel_err(out, ref) <= 1e-5
