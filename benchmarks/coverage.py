@@ -984,9 +984,10 @@ def merge_with_earlier(path: str, results: list[dict], command: str, seconds: fl
     mappings = list(dict.fromkeys([r["mapping"] for r in kept + results]))
     args.mappings = [m for m in MAPPINGS if m in mappings]
     merged = sorted(kept + results, key=lambda r: (args.mappings.index(r["mapping"]), r["model_type"]))
-    both = (f"{earlier['meta']['command']}` (transformers {earlier['meta'].get('transformers', '?')}), then "
-            f"the {len(rerun)} architectures of `{command}` re-run (their rows replace the earlier ones")
-    return merged, both + "; the run-time line below is this second run's", seconds
+    both = (f"{earlier['meta']['command']}` (transformers {earlier['meta'].get('transformers', '?')}); then, "
+            f"their rows replaced, a re-run (the run time below is its own) of the {len(rerun)} "
+            f"architectures of `{command}")
+    return merged, both, seconds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
