@@ -29,6 +29,14 @@ def _poison(monkeypatch):
     monkeypatch.setattr(library, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(params=["few tokens", "many tokens"])
+def token_path(request, monkeypatch):
+    """Both launch paths: the decode tiles (coefficients and aggregate in one launch) and
+    the prefill/training tiles, whatever the test's token count."""
+    monkeypatch.setattr(library, "DECODE_TOKENS", 1 << 30 if request.param == "few tokens" else 0)
+    return request.param
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -68,12 +76,12 @@ def _check(m, n, c, dtype, mode, iters=20, tol=None):
 
 @pytest.mark.parametrize("n, c, m", [(1, 7, 5), (2, 13, 17), (3, 9, 7), (4, 33, 19), (8, 5, 6)])
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
-def test_kernels_match_reference_fp32(n, c, m, mode):
+def test_kernels_match_reference_fp32(n, c, m, mode, token_path):
     _check(m, n, c, torch.float32, mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernels_match_reference_16bit(dtype):
+def test_kernels_match_reference_16bit(dtype, token_path):
     _check(21, 4, 40, dtype, "mhc")
 
 
@@ -116,7 +124,7 @@ def _check_post_pre(m, n, c, dtype, mode, use_next=True, tol=None):
 
 @pytest.mark.parametrize("n, c, m", [(1, 7, 5), (2, 13, 17), (4, 33, 19), (8, 5, 6)])
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
-def test_fused_post_pre_matches_reference_fp32(n, c, m, mode):
+def test_fused_post_pre_matches_reference_fp32(n, c, m, mode, token_path):
     _check_post_pre(m, n, c, torch.float32, mode)
 
 
@@ -125,7 +133,7 @@ def test_fused_post_pre_when_only_the_next_pre_uses_the_streams():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_post_pre_16bit(dtype):
+def test_fused_post_pre_16bit(dtype, token_path):
     _check_post_pre(21, 4, 40, dtype, "mhc")
 
 
@@ -264,6 +272,19 @@ def test_kernels_full_size_on_gpu(c, dtype):
 def test_fused_post_pre_full_size_on_gpu(c, dtype):
     _check_post_pre(16384 if dtype == torch.bfloat16 else 2048, 4, c, dtype, "mhc",
                     tol=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_token_counts_on_gpu(m, fused):
+    """Few tokens take the decode tiles (many channel ranges, u computed with the
+    coefficients): the same results at full width."""
+    assert library.few_tokens(m)
+    if fused:
+        _check_post_pre(m, 4, 4096, torch.bfloat16, "mhc")
+    else:
+        _check(m, 4, 4096, torch.bfloat16, "mhc")
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,12 +47,18 @@ DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre part
 DX_TILES = Tiles(tokens=64, channels=64, warps=4)  # tl.dot needs >= 16 tokens; also the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
+# Few tokens (decode): the projections' cost is reading phi, so many small programs share
+# it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
+DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
+DECODE_PROJ_TILES = Tiles(tokens=16, channels=32, warps=4)
+DECODE_SPLIT_CHANNELS = 32
+DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)  # coefficients + aggregate
 DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {
     "proj": Tiles(tokens=16, channels=16, warps=4), "stream": Tiles(tokens=4, channels=32, warps=4),
     "dx": Tiles(tokens=16, channels=16, warps=4), "coef": Tiles(tokens=16, channels=1, warps=4),
-    "post": Tiles(tokens=4, channels=16, warps=4),
+    "post": Tiles(tokens=4, channels=16, warps=4), "coef+aggregate": Tiles(tokens=16, channels=16, warps=4),
 }
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -95,33 +102,31 @@ def validate(x: Tensor, *others: Tensor) -> None:
             raise KernelInputError(f"all inputs must be on {x.device}; got one on {t.device}")
 
 
+class Layout(NamedTuple):
+    """Column counts of the kernels for ``n`` streams (see :mod:`.triton.kernels`):
+    ``npad``/``np``/``nr`` the on-chip padded blocks, ``nc = n^2 + 2n`` the real columns of
+    ``phi`` and ``bias``, ``w`` the projection dot's width (compact columns, zero past
+    ``nc``), ``qw`` the width of the saved scaled projections ``q``."""
+
+    npad: int
+    np: int
+    nr: int
+    nc: int
+    w: int
+    qw: int
+
+    def constants(self) -> dict:
+        """The kernels' ``tl.constexpr`` arguments of this layout."""
+        return {"NPAD": self.npad, "NP": self.np, "NR": self.nr, "NC": self.nc, "W": self.w, "QW": self.qw}
+
+
 @functools.lru_cache(maxsize=None)
-def layout(n: int) -> tuple[int, int, int, int]:
-    """``(NPAD, NP, NR, W)`` of the padded coefficient layout for ``n`` streams; ``W`` is
-    the next power of two of ``2*NP + NR``, so that one dot covers all columns."""
+def layout(n: int) -> Layout:
+    """The :class:`Layout` for ``n`` streams."""
     npad = max(4, 1 << (n - 1).bit_length())
     np_ = max(16, npad)
-    nr = npad * npad
-    return npad, np_, nr, 1 << (2 * np_ + nr - 1).bit_length()
-
-
-def _pad_columns(t: Tensor, n: int) -> Tensor:
-    """``[..., n^2 + 2n]`` -> ``[..., W]`` with zeros in the padding (pre at ``[0, n)``, post
-    at ``[NP, NP+n)``, res row ``i`` at ``2*NP + i*NPAD``); slices only, no index tensor."""
-    npad, np_, nr, width = layout(n)
-    lead = t.shape[:-1]
-    out = t.new_zeros(*lead, width)
-    out[..., :n] = t[..., :n]
-    out[..., np_:np_ + n] = t[..., n:2 * n]
-    out[..., 2 * np_:2 * np_ + nr].unflatten(-1, (npad, npad))[..., :n, :n] = t[..., 2 * n:].unflatten(-1, (n, n))
-    return out
-
-
-def _unpad_columns(t: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`_pad_columns`: ``[..., W]`` -> ``[..., n^2 + 2n]``."""
-    npad, np_, _, _ = layout(n)
-    res = t[..., 2 * np_:2 * np_ + npad * npad].unflatten(-1, (npad, npad))[..., :n, :n].flatten(-2)
-    return torch.cat([t[..., :n], t[..., np_:np_ + n], res], dim=-1)
+    nc = n * n + 2 * n
+    return Layout(npad, np_, npad * npad, nc, max(16, 1 << (nc - 1).bit_length()), 2 * np_ + npad * npad)
 
 
 def _dot_mode(x: Tensor) -> DotMode:
@@ -142,11 +147,11 @@ def _poisoned(*tensors: Tensor) -> None:
 
 def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Empty outputs of a pre side for ``x [M, n, C]``: ``u [M, C]`` (dtype of ``x``) and
-    float32 ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``, ``q [M, W]``, ``rstd [M]``."""
+    float32 ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``, ``q [M, QW]``, ``rstd [M]``."""
     m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
     f32 = torch.float32
     outs = (x.new_empty(m, c), x.new_empty(m, n, dtype=f32), x.new_empty(m, n, dtype=f32),
-            x.new_empty(m, n, n, dtype=f32), x.new_empty(m, layout(n)[3], dtype=f32), x.new_empty(m, dtype=f32))
+            x.new_empty(m, n, n, dtype=f32), x.new_empty(m, layout(n).qw, dtype=f32), x.new_empty(m, dtype=f32))
     _poisoned(*outs)
     return outs
 
@@ -160,6 +165,21 @@ def _tiles(x: Tensor, c: int, tiles: Tiles, kind: str) -> Tiles:
     if x.is_cuda and x.element_size() == 4 and kind in ("proj", "dx"):
         bc = max(16, bc // 2)  # float32 streams: the tiles tuned for 16 bits, halved to fit
     return dataclasses.replace(t, channels=_pick(bc, c))
+
+
+def few_tokens(m: int) -> bool:
+    """Whether ``m`` tokens take the decode tiles (see DECODE_TOKENS)."""
+    return m <= DECODE_TOKENS
+
+
+def _projection_tiles(x: Tensor, m: int, c: int, tiles: Tiles) -> tuple[Tiles, int, int]:
+    """Tiles, channels per program and number of channel ranges of a split-K projection
+    over ``m`` tokens: ``tiles`` and SPLIT_CHANNELS, or the decode ones for few tokens."""
+    if few_tokens(m):
+        t = _tiles(x, c, DECODE_PROJ_TILES, "proj")
+        return (t, *_splits(x, c, t.channels, DECODE_SPLIT_CHANNELS))
+    t = _tiles(x, c, tiles, "proj")
+    return (t, *_splits(x, c, t.channels))
 
 
 def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[int, int]:
@@ -181,16 +201,15 @@ def _back_dot(dot: DotMode) -> DotMode:
 
 if KERNELS_AVAILABLE:
 
-    def _pre_projection(x: Tensor, phi_pad: Tensor, dot: DotMode) -> tuple[Tensor, Tensor, int]:
+    def _pre_projection(x: Tensor, phi: Tensor, dot: DotMode) -> tuple[Tensor, Tensor, int]:
         """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        width = layout(n)[3]
-        t = _tiles(x, c, PROJ_TILES, "proj")
-        per, splits = _splits(x, c, t.channels)
-        part = x.new_empty(splits, m, width, dtype=torch.float32)
+        lay = layout(n)
+        t, per, splits = _projection_tiles(x, m, c, PROJ_TILES)
+        part = x.new_empty(splits, m, lay.w, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
         wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
-            x, phi_pad, part, sq, m, c, per, N=n, W=width, DOT=int(dot), **t.launch(),
+            x, phi, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
         )
         return part, sq, splits
 
@@ -199,16 +218,20 @@ if KERNELS_AVAILABLE:
         hc: bool, iters: int, eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Launches 2 and 3 of a pre forward over streams ``x [M, n, C]``: coefficients from
-        the partial projections, then ``u``. Returns :func:`_pre_outputs`, filled."""
+        the partial projections, then ``u`` (one launch for few tokens). Returns
+        :func:`_pre_outputs`, filled."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, _ = layout(n)
+        lay = layout(n)
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
-        ct = _tiles(x, c, COEF_TILES, "coef")
+        few = few_tokens(m)
+        ct = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate") if few else _tiles(x, c, COEF_TILES, "coef")
         wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens),)](
-            part, sq, _pad_columns(bias, n), alpha, h_pre, h_post, h_res, q, rstd,
-            m, n * c, eps, iters, splits, N=n, NPAD=npad, NP=np_, NR=nr, W=layout(n)[3], HC=hc,
-            **ct.launch(channels=False),
+            part, sq, bias, alpha, h_pre, h_post, h_res, q, rstd, x, u,
+            m, c, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
+            HC=hc, AGGREGATE=few, **ct.launch(channels=True),
         )
+        if few:
+            return u, h_pre, h_post, h_res, q, rstd
         t = _tiles(x, c, AGGREGATE_TILES, "stream")
         wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))](
             x, h_pre, u, m, c, N=n, **t.launch(),
@@ -220,26 +243,26 @@ if KERNELS_AVAILABLE:
         q: Tensor, rstd: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Launches 1 and 2 of a pre backward over streams ``x [M, n, C]``: ``dproj [M, W]``,
-        ``dz [M, W]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
+        ``dz [M, n^2 + 2n]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        npad, np_, nr, width = layout(n)
+        lay = layout(n)
         t = _tiles(x, c, DH_TILES, "proj")
         per, splits = _splits(x, c, t.channels)
-        part = x.new_empty(splits, m, np_, dtype=torch.float32)
+        part = x.new_empty(splits, m, lay.np, dtype=torch.float32)
         wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, t.tokens), splits)](
-            x, du, part, m, c, per, N=n, NP=np_, **t.launch(),
+            x, du, part, m, c, per, N=n, NP=lay.np, **t.launch(),
         )
-        dproj = x.new_zeros(m, width, dtype=torch.float32)  # zero padding columns: one dot in dx
-        dz = x.new_empty(m, width, dtype=torch.float32)
+        dproj = x.new_zeros(m, lay.w, dtype=torch.float32)  # zero past nc: one dot in dx
+        dz = x.new_empty(m, lay.nc, dtype=torch.float32)
         dalpha = x.new_empty(m, 3, dtype=torch.float32)
         coef = x.new_empty(m, dtype=torch.float32)
-        sums = x.new_empty(0 if hc else 2 * iters, m, npad, dtype=torch.float32)  # Sinkhorn scratch
+        sums = x.new_empty(0 if hc else 2 * iters, m, lay.npad, dtype=torch.float32)  # Sinkhorn scratch
         _poisoned(dz, dalpha, coef)
         ct = _tiles(x, c, COEF_TILES, "coef")
         wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, ct.tokens),)](
-            part, _pad_columns(bias, n), alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
+            part, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
             dproj, dz, dalpha, coef, sums, m, n * c, iters, splits,
-            N=n, NPAD=npad, NP=np_, NR=nr, W=width, HC=hc, **ct.launch(channels=False),
+            N=n, HC=hc, **lay.constants(), **ct.launch(channels=False),
         )
         return dproj, dz, dalpha, coef
 
@@ -258,25 +281,20 @@ if KERNELS_AVAILABLE:
         _poisoned(dx)
         t = _tiles(x, c, DX_TILES, "dx")
         per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS)
+        lay = layout(n)
         wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, t.tokens), splits)](
-            x, du, _phi_t(phi, n, dot), h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
-            N=n, W=layout(n)[3], BDOT=int(_back_dot(dot)), ACCUM=g_in is not None, **t.launch(),
+            x, du, phi, h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
+            N=n, NC=lay.nc, W=lay.w, BDOT=int(_back_dot(dot)), ACCUM=g_in is not None, **t.launch(),
         )
         return dx, dproj, dz, dalpha
-
-    def _phi_t(phi: Tensor, n: int, dot: DotMode) -> Tensor:
-        """``phi`` padded and transposed, ``[W, n*C]``, for ``dproj @ phi^T``; bf16 where
-        dx is served by one bf16 dot."""
-        phi_t = _pad_columns(phi, n).t().contiguous()
-        return phi_t.to(torch.bfloat16) if _back_dot(dot) == DotMode.BF16 else phi_t
 
     @triton_op("mhc_compile::pre_fwd", mutates_args=())
     def pre_fwd(
         x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, hc: bool, iters: int, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
-        ``q [M, W]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
-        part, sq, splits = _pre_projection(x, _pad_columns(phi, int(x.shape[1])), _dot_mode(x))
+        ``q [M, QW]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
+        part, sq, splits = _pre_projection(x, phi, _dot_mode(x))
         return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps)
 
     @triton_op("mhc_compile::pre_bwd", mutates_args=())
@@ -298,7 +316,7 @@ if KERNELS_AVAILABLE:
         t = _tiles(x, c, POST_TILES, "post")
         grid = (triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))
         wrap_triton(kernels._post_fwd_kernel)[grid](
-            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n)[0], **t.launch(),
+            x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n).npad, **t.launch(),
         )
         return out
 
@@ -326,7 +344,7 @@ if KERNELS_AVAILABLE:
             dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
         wrap_triton(kernels._post_bwd_kernel)[(triton.cdiv(m, t.tokens), splits)](
             x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c, per,
-            N=n, NPAD=layout(n)[0], ATOMIC=not deterministic, **t.launch(),
+            N=n, NPAD=layout(n).npad, ATOMIC=not deterministic, **t.launch(),
         )
         if deterministic:
             dh_post, dh_res = dh_post.sum(0), dh_res.sum(0)  # torch's reductions use no atomics
@@ -349,16 +367,15 @@ if KERNELS_AVAILABLE:
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
         for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
-        width = layout(n)[3]
+        lay = layout(n)
         x_next = torch.empty_like(x)
         _poisoned(x_next)
-        t = _tiles(x, c, POST_PROJ_TILES, "proj")
-        per, splits = _splits(x, c, t.channels)
-        part = x.new_empty(splits, m, width, dtype=torch.float32)
+        t, per, splits = _projection_tiles(x, m, c, POST_PROJ_TILES)
+        part = x.new_empty(splits, m, lay.w, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
         wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
-            x, y, h_post0, h_res0, _pad_columns(phi, n), x_next, part, sq, m, c, per,
-            N=n, NPAD=layout(n)[0], W=width, DOT=int(_dot_mode(x)), **t.launch(),
+            x, y, h_post0, h_res0, phi, x_next, part, sq, m, c, per,
+            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(_dot_mode(x)), **t.launch(),
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 
@@ -389,12 +406,12 @@ if KERNELS_AVAILABLE:
         """``dphi = vec(x)^T dproj`` (a matmul outside the kernel), ``dbias``, ``dalpha``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         flat = x.reshape(m, n * c)
-        dproj = _unpad_columns(dproj, n)
+        dproj = dproj[:, :layout(n).nc]
         if x.dtype == torch.float32:
             dphi = flat.t() @ dproj
         else:
             dphi = (flat.t() @ dproj.to(x.dtype)).float()
-        return dphi, _unpad_columns(dz.sum(0), n), dalpha.sum(0)
+        return dphi, dz.sum(0), dalpha.sum(0)
 
     def _post_pre_setup(ctx, inputs, output) -> None:
         x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _, deterministic = inputs

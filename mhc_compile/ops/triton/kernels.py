@@ -1,10 +1,14 @@
 """Fused Triton kernels for one mHC connection. They know nothing of graphs.
 
 Layout: streams ``x [M, N, C]`` (C contiguous), branch ``y``/``u`` ``[M, C]``.
-The projection ``phi [N*C, N^2 + 2N]`` arrives padded as ``[N*C, W]`` (``W`` the next
-power of two of ``2*NP + NR``, so one dot covers all columns): pre columns at ``[0, N)``, post at ``[NP, NP+N)``, res at
-``2*NP + i*NPAD + j``; ``NPAD = max(4, next_pow2(N))``, ``NP = max(16, NPAD)``,
-``NR = NPAD^2`` (so ``tl.dot`` gets N >= 16 and the res block reshapes to a square).
+``phi [N*C, NC]`` and ``bias [NC]`` (``NC = N^2 + 2N``) are read as they are, in the
+compact column order pre ``[0, N)``, post ``[N, 2N)``, res ``2N + i*N + j``; the projection
+dot runs over ``W = max(16, next_pow2(NC))`` columns (loads masked past ``NC``), and its
+float32 partials ``[S, M, W]`` and the backward's ``dproj [M, W]`` keep that order.
+On chip the coefficients live in padded blocks: pre and post ``[BM, NP]``, res ``[BM, NR]``
+reshaped to ``[BM, NPAD, NPAD]``, with ``NPAD = max(4, next_pow2(N))``, ``NP = max(16, NPAD)``,
+``NR = NPAD^2``; the scaled projections ``q [M, QW]`` saved for backward use that padded
+order (pre at 0, post at ``NP``, res at ``2*NP``; ``QW = 2*NP + NR``).
 ``phi`` is float32; the kernels split it (and float32 streams) into bf16 hi + lo parts
 on chip, so tensor-core dots give float32-accurate projections (see ``_split_dot``).
 All coefficient math is float32.
@@ -81,13 +85,60 @@ def _sinkhorn_step(p, axis: tl.constexpr):
 
 
 @triton.jit
+def _res_columns(N: tl.constexpr, NPAD: tl.constexpr, NR: tl.constexpr):
+    """Compact columns ``2N + i*N + j`` of the padded res entries ``i*NPAD + j`` ``[NR]``,
+    and which of them are real (``i, j < N``)."""
+    cr = tl.arange(0, NR)
+    i = cr // NPAD
+    j = cr % NPAD
+    return 2 * N + i * N + j, (i < N) & (j < N)
+
+
+@triton.jit
+def _load_compact(row, mmask, N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr):
+    """pre ``[BM, NP]``, post ``[BM, NP]``, res ``[BM, NR]`` (zero in the padding) from
+    compact rows ``row [BM, 1]`` (pointers to each token's column 0)."""
+    cp = tl.arange(0, NP)
+    pmask = mmask[:, None] & (cp < N)[None, :]
+    col, rvalid = _res_columns(N, NPAD, NR)
+    pre = tl.load(row + cp[None, :], mask=pmask, other=0.0)
+    post = tl.load(row + N + cp[None, :], mask=pmask, other=0.0)
+    res = tl.load(row + col[None, :], mask=mmask[:, None] & rvalid[None, :], other=0.0)
+    return pre, post, res
+
+
+@triton.jit
+def _store_compact(row, mmask, pre, post, res, N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr,
+                   NR: tl.constexpr):
+    """Inverse of :func:`_load_compact`: the real entries of the padded blocks to ``row``."""
+    cp = tl.arange(0, NP)
+    pmask = mmask[:, None] & (cp < N)[None, :]
+    col, rvalid = _res_columns(N, NPAD, NR)
+    tl.store(row + cp[None, :], pre, mask=pmask)
+    tl.store(row + N + cp[None, :], post, mask=pmask)
+    tl.store(row + col[None, :], res, mask=mmask[:, None] & rvalid[None, :])
+
+
+@triton.jit
+def _load_bias(bias_ptr, N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr):
+    """The compact ``bias [NC]`` as padded blocks pre ``[NP]``, post ``[NP]``, res ``[NR]``."""
+    cp = tl.arange(0, NP)
+    col, rvalid = _res_columns(N, NPAD, NR)
+    b_pre = tl.load(bias_ptr + cp, mask=cp < N, other=0.0)
+    b_post = tl.load(bias_ptr + N + cp, mask=cp < N, other=0.0)
+    return b_pre, b_post, tl.load(bias_ptr + col, mask=rvalid, other=0.0)
+
+
+@triton.jit
 def _coefficients(
     acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
     hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, QW: tl.constexpr,
     HC: tl.constexpr, BM: tl.constexpr,
 ):
-    """Projections ``[BM, W]`` and ``sum(x^2) [BM]`` -> stored ``H_pre, H_post, H_res, q, rstd``."""
+    """Projections (padded blocks ``[BM, NP]``, ``[BM, NP]``, ``[BM, NR]``) and ``sum(x^2)
+    [BM]`` -> stored ``H_pre, H_post, H_res, q, rstd``; returns ``H_pre [BM, NP]`` (zero in
+    the padding)."""
     rm64 = rm.to(tl.int64)
     cp = tl.arange(0, NP)
     cr = tl.arange(0, NR)
@@ -98,9 +149,7 @@ def _coefficients(
     a0 = tl.load(alpha_ptr)
     a1 = tl.load(alpha_ptr + 1)
     a2 = tl.load(alpha_ptr + 2)
-    b_pre = tl.load(bias_ptr + cp)
-    b_post = tl.load(bias_ptr + NP + cp)
-    b_res = tl.load(bias_ptr + 2 * NP + cr)
+    b_pre, b_post, b_res = _load_bias(bias_ptr, N, NPAD, NP, NR)
     if HC:
         h_pre = a0 * _tanh(q_pre) + b_pre[None, :]
         h_post = a1 * _tanh(q_post) + b_post[None, :]
@@ -122,11 +171,12 @@ def _coefficients(
     rvalid = (ri[:, None] < N) & (ri[None, :] < N)
     res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
     tl.store(hres_ptr + res_off, h_res, mask=mmask[:, None, None] & rvalid[None, :, :])
-    qrow = q_ptr + rm64[:, None] * W
+    qrow = q_ptr + rm64[:, None] * QW
     tl.store(qrow + cp[None, :], q_pre, mask=mmask[:, None])
     tl.store(qrow + NP + cp[None, :], q_post, mask=mmask[:, None])
     tl.store(qrow + 2 * NP + cr[None, :], q_res, mask=mmask[:, None])
     tl.store(rstd_ptr + rm, rstd, mask=mmask)
+    return h_pre
 
 
 @triton.jit
@@ -245,16 +295,16 @@ def _post_bwd_kernel(
 def _coefficient_grads(
     d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
     dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
-    HC: tl.constexpr, BM: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, NC: tl.constexpr,
+    W: tl.constexpr, QW: tl.constexpr, HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Backward of :func:`_coefficients` on chip (Sinkhorn recomputed, not stored).
 
     The recomputation keeps the ``2*iters`` row/column sums of each token in ``sums
     [2*iters, M, NPAD]`` (float32 scratch), so the backward walk is O(iters), not O(iters^2).
 
-    Takes ``dH_pre [BM, NP]`` and loads ``dH_post``, ``dH_res``; stores ``dproj``, ``dz``,
-    ``dalpha`` per token. Returns ``coef [BM]``, the factor of ``x`` in ``dx`` that comes
+    Takes ``dH_pre [BM, NP]`` and loads ``dH_post``, ``dH_res``; stores ``dproj [M, W]``
+    and ``dz [M, NC]`` (compact columns) and ``dalpha [M, 3]`` per token. Returns ``coef [BM]``, the factor of ``x`` in ``dx`` that comes
     from the RMS.
     """
     rm64 = rm.to(tl.int64)
@@ -264,7 +314,7 @@ def _coefficient_grads(
     a0 = tl.load(alpha_ptr)
     a1 = tl.load(alpha_ptr + 1)
     a2 = tl.load(alpha_ptr + 2)
-    qrow = q_ptr + rm64[:, None] * W
+    qrow = q_ptr + rm64[:, None] * QW
     q_pre = tl.load(qrow + cp[None, :], mask=mmask[:, None], other=0.0)
     q_post = tl.load(qrow + NP + cp[None, :], mask=mmask[:, None], other=0.0)
     q_res = tl.load(qrow + 2 * NP + cr[None, :], mask=mmask[:, None], other=0.0)
@@ -293,7 +343,7 @@ def _coefficient_grads(
         dz_pre = tl.where(pvalid[None, :], d_hpre * h_pre * (1.0 - h_pre), 0.0)
         s_post = 0.5 * h_post
         dz_post = d_hpost * 2.0 * s_post * (1.0 - s_post)
-        b_res = tl.load(bias_ptr + 2 * NP + cr)
+        _, _, b_res = _load_bias(bias_ptr, N, NPAD, NP, NR)
         p0 = _sinkhorn_logits(q_res, a2, b_res, N, NPAD, BM)
         valid3 = ((ri[:, None] < N) & (ri[None, :] < N))[None, :, :]
         # the forward again, keeping each step's row (even t) or column (odd t) sums
@@ -336,14 +386,8 @@ def _coefficient_grads(
     dp_pre = dq_pre * rstd[:, None]
     dp_post = dq_post * rstd[:, None]
     dp_res = dq_res * rstd[:, None]
-    drow = dproj_ptr + rm64[:, None] * W
-    tl.store(drow + cp[None, :], dp_pre, mask=mmask[:, None])
-    tl.store(drow + NP + cp[None, :], dp_post, mask=mmask[:, None])
-    tl.store(drow + 2 * NP + cr[None, :], dp_res, mask=mmask[:, None])
-    zrow = dz_ptr + rm64[:, None] * W
-    tl.store(zrow + cp[None, :], dz_pre, mask=mmask[:, None])
-    tl.store(zrow + NP + cp[None, :], dz_post, mask=mmask[:, None])
-    tl.store(zrow + 2 * NP + cr[None, :], dz_res, mask=mmask[:, None])
+    _store_compact(dproj_ptr + rm64[:, None] * W, mmask, dp_pre, dp_post, dp_res, N, NPAD, NP, NR)
+    _store_compact(dz_ptr + rm64[:, None] * NC, mmask, dz_pre, dz_post, dz_res, N, NPAD, NP, NR)
     tl.store(dalpha_ptr + rm64 * 3, da0, mask=mmask)
     tl.store(dalpha_ptr + rm64 * 3 + 1, da1, mask=mmask)
     tl.store(dalpha_ptr + rm64 * 3 + 2, da2, mask=mmask)
@@ -372,11 +416,12 @@ def _range_program(M, C, CS, BM: tl.constexpr):
 
 
 @triton.jit
-def _project(xt, phi_ptr, k, kmask, acc, sumsq, W: tl.constexpr, DOT: tl.constexpr):
-    """Add ``xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]``; one dot over all columns) to
-    ``acc [BM, W]`` and ``xt``'s row sums of squares to ``sumsq [BM]``."""
+def _project(xt, phi_ptr, k, kmask, acc, sumsq, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr):
+    """Add ``xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]`` of ``phi [K, NC]``; one dot over all
+    columns, zero past ``NC``) to ``acc [BM, W]`` and ``xt``'s row sums of squares to
+    ``sumsq [BM]``."""
     cw = tl.arange(0, W)
-    ph = tl.load(phi_ptr + k[:, None] * W + cw[None, :], mask=kmask[:, None], other=0.0)
+    ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
     xf = xt.to(tl.float32)
     return acc + _split_dot(xt, ph, DOT), sumsq + tl.sum(xf * xf, axis=1)
 
@@ -392,7 +437,7 @@ def _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W: tl
 @triton.jit
 def _pre_proj_kernel(
     x_ptr, phi_ptr, part_ptr, sq_ptr, M, C, CS,
-    N: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
+    N: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels)."""
@@ -407,14 +452,14 @@ def _pre_proj_kernel(
             cmask = rc < c_hi
             xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
                          mask=mmask[:, None] & cmask[None, :], other=0.0)
-            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, W, DOT)
+            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, NC, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
 @triton.jit
 def _post_proj_kernel(
     x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, xn_ptr, part_ptr, sq_ptr, M, C, CS,
-    N: tl.constexpr, NPAD: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles.
@@ -444,37 +489,49 @@ def _post_proj_kernel(
             xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
             xo = xi.to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
-            acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, W, DOT)
+            acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, NC, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
 @triton.jit
 def _pre_coef_kernel(
     part_ptr, sq_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
-    M, K, eps, iters, SPLITS,
+    x_ptr, u_ptr, M, C, K, eps, iters, SPLITS,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
-    HC: tl.constexpr, BM: tl.constexpr,
+    QW: tl.constexpr, HC: tl.constexpr, AGGREGATE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token."""
+    """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token.
+
+    With ``AGGREGATE`` (few tokens: decode) it also computes ``u`` for its tokens, walking
+    all ``C`` channels in chunks of ``BC`` (what launch 3 does otherwise)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     mmask = rm < M
     rm64 = rm.to(tl.int64)
-    cp = tl.arange(0, NP)
-    cr = tl.arange(0, NR)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
     acc_post = tl.zeros((BM, NP), dtype=tl.float32)
     acc_res = tl.zeros((BM, NR), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for s in range(SPLITS):
-        row = part_ptr + (s * M + rm64)[:, None] * W
-        acc_pre += tl.load(row + cp[None, :], mask=mmask[:, None], other=0.0)
-        acc_post += tl.load(row + NP + cp[None, :], mask=mmask[:, None], other=0.0)
-        acc_res += tl.load(row + 2 * NP + cr[None, :], mask=mmask[:, None], other=0.0)
+        pre, post, res = _load_compact(part_ptr + (s * M + rm64)[:, None] * W, mmask, N, NPAD, NP, NR)
+        acc_pre += pre
+        acc_post += post
+        acc_res += res
         sumsq += tl.load(sq_ptr + s * M + rm64, mask=mmask, other=0.0)
-    _coefficients(
+    h_pre = _coefficients(
         acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
-        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, W, HC, BM,
+        hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, QW, HC, BM,
     )
+    if AGGREGATE:
+        cp = tl.arange(0, NP)
+        for c0 in range(0, C, BC):
+            rc = c0 + tl.arange(0, BC)
+            mc = mmask[:, None] & (rc < C)[None, :]
+            acc = tl.zeros((BM, BC), dtype=tl.float32)
+            for j in tl.static_range(N):
+                h = tl.sum(tl.where(cp[None, :] == j, h_pre, 0.0), axis=1)
+                xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0)
+                acc += h[:, None] * xt.to(tl.float32)
+            tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty), mask=mc)
 
 
 @triton.jit
@@ -523,8 +580,8 @@ def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, M, C, CS,
 def _pre_coef_bwd_kernel(
     part_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr, dhpost_ptr, dhres_ptr,
     dproj_ptr, dz_ptr, dalpha_ptr, coef_ptr, sums_ptr, M, K, iters, SPLITS,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
-    HC: tl.constexpr, BM: tl.constexpr,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, NC: tl.constexpr,
+    W: tl.constexpr, QW: tl.constexpr, HC: tl.constexpr, BM: tl.constexpr,
 ):
     """Launch 2 of the pre backward: ``dproj``, ``dz``, ``dalpha`` and the RMS factor ``coef [M]``."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -536,25 +593,27 @@ def _pre_coef_bwd_kernel(
         d_hpre += tl.load(part_ptr + (s * M + rm64)[:, None] * NP + cp[None, :], mask=mmask[:, None], other=0.0)
     coef = _coefficient_grads(
         d_hpre, rm, mmask, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, q_ptr, rstd_ptr,
-        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters, N, NPAD, NP, NR, W, HC, BM,
+        dhpost_ptr, dhres_ptr, dproj_ptr, dz_ptr, dalpha_ptr, sums_ptr, M, K, iters,
+        N, NPAD, NP, NR, NC, W, QW, HC, BM,
     )
     tl.store(coef_ptr + rm64, coef, mask=mmask)
 
 
 @triton.jit
-def _stream_grad(xj, du, hj, coef, dproj, phit_ptr, k, kmask, K, W: tl.constexpr, BDOT: tl.constexpr):
+def _stream_grad(xj, du, hj, coef, dproj, phi_ptr, k, kmask, NC: tl.constexpr, W: tl.constexpr,
+                 BDOT: tl.constexpr):
     """The pre side's gradient of stream ``j`` on a ``[BM, BC]`` tile:
-    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phit [W, K]`` is ``phi`` transposed
-    and ``dproj [BM, W]`` is zero in the padding columns."""
+    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phi [K, NC]`` is read transposed
+    (``[W, BC]``, zero past ``NC``) and ``dproj [BM, W]`` is zero past ``NC``."""
     cw = tl.arange(0, W)
-    pt = tl.load(phit_ptr + cw[:, None] * K + k[None, :], mask=kmask[None, :], other=0.0)  # [W, BC]
+    pt = tl.load(phi_ptr + k[None, :] * NC + cw[:, None], mask=(cw < NC)[:, None] & kmask[None, :], other=0.0)
     return hj[:, None] * du + _split_dot(dproj, pt, BDOT) + coef[:, None] * xj
 
 
 @triton.jit
 def _pre_dx_kernel(
-    x_ptr, du_ptr, phit_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C, CS,
-    N: tl.constexpr, W: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
+    x_ptr, du_ptr, phi_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C, CS,
+    N: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``, plus
@@ -577,7 +636,7 @@ def _pre_dx_kernel(
             off = rm64[:, None] * K + j * C + rc[None, :]
             hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
             xj = tl.load(x_ptr + off, mask=mc, other=0.0).to(tl.float32)
-            dxj = _stream_grad(xj, du, hj, coef, dproj, phit_ptr, (j * C + rc).to(tl.int64), cmask, K, W, BDOT)
+            dxj = _stream_grad(xj, du, hj, coef, dproj, phi_ptr, (j * C + rc).to(tl.int64), cmask, NC, W, BDOT)
             if ACCUM:
                 dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
