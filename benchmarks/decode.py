@@ -8,15 +8,18 @@ the converted one:
 
 * ``eager``: ``model.generate`` as it is (dynamic KV cache);
 * ``compiled``: ``model.forward = torch.compile(model.forward, dynamic=True)``;
-* ``cuda graphs``: a static KV cache (``cache_implementation="static"``) and
-  ``torch.compile(model.forward, mode="reduce-overhead")``, so each decode step replays a
-  CUDA graph.
+* ``cuda graphs``: a static KV cache (``cache_implementation="static"``), with which
+  ``generate`` compiles the decode step itself (``mode="reduce-overhead"``: each decode step
+  replays a CUDA graph); the cache keeps its size across calls, so nothing recompiles.
 
 Time per new token = (time of a ``new_tokens`` generation - time of a 1-token generation)
 / (new_tokens - 1), so the prompt's prefill is left out; the median of ``--reps`` runs after
 warm-up runs (compilation and graph capture happen there). Generated tokens of the
 converted model are compared with the residual model's (``init="preserve"``: equal up to
 bf16 rounding in the streams; a differing token is reported, not hidden).
+
+``--profile PATH``: also profile a few eager decode steps of both models (torch.profiler)
+and write each op's host and device time per step to PATH.
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
     static = how == "cuda graphs"
     if how == "compiled":
         model.forward = torch.compile(model.forward, dynamic=True)
-    elif static:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
     ids = torch.randint(1, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(args.device)
     tokens = None
     for _ in range(args.warmup):
@@ -83,6 +84,8 @@ def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
         longs.append(_timed(lambda: _generate(model, ids, args.new_tokens, static), args.device))
         shorts.append(_timed(lambda: _generate(model, ids, 1, static), args.device))
     per_token = (statistics.median(longs) - statistics.median(shorts)) / (args.new_tokens - 1)
+    if args.profile and how == "eager":
+        profile_rows(model, ids, args, converted)
     del model
     gc.collect()
     if args.device.startswith("cuda"):
@@ -90,6 +93,34 @@ def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
     torch._dynamo.reset()
     return {"model": "mhc" if converted else "residual", "mode": how,
             "ms/token": round(1000 * per_token, 2), "tokens": tokens[0, args.prompt:].tolist()}
+
+
+PROFILE_STEPS = 8
+
+
+def profile_rows(model, ids: torch.Tensor, args: argparse.Namespace, converted: bool) -> None:
+    """Append the ops of ``PROFILE_STEPS`` eager decode steps (host and device time per step)
+    to ``args.profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        _generate(model, ids, PROFILE_STEPS + 1, False)
+    rows = []
+    for e in prof.key_averages():
+        rows.append({"op": e.key[:70], "calls": e.count, "host us/step (self)": e.self_cpu_time_total / PROFILE_STEPS,
+                     "device us/step (self)": getattr(e, "self_device_time_total", 0) / PROFILE_STEPS})
+    rows.sort(key=lambda r: -r["host us/step (self)"])
+    total_host = sum(r["host us/step (self)"] for r in rows)
+    total_dev = sum(r["device us/step (self)"] for r in rows)
+    name = "mhc" if converted else "residual"
+    text = "\n".join([
+        f"## {name}, eager: {PROFILE_STEPS} decode steps + prefill, per step (self time)",
+        "", f"host total {total_host:.0f} us/step, device total {total_dev:.0f} us/step", "",
+        tabulate([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:40]],
+                 headers="keys", tablefmt="github"), "", ""])
+    with open(args.profile, "a") as f:
+        f.write(text)
 
 
 def main() -> None:
@@ -104,6 +135,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=HOWS, default=list(HOWS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, help="also profile eager decode steps into this file")
     args = parser.parse_args()
     rows = []
     for how in args.only:
@@ -114,32 +146,43 @@ def main() -> None:
                 rows.append({"model": "mhc" if converted else "residual", "mode": how,
                              "ms/token": f"failed: {type(err).__name__}: {str(err)[:160]}"})
             print({k: v for k, v in rows[-1].items() if k != "tokens"}, flush=True)
-    base = {r["mode"]: r for r in rows if r["model"] == "residual" and isinstance(r["ms/token"], float)}
-    for r in rows:
+            if args.out:  # the rows so far, in case a later row runs past a time limit
+                write_table(args, rows, quiet=True)
+    write_table(args, rows)
+
+
+def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False) -> None:
+    """The markdown table of ``rows`` (each mode against the residual model's same mode)."""
+    import triton
+
+    shown = [dict(r) for r in rows]
+    base = {r["mode"]: r for r in shown if r["model"] == "residual" and isinstance(r["ms/token"], float)}
+    for r in shown:
         ref = base.get(r["mode"])
         if ref and isinstance(r["ms/token"], float):
             r["vs residual, same mode"] = f"{r['ms/token'] / ref['ms/token']:.2f}x"
-            if r is not ref:
-                same = sum(a == b for a, b in zip(r["tokens"], ref["tokens"]))
-                r["tokens equal to residual"] = f"{same}/{len(ref['tokens'])}"
-    for r in rows:
+            r["tokens equal to residual"] = "" if r is ref else \
+                f"{sum(a == b for a, b in zip(r['tokens'], ref['tokens']))}/{len(ref['tokens'])}"
+    for r in shown:
         r.pop("tokens", None)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    import triton
-
     text = "\n".join([
         f"# Decode latency on {device}",
         "",
         f"Command: `python benchmarks/decode.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab} "
-        f"--prompt {args.prompt} --new-tokens {args.new_tokens} --reps {args.reps}`",
+        f"--prompt {args.prompt} --new-tokens {args.new_tokens} --warmup {args.warmup} --reps {args.reps}`",
         f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, bf16 weights, batch 1, greedy, "
         f"{args.prompt}-token prompt, {args.new_tokens} new tokens; time per new token (prefill excluded), "
         f"median of {args.reps}.",
         "",
-        tabulate(rows, headers="keys", tablefmt="github"),
+        tabulate(shown, headers="keys", tablefmt="github"),
         "",
     ])
-    report(text, args.out)
+    if quiet:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
 # MHC_LOSS_ARGS, MHC_DECODE_ARGS: likewise for train_step.py --loss-check and decode.py (default: skip)
 # MHC_STUDY_ARGS: arguments of benchmarks/study.py ("skip": do not run it; "defaults": its defaults);
 #   the results, the JSON and the figure land in $OUT (study-<gpu>.md, study-<gpu>.json, study.png)
+# MHC_BASELINE_ARGS: arguments of benchmarks/kernels.py run a second time, in this same call, against
+#   an older package in .whl/baseline.tar (made with `git archive <commit> mhc_compile -o .whl/baseline.tar`),
+#   so that kernel changes are compared on one machine in one run ("skip" or unset: not run)
 # MHC_BUNDLE=1: pack every result into $OUT/results.tgz (the GPU tool returns few files)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,6 +35,12 @@ run_bench() {  # name, args, timeout
   echo "== $1 (exit $?)"; tail -60 "$OUT/$1.log"
 }
 run_bench kernels "${MHC_KERNELS_ARGS:-}" "${MHC_KERNELS_TIMEOUT:-300}"
+if [ "${MHC_BASELINE_ARGS:-skip}" != "skip" ] && [ -f .whl/baseline.tar ]; then
+  base=$(mktemp -d) && tar xf .whl/baseline.tar -C "$base" && cp -r benchmarks "$base/" && cp -r .whl "$base/"
+  (cd "$base" && PYTHONPATH="$base${PYTHONPATH#$PWD}" timeout "${MHC_BASELINE_TIMEOUT:-200}" \
+    python3 benchmarks/kernels.py --out "$OUT/kernels-baseline.md" $MHC_BASELINE_ARGS > "$OUT/kernels-baseline.log" 2>&1)
+  echo "== kernels, baseline package (exit $?)"; tail -40 "$OUT/kernels-baseline.log"
+fi
 run_bench train_step "${MHC_TRAIN_ARGS:-skip}" "${MHC_TRAIN_TIMEOUT:-400}"
 if [ "${MHC_LOSS_ARGS:-skip}" != "skip" ]; then
   timeout "${MHC_LOSS_TIMEOUT:-240}" python3 benchmarks/train_step.py --out "$OUT/loss-check.md" $MHC_LOSS_ARGS \

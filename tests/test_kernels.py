@@ -221,6 +221,32 @@ class _OpRecorder(TorchDispatchMode):
         return [a[-1] is True for name, a in zip(self.calls, self.args) if name in ("post_bwd", "post_pre_bwd")]
 
 
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_results():
+    """Plain eager calls run the op bodies under the ops' own autograd formulas; with a
+    dispatch mode active they go through torch.ops: bitwise the same values and grads."""
+    x, y, phi, bias, alpha = _inputs(9, 4, 24, torch.float32)
+
+    def run():
+        u, h_post, h_res = library.mhc_pre(x, phi, bias, alpha)
+        x2, u2, h_post2, h_res2 = library.mhc_post_pre(x, u * y, h_post, h_res, phi, bias, alpha)
+        out = library.mhc_post(x2, u2, h_post2, h_res2)
+        return out, torch.autograd.grad(out.square().sum(), [x, y, phi, bias, alpha])
+
+    fast, fast_grads = run()
+    assert type(fast.grad_fn).__name__ == "PostFwdBackward"  # the eager autograd.Function
+    with _Passthrough():
+        slow, slow_grads = run()
+    assert type(slow.grad_fn).__name__ != "PostFwdBackward"  # the op's registered autograd
+    assert torch.equal(fast, slow)
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 def test_rewrite_emits_the_fused_post_pre_kernel():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
     # fuse_adjacent is the default

@@ -4,9 +4,11 @@ Six custom ops (``mhc_compile::pre_fwd``, ``pre_bwd``, ``post_fwd``, ``post_bwd`
 ``post_pre_fwd``, ``post_pre_bwd``) are declared with ``torch.library.triton_op`` so that
 eager mode, autograd and Inductor all call the same kernels (Inductor sees the Triton
 kernels inside them), with fake implementations derived from the op bodies and autograd
-formulas registered with ``register_autograd``. A pre side runs as three launches (a
-split-K projection, the per-token coefficients, a streaming aggregate or dx pass); the
-fused post+pre op replaces the projection launch by one that also writes ``X_{l+1}``.
+formulas registered with ``register_autograd``; plain eager calls run the same bodies and
+formulas without the dispatcher's per-call cost (:func:`_run`). A pre side runs as three
+launches (a split-K projection, the per-token coefficients, a streaming aggregate or dx
+pass; for few tokens the coefficient launch computes ``u`` too); the fused post+pre op
+replaces the projection launch by one that also writes ``X_{l+1}``.
 :func:`mhc_pre`, :func:`mhc_post` and :func:`mhc_post_pre` are what ``ops.functional``
 calls for ``backend="triton"`` (and for ``"auto"`` on CUDA)."""
 
@@ -288,8 +290,7 @@ if KERNELS_AVAILABLE:
         )
         return dx, dproj, dz, dalpha
 
-    @triton_op("mhc_compile::pre_fwd", mutates_args=())
-    def pre_fwd(
+    def _pre_fwd_impl(
         x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, hc: bool, iters: int, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
@@ -297,8 +298,7 @@ if KERNELS_AVAILABLE:
         part, sq, splits = _pre_projection(x, phi, _dot_mode(x))
         return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps)
 
-    @triton_op("mhc_compile::pre_bwd", mutates_args=())
-    def pre_bwd(
+    def _pre_bwd_impl(
         x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
         q: Tensor, rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -306,8 +306,7 @@ if KERNELS_AVAILABLE:
         ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
         return _pre_side_backward(x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters)
 
-    @triton_op("mhc_compile::post_fwd", mutates_args=())
-    def post_fwd(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, deterministic: bool = False) -> Tensor:
+    def _post_fwd_impl(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, deterministic: bool = False) -> Tensor:
         """``X_next [M, n, C] = H_res @ x + H_post^T y``; ``deterministic`` only picks the
         backward's reduction (see :func:`post_bwd`)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
@@ -350,16 +349,14 @@ if KERNELS_AVAILABLE:
             dh_post, dh_res = dh_post.sum(0), dh_res.sum(0)  # torch's reductions use no atomics
         return dx, dy, dh_post, dh_res
 
-    @triton_op("mhc_compile::post_bwd", mutates_args=())
-    def post_bwd(
+    def _post_bwd_impl(
         x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool = False
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` (bitwise
         reproducible where ``deterministic``)."""
         return _post_backward_launch(x, y, h_post, h_res, grad, deterministic)
 
-    @triton_op("mhc_compile::post_pre_fwd", mutates_args=())
-    def post_pre_fwd(
+    def _post_pre_fwd_impl(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
         alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -379,8 +376,7 @@ if KERNELS_AVAILABLE:
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
 
-    @triton_op("mhc_compile::post_pre_bwd", mutates_args=())
-    def post_pre_bwd(
+    def _post_pre_bwd_impl(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
         phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor, q: Tensor,
         rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
@@ -454,9 +450,53 @@ if KERNELS_AVAILABLE:
         x, y, h_post, h_res = ctx.saved_tensors
         return (*torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous(), ctx.deterministic), None)
 
+    pre_fwd = triton_op("mhc_compile::pre_fwd", mutates_args=())(_pre_fwd_impl)
+    pre_bwd = triton_op("mhc_compile::pre_bwd", mutates_args=())(_pre_bwd_impl)
+    post_fwd = triton_op("mhc_compile::post_fwd", mutates_args=())(_post_fwd_impl)
+    post_bwd = triton_op("mhc_compile::post_bwd", mutates_args=())(_post_bwd_impl)
+    post_pre_fwd = triton_op("mhc_compile::post_pre_fwd", mutates_args=())(_post_pre_fwd_impl)
+    post_pre_bwd = triton_op("mhc_compile::post_pre_bwd", mutates_args=())(_post_pre_bwd_impl)
     pre_fwd.register_autograd(_pre_backward, setup_context=_pre_setup)
     post_pre_fwd.register_autograd(_post_pre_backward, setup_context=_post_pre_setup)
     post_fwd.register_autograd(_post_backward, setup_context=_post_setup)
+
+    def _eager_function(name: str, impl, setup, backward) -> type:
+        """An ``autograd.Function`` running ``impl`` with the op's own autograd formula: what
+        eager calls take instead of the dispatcher (see :func:`_run`)."""
+
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup(ctx, inputs, output)
+            return output
+
+        return type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+
+    _EAGER = {
+        "pre_fwd": (_pre_fwd_impl, _eager_function("PreFwd", _pre_fwd_impl, _pre_setup, _pre_backward)),
+        "post_fwd": (_post_fwd_impl, _eager_function("PostFwd", _post_fwd_impl, _post_setup, _post_backward)),
+        "post_pre_fwd": (_post_pre_fwd_impl,
+                         _eager_function("PostPreFwd", _post_pre_fwd_impl, _post_pre_setup, _post_pre_backward)),
+    }
+
+
+def _run(name: str, *inputs):
+    """Call the op ``torch.ops.mhc_compile.<name>``, or, in plain eager mode, its body directly.
+
+    The dispatcher's Python custom-op path costs about 30 us a call on the host, which
+    batch-1 decode pays several times a layer. So a call outside ``torch.compile``/export,
+    with no dispatch mode active (fake tensors, tracing, selective checkpointing all install
+    one) and plain tensors only, runs the same body under the op's own autograd formula (or
+    without autograd where no input needs a gradient); every other call goes through the op.
+    """
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or any(type(t) is not Tensor for t in tensors)):
+        return getattr(torch.ops.mhc_compile, name)(*inputs)
+    impl, function = _EAGER[name]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return function.apply(*inputs)
+    return impl(*inputs)
 
 
 def mhc_pre(
@@ -468,8 +508,8 @@ def mhc_pre(
     Same contract as :func:`mhc_compile.ops.reference.mhc_pre`.
     """
     _check_pre(x, phi, bias, alpha, mode)
-    u, _, h_post, h_res, _, _ = torch.ops.mhc_compile.pre_fwd(
-        x.contiguous(), phi.float().contiguous(), bias.float().contiguous(),
+    u, _, h_post, h_res, _, _ = _run(
+        "pre_fwd", x.contiguous(), phi.float().contiguous(), bias.float().contiguous(),
         alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
     )
     return u, h_post, h_res
@@ -507,8 +547,8 @@ def mhc_post_pre(
     """
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
-    x_next, u, _, h_post2, h_res2, _, _ = torch.ops.mhc_compile.post_pre_fwd(
-        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(),
+    x_next, u, _, h_post2, h_res2, _, _ = _run(
+        "post_pre_fwd", x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(),
         h_res.float().contiguous(), phi.float().contiguous(), bias.float().contiguous(),
         alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
         deterministic_wanted(deterministic),
@@ -525,8 +565,8 @@ def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, determinist
     always (their split-K partial sums are added in a fixed order).
     """
     _check_post(x, y, h_post, h_res)
-    return torch.ops.mhc_compile.post_fwd(
-        x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
+    return _run(
+        "post_fwd", x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
         deterministic_wanted(deterministic),
     )
 
