@@ -230,6 +230,7 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results():
     """Plain eager calls run the op bodies under the ops' own autograd formulas; with a
     dispatch mode active they go through torch.ops: bitwise the same values and grads."""
     x, y, phi, bias, alpha = _inputs(9, 4, 24, torch.float32)
+    phi, bias = torch.nn.Parameter(phi.detach()), torch.nn.Parameter(bias.detach())  # as in a model
 
     def run():
         u, h_post, h_res = library.mhc_pre(x, phi, bias, alpha)

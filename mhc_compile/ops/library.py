@@ -162,9 +162,15 @@ def _tiles(x: Tensor, c: int, tiles: Tiles, kind: str) -> Tiles:
     """The launch shape of one kernel: ``tiles`` on the GPU (channels halved for float32
     streams in the projection and dx kinds), small ones under the interpreter; channels capped
     at the next power of two of ``c``."""
-    t = tiles if x.is_cuda else _INTERPRETER_TILES[kind]
+    return _launch_tiles(x.is_cuda, x.element_size(), c, tiles, kind)
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_tiles(on_gpu: bool, element_size: int, c: int, tiles: Tiles, kind: str) -> Tiles:
+    """:func:`_tiles`, cached (a launch on the decode path should cost little host time)."""
+    t = tiles if on_gpu else _INTERPRETER_TILES[kind]
     bc = t.channels
-    if x.is_cuda and x.element_size() == 4 and kind in ("proj", "dx"):
+    if on_gpu and element_size == 4 and kind in ("proj", "dx"):
         bc = max(16, bc // 2)  # float32 streams: the tiles tuned for 16 bits, halved to fit
     return dataclasses.replace(t, channels=_pick(bc, c))
 
@@ -483,20 +489,29 @@ if KERNELS_AVAILABLE:
 def _run(name: str, *inputs):
     """Call the op ``torch.ops.mhc_compile.<name>``, or, in plain eager mode, its body directly.
 
-    The dispatcher's Python custom-op path costs about 30 us a call on the host, which
-    batch-1 decode pays several times a layer. So a call outside ``torch.compile``/export,
-    with no dispatch mode active (fake tensors, tracing, selective checkpointing all install
-    one) and plain tensors only, runs the same body under the op's own autograd formula (or
-    without autograd where no input needs a gradient); every other call goes through the op.
+    The dispatcher's Python custom-op path costs tens of microseconds a call on the host,
+    which batch-1 decode pays several times a layer. So a call outside ``torch.compile``/
+    export, with no dispatch mode active (fake tensors, tracing, selective checkpointing all
+    install one) and plain tensors or parameters only, runs the same body under the op's own
+    autograd formula (or without autograd where no input needs a gradient); every other call
+    goes through the op.
     """
     tensors = [t for t in inputs if isinstance(t, Tensor)]
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or any(type(t) is not Tensor for t in tensors)):
+    if (_direct_launches is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or any(type(t) not in _PLAIN_TENSORS for t in tensors)):
         return getattr(torch.ops.mhc_compile, name)(*inputs)
     impl, function = _EAGER[name]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return function.apply(*inputs)
-    return impl(*inputs)
+    with _direct_launches(False):  # wrap_triton launches the kernels directly, as inside the op
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return function.apply(*inputs)
+        return impl(*inputs)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+try:  # what triton_op itself does around its body for plain tensors (else each launch is a HOP call)
+    from torch._library.triton import set_wrap_triton_enabled as _direct_launches
+except ImportError:  # pragma: no cover - an older or newer torch: every call takes the op
+    _direct_launches = None
 
 
 def mhc_pre(

@@ -604,9 +604,11 @@ def _stream_grad(xj, du, hj, coef, dproj, phi_ptr, k, kmask, NC: tl.constexpr, W
                  BDOT: tl.constexpr):
     """The pre side's gradient of stream ``j`` on a ``[BM, BC]`` tile:
     ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phi [K, NC]`` is read transposed
-    (``[W, BC]``, zero past ``NC``) and ``dproj [BM, W]`` is zero past ``NC``."""
+    (loaded as its contiguous rows ``[BC, W]``, zero past ``NC``, then transposed on chip)
+    and ``dproj [BM, W]`` is zero past ``NC``."""
     cw = tl.arange(0, W)
-    pt = tl.load(phi_ptr + k[None, :] * NC + cw[:, None], mask=(cw < NC)[:, None] & kmask[None, :], other=0.0)
+    ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
+    pt = tl.trans(ph)  # [W, BC]
     return hj[:, None] * du + _split_dot(dproj, pt, BDOT) + coef[:, None] * xj
 
 
