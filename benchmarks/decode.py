@@ -84,6 +84,10 @@ def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
         longs.append(_timed(lambda: _generate(model, ids, args.new_tokens, static), args.device))
         shorts.append(_timed(lambda: _generate(model, ids, 1, static), args.device))
     per_token = (statistics.median(longs) - statistics.median(shorts)) / (args.new_tokens - 1)
+    with torch.no_grad():  # the logits of the prefill and the first decode steps, for the comparison
+        logits = model.generate(ids, max_new_tokens=CHECKED_STEPS, min_new_tokens=CHECKED_STEPS, do_sample=False,
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                **({"cache_implementation": "static"} if static else {})).logits
     if args.profile and how == "eager":
         profile_rows(model, ids, args, converted)
     del model
@@ -92,10 +96,12 @@ def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     return {"model": "mhc" if converted else "residual", "mode": how,
-            "ms/token": round(1000 * per_token, 2), "tokens": tokens[0, args.prompt:].tolist()}
+            "ms/token": round(1000 * per_token, 2), "tokens": tokens[0, args.prompt:].tolist(),
+            "logits": torch.stack(logits).float().cpu()}
 
 
 PROFILE_STEPS = 8
+CHECKED_STEPS = 4  # prefill + 3 decode steps: their logits are compared between rows
 
 
 def profile_rows(model, ids: torch.Tensor, args: argparse.Namespace, converted: bool) -> None:
@@ -151,6 +157,12 @@ def main() -> None:
     write_table(args, rows)
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference of two logit stacks (their common steps)."""
+    steps = min(len(a), len(b))
+    return ((a[:steps] - b[:steps]).norm() / b[:steps].norm()).item()
+
+
 def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False) -> None:
     """The markdown table of ``rows`` (each mode against the residual model's same mode)."""
     import triton
@@ -163,8 +175,17 @@ def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False)
             r["vs residual, same mode"] = f"{r['ms/token'] / ref['ms/token']:.2f}x"
             r["tokens equal to residual"] = "" if r is ref else \
                 f"{sum(a == b for a, b in zip(r['tokens'], ref['tokens']))}/{len(ref['tokens'])}"
+            if r is not ref:
+                r[f"logits vs residual, first {CHECKED_STEPS} steps"] = f"{_rel(r['logits'], ref['logits']):.1e}"
+        eager = next((e for e in shown if e["model"] == r["model"] and e["mode"] == "eager" and "logits" in e), None)
+        if eager is not None and eager is not r and "logits" in r:
+            r["logits vs own eager"] = f"{_rel(r['logits'], eager['logits']):.1e}"
+            r["tokens equal to own eager"] = \
+                f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(eager['tokens'])}"
     for r in shown:
         r.pop("tokens", None)
+    for r in shown:
+        r.pop("logits", None)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     text = "\n".join([
         f"# Decode latency on {device}",

@@ -343,12 +343,16 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 7168])
     parser.add_argument("--out", default=None)
     parser.add_argument("--kernels-only", action="store_true", help="skip the whole-connection comparison")
+    parser.add_argument("--ops-only", action="store_true",
+                        help="only the per-op rows and the launch breakdown (implies --kernels-only; no compiled "
+                             "reference, so no Inductor compilation)")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
     parser.add_argument("--te-wheel", default=None,
                         help="TransformerEngine's py3-none-any wheel (default: the one in .whl/); its mHC "
                              "Triton files are loaded from it for the connection table")
     args = parser.parse_args()
+    args.kernels_only = args.kernels_only or args.ops_only
     try:
         import liger_kernel  # noqa: F401
 
@@ -370,7 +374,8 @@ def main() -> None:
     for c in args.sizes:
         kern += kernel_rows(args.tokens, c, bw)
         print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
-        block += block_rows(args.tokens, c, bw)
+        if not args.ops_only:
+            block += block_rows(args.tokens, c, bw)
         if not args.kernels_only:
             rows, checks = connection_rows(args.tokens, c, bw, with_liger, te)
             conn += rows
@@ -381,7 +386,7 @@ def main() -> None:
         f"# mHC kernels on {gpu}",
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
-        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --kernels-only' if args.kernels_only else ''}"
+        f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --ops-only' if args.ops_only else (' --kernels-only' if args.kernels_only else '')}"
         f"{' --te-wheel ' + args.te_wheel if args.te_wheel else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",

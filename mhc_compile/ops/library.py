@@ -52,9 +52,11 @@ POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
-DECODE_PROJ_TILES = Tiles(tokens=16, channels=32, warps=4)
-DECODE_SPLIT_CHANNELS = 32
+DECODE_PROJ_TILES = Tiles(tokens=16, channels=128, warps=4)
+DECODE_SPLIT_CHANNELS = 128  # few serial steps per program, few partials to add up
 DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)  # coefficients + aggregate
+DECODE_AGGREGATE_CHANNELS = 512  # channels of u per program of the coefficient launch
+MAX_SPLITS_PER_LOAD = 32  # split-K partials the coefficient kernels add up per load
 DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {
@@ -198,6 +200,11 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[in
     return per, triton.cdiv(c, per)
 
 
+def _splits_per_load(splits: int) -> int:
+    """Partials the coefficient kernels add per load: all of them, up to MAX_SPLITS_PER_LOAD."""
+    return min(MAX_SPLITS_PER_LOAD, triton.next_power_of_2(splits)) if KERNELS_AVAILABLE else 1
+
+
 def _pick(block: int, c: int) -> int:
     return min(block, triton.next_power_of_2(c)) if KERNELS_AVAILABLE else block
 
@@ -232,11 +239,15 @@ if KERNELS_AVAILABLE:
         lay = layout(n)
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
         few = few_tokens(m)
-        ct = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate") if few else _tiles(x, c, COEF_TILES, "coef")
-        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens),)](
+        if few:
+            ct = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate")
+            per, ranges = _splits(x, c, ct.channels, DECODE_AGGREGATE_CHANNELS)
+        else:
+            ct, per, ranges = _tiles(x, c, COEF_TILES, "coef"), c, 1
+        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens), ranges)](
             part, sq, bias, alpha, h_pre, h_post, h_res, q, rstd, x, u,
-            m, c, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
-            HC=hc, AGGREGATE=few, **ct.launch(channels=True),
+            m, c, per, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
+            HC=hc, AGGREGATE=few, SB=_splits_per_load(splits), **ct.launch(channels=True),
         )
         if few:
             return u, h_pre, h_post, h_res, q, rstd

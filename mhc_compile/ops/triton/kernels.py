@@ -494,38 +494,61 @@ def _post_proj_kernel(
 
 
 @triton.jit
-def _pre_coef_kernel(
-    part_ptr, sq_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
-    x_ptr, u_ptr, M, C, K, eps, iters, SPLITS,
-    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
-    QW: tl.constexpr, HC: tl.constexpr, AGGREGATE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-):
-    """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token.
-
-    With ``AGGREGATE`` (few tokens: decode) it also computes ``u`` for its tokens, walking
-    all ``C`` channels in chunks of ``BC`` (what launch 3 does otherwise)."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
+def _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS, N: tl.constexpr, NPAD: tl.constexpr,
+                NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr, SB: tl.constexpr, BM: tl.constexpr):
+    """The split-K partials ``[S, M, W]`` and ``[S, M]`` summed over ``S`` (``SB`` splits per
+    load, added in a fixed order): padded blocks pre/post ``[BM, NP]``, res ``[BM, NR]``, and
+    ``sum(x^2) [BM]``."""
+    cp = tl.arange(0, NP)
+    col, rvalid = _res_columns(N, NPAD, NR)
+    sb = tl.arange(0, SB)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
     acc_post = tl.zeros((BM, NP), dtype=tl.float32)
     acc_res = tl.zeros((BM, NR), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
-    for s in range(SPLITS):
-        pre, post, res = _load_compact(part_ptr + (s * M + rm64)[:, None] * W, mmask, N, NPAD, NP, NR)
-        acc_pre += pre
-        acc_post += post
-        acc_res += res
-        sumsq += tl.load(sq_ptr + s * M + rm64, mask=mmask, other=0.0)
+    for s0 in range(0, SPLITS, SB):
+        split = s0 + sb
+        rows = (split[None, :] * M + rm64[:, None])  # [BM, SB]
+        live = mmask[:, None] & (split < SPLITS)[None, :]
+        row = part_ptr + rows[:, :, None] * W
+        pmask = live[:, :, None] & (cp < N)[None, None, :]
+        acc_pre += tl.sum(tl.load(row + cp[None, None, :], mask=pmask, other=0.0), axis=1)
+        acc_post += tl.sum(tl.load(row + N + cp[None, None, :], mask=pmask, other=0.0), axis=1)
+        acc_res += tl.sum(tl.load(row + col[None, None, :], mask=live[:, :, None] & rvalid[None, None, :],
+                                  other=0.0), axis=1)
+        sumsq += tl.sum(tl.load(sq_ptr + rows, mask=live, other=0.0), axis=1)
+    return acc_pre, acc_post, acc_res, sumsq
+
+
+@triton.jit
+def _pre_coef_kernel(
+    part_ptr, sq_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
+    x_ptr, u_ptr, M, C, CS, K, eps, iters, SPLITS,
+    N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
+    QW: tl.constexpr, HC: tl.constexpr, AGGREGATE: tl.constexpr, SB: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token.
+
+    With ``AGGREGATE`` (few tokens: decode) it also computes ``u``: the grid is then (token
+    blocks, channel ranges of ``CS``); every program of a token block computes the (cheap)
+    coefficients, the first one stores them, and each computes ``u`` on its channel range
+    in chunks of ``BC`` (what launch 3 does otherwise)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    mmask = rm < M
+    rm64 = rm.to(tl.int64)
+    acc_pre, acc_post, acc_res, sumsq = _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS,
+                                                    N, NPAD, NP, NR, W, SB, BM)
     h_pre = _coefficients(
-        acc_pre, acc_post, acc_res, sumsq, rm, mmask, bias_ptr, alpha_ptr,
+        acc_pre, acc_post, acc_res, sumsq, rm, mmask & (rm * 0 + tl.program_id(1) == 0), bias_ptr, alpha_ptr,
         hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, QW, HC, BM,
     )
     if AGGREGATE:
         cp = tl.arange(0, NP)
-        for c0 in range(0, C, BC):
+        c_lo = tl.program_id(1) * CS
+        for c0 in range(c_lo, tl.minimum(c_lo + CS, C), BC):
             rc = c0 + tl.arange(0, BC)
-            mc = mmask[:, None] & (rc < C)[None, :]
+            mc = mmask[:, None] & (rc < tl.minimum(c_lo + CS, C))[None, :]
             acc = tl.zeros((BM, BC), dtype=tl.float32)
             for j in tl.static_range(N):
                 h = tl.sum(tl.where(cp[None, :] == j, h_pre, 0.0), axis=1)
