@@ -416,7 +416,7 @@ def main() -> None:
     lines += [
         "## Two adjacent connections (pre, post+pre, post), as in a transformer block",
         "",
-        tabulate(block, headers="keys", tablefmt="github"),
+        tabulate(block, headers="keys", tablefmt="github") if block else "(not run: --ops-only)",
         "",
         f"Kernel tiles used: {chosen_knobs()}.",
         "",

@@ -201,7 +201,10 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[in
 
 
 def _splits_per_load(splits: int) -> int:
-    """Partials the coefficient kernels add per load: all of them, up to MAX_SPLITS_PER_LOAD."""
+    """Partials the decode coefficient launch adds per load: all of them, up to
+    MAX_SPLITS_PER_LOAD (a serial walk over many partials costs latency when a token block
+    is one program). Many tokens add them one per load (measured: wider loads there doubled
+    the launch's time, 11 -> 23 us at 16384 tokens)."""
     return min(MAX_SPLITS_PER_LOAD, triton.next_power_of_2(splits)) if KERNELS_AVAILABLE else 1
 
 
@@ -247,7 +250,7 @@ if KERNELS_AVAILABLE:
         wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens), ranges)](
             part, sq, bias, alpha, h_pre, h_post, h_res, q, rstd, x, u,
             m, c, per, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
-            HC=hc, AGGREGATE=few, SB=_splits_per_load(splits), **ct.launch(channels=True),
+            HC=hc, AGGREGATE=few, SB=_splits_per_load(splits) if few else 1, **ct.launch(channels=True),
         )
         if few:
             return u, h_pre, h_post, h_res, q, rstd
