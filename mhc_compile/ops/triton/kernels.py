@@ -501,22 +501,30 @@ def _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS, N: tl.constexpr, NPAD:
     ``sum(x^2) [BM]``."""
     cp = tl.arange(0, NP)
     col, rvalid = _res_columns(N, NPAD, NR)
-    sb = tl.arange(0, SB)
     acc_pre = tl.zeros((BM, NP), dtype=tl.float32)
     acc_post = tl.zeros((BM, NP), dtype=tl.float32)
     acc_res = tl.zeros((BM, NR), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
-    for s0 in range(0, SPLITS, SB):
-        split = s0 + sb
-        rows = (split[None, :] * M + rm64[:, None])  # [BM, SB]
-        live = mmask[:, None] & (split < SPLITS)[None, :]
-        row = part_ptr + rows[:, :, None] * W
-        pmask = live[:, :, None] & (cp < N)[None, None, :]
-        acc_pre += tl.sum(tl.load(row + cp[None, None, :], mask=pmask, other=0.0), axis=1)
-        acc_post += tl.sum(tl.load(row + N + cp[None, None, :], mask=pmask, other=0.0), axis=1)
-        acc_res += tl.sum(tl.load(row + col[None, None, :], mask=live[:, :, None] & rvalid[None, None, :],
-                                  other=0.0), axis=1)
-        sumsq += tl.sum(tl.load(sq_ptr + rows, mask=live, other=0.0), axis=1)
+    if SB == 1:  # one partial per load: many tokens, where each program has few partials
+        for s in range(SPLITS):
+            pre, post, res = _load_compact(part_ptr + (s * M + rm64)[:, None] * W, mmask, N, NPAD, NP, NR)
+            acc_pre += pre
+            acc_post += post
+            acc_res += res
+            sumsq += tl.load(sq_ptr + s * M + rm64, mask=mmask, other=0.0)
+    else:  # SB partials per load: the decode launch, one program per token block
+        sb = tl.arange(0, SB)
+        for s0 in range(0, SPLITS, SB):
+            split = s0 + sb
+            rows = (split[None, :] * M + rm64[:, None])  # [BM, SB]
+            live = mmask[:, None] & (split < SPLITS)[None, :]
+            row = part_ptr + rows[:, :, None] * W
+            pmask = live[:, :, None] & (cp < N)[None, None, :]
+            acc_pre += tl.sum(tl.load(row + cp[None, None, :], mask=pmask, other=0.0), axis=1)
+            acc_post += tl.sum(tl.load(row + N + cp[None, None, :], mask=pmask, other=0.0), axis=1)
+            acc_res += tl.sum(tl.load(row + col[None, None, :], mask=live[:, :, None] & rvalid[None, None, :],
+                                      other=0.0), axis=1)
+            sumsq += tl.sum(tl.load(sq_ptr + rows, mask=live, other=0.0), axis=1)
     return acc_pre, acc_post, acc_res, sumsq
 
 
