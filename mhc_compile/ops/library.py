@@ -504,15 +504,15 @@ def _run(name: str, *inputs):
     """Call the op ``torch.ops.mhc_compile.<name>``, or, in plain eager mode, its body directly.
 
     The dispatcher's Python custom-op path costs tens of microseconds a call on the host,
-    which batch-1 decode pays several times a layer. So a call outside ``torch.compile``/
-    export, with no dispatch mode active (fake tensors, tracing, selective checkpointing all
-    install one) and plain tensors or parameters only, runs the same body under the op's own
-    autograd formula (or without autograd where no input needs a gradient); every other call
-    goes through the op.
+    which batch-1 decode pays several times a layer. So a call outside ``torch.compile``,
+    export and ``torch.func`` transforms, with no dispatch mode active (fake tensors,
+    tracing and selective checkpointing all install one) and on plain tensors or parameters
+    only, runs the same body under the op's own autograd formula (or without autograd where
+    no input needs a gradient); every other call goes through the op.
     """
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     if (_direct_launches is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or any(type(t) not in _PLAIN_TENSORS for t in tensors)):
+            or _functorch_active() or any(type(t) not in _PLAIN_TENSORS for t in tensors)):
         return getattr(torch.ops.mhc_compile, name)(*inputs)
     impl, function = _EAGER[name]
     with _direct_launches(False):  # wrap_triton launches the kernels directly, as inside the op
@@ -522,6 +522,7 @@ def _run(name: str, *inputs):
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path
 try:  # what triton_op itself does around its body for plain tensors (else each launch is a HOP call)
     from torch._library.triton import set_wrap_triton_enabled as _direct_launches
 except ImportError:  # pragma: no cover - an older or newer torch: every call takes the op
