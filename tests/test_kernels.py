@@ -445,6 +445,17 @@ def test_autocast_grads_of_alpha_and_bias_as_close_as_the_reference_path(stream_
         assert err_ref > 0 and err_got <= 2 * err_ref, (name, err_got, err_ref)
 
 
+@pytest.mark.parametrize("n", range(1, library.MAX_STREAMS + 1))
+def test_coefficient_layout(n):
+    """phi's real columns fit the projection dot (a power of two >= 16, tl.dot's minimum),
+    and the padded on-chip blocks hold n streams and an n x n res block."""
+    lay = library.layout(n)
+    assert lay.nc == n * n + 2 * n <= lay.w and lay.w >= 16 and lay.w & (lay.w - 1) == 0
+    assert lay.npad >= n and lay.np >= max(16, lay.npad) and lay.nr == lay.npad ** 2
+    assert lay.qw == 2 * lay.np + lay.nr
+    assert set(lay.constants()) == {"NPAD", "NP", "NR", "NC", "W", "QW"}
+
+
 def test_named_kernel_settings():
     from mhc_compile.ops.settings import DotMode, Tiles
 

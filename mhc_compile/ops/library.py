@@ -56,7 +56,7 @@ DECODE_PROJ_TILES = Tiles(tokens=16, channels=128, warps=4)
 DECODE_SPLIT_CHANNELS = 128  # few serial steps per program, few partials to add up
 DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)  # coefficients + aggregate
 DECODE_AGGREGATE_CHANNELS = 512  # channels of u per program of the coefficient launch
-MAX_SPLITS_PER_LOAD = 32  # split-K partials the coefficient kernels add up per load
+MAX_SPLITS_PER_LOAD = 32  # split-K partials the decode coefficient launch adds up per load
 DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
 _INTERPRETER_TILES = {
