@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 
 
 
@@ -448,7 +448,7 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> ExportedGraph:
         sys.stderr.write(printed.getvalue())
         raise CaptureError(
             f"torch.export (non-strict) could not capture {type(model).__name__} for "
-            f"analysis: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f"analysis: {type(err).__name__}: {first_line(err)}. "
             "Pass example_inputs= that match one ordinary forward call (for Hugging Face "
             "models also use_cache=False)."
         ) from err
@@ -511,7 +511,7 @@ def _trace_on_sample(wrapper: nn.Module, args: tuple, kwargs: dict) -> ExportedG
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise CaptureError(
             f"{type(wrapper.inner).__name__}'s forward branches on tensor values, and tracing it on the "
-            f"sample inputs failed too ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"sample inputs failed too ({type(err).__name__}: {first_line(err)}); "
             "pass example_inputs= that match one ordinary forward call"
         ) from err
     finally:

@@ -35,4 +35,11 @@ class CheckpointError(MHCError, ValueError):
     """A checkpoint does not hold what restoring a converted model needs (options or mHC weights)."""
 
 
-__all__ = ["MHCError", "MHCConfigError", "ConversionError", "CaptureError", "CheckpointError"]
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message ("" for an empty one), for quoting a cause inside
+    one of our messages."""
+    text = str(err)
+    return text.splitlines()[0] if text else ""
+
+
+__all__ = ["MHCError", "MHCConfigError", "ConversionError", "CaptureError", "CheckpointError", "first_line"]

@@ -43,6 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .capture import CaptureError, copy_state, is_static, module_state, restore_module_state, side_effect_free
+from .errors import first_line
 from .heuristics import is_norm_module
 
 logger = logging.getLogger("mhc_compile")
@@ -540,7 +541,7 @@ def _untraceable(block: nn.Module, err: BaseException) -> CaptureError:
     what to do."""
     where = _user_frame(err)
     at = f" at {where}" if where else ""
-    first = str(err).splitlines()[0] if str(err) else ""
+    first = first_line(err)
     name = type(block).__name__
     if isinstance(err, CustomFunctionError):
         return CaptureError(
@@ -616,7 +617,7 @@ def trace_block(
         except Exception as err:  # noqa: BLE001 - re-raised with context
             raise CaptureError(
                 f"running the traced forward of {type(block).__name__} on its recorded "
-                f"arguments failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"arguments failed ({type(err).__name__}: {first_line(err)}); "
                 "the block's graph depends on something its arguments do not carry"
             ) from err
         finally:

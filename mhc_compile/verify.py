@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .capture import side_effect_free, without_cache
 
 Probe = tuple[tuple, dict]
@@ -104,7 +104,7 @@ def check(model: nn.Module, calls: list[Probe], reference: list[Optional[list[to
         except Exception as err:  # noqa: BLE001 - re-raised with context
             raise ConversionError(
                 f"the converted {type(model).__name__} fails on {what} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); the model was left unchanged"
+                f"{first_line(err)}); the model was left unchanged"
             ) from err
         if not compare:
             continue
