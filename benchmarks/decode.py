@@ -52,11 +52,13 @@ def build(args: argparse.Namespace, converted: bool):
     return model
 
 
-def _generate(model, ids: torch.Tensor, new_tokens: int, static: bool) -> torch.Tensor:
-    kwargs = {"cache_implementation": "static"} if static else {}
+def _generate(model, ids: torch.Tensor, new_tokens: int, static: bool, **options):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (a static cache where ``static``)."""
+    if static:
+        options["cache_implementation"] = "static"
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=0, **kwargs)
+                              pad_token_id=0, **options)
 
 
 def _timed(fn, device: str) -> float:
@@ -84,10 +86,8 @@ def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
         longs.append(_timed(lambda: _generate(model, ids, args.new_tokens, static), args.device))
         shorts.append(_timed(lambda: _generate(model, ids, 1, static), args.device))
     per_token = (statistics.median(longs) - statistics.median(shorts)) / (args.new_tokens - 1)
-    with torch.no_grad():  # the logits of the prefill and the first decode steps, for the comparison
-        logits = model.generate(ids, max_new_tokens=CHECKED_STEPS, min_new_tokens=CHECKED_STEPS, do_sample=False,
-                                pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                                **({"cache_implementation": "static"} if static else {})).logits
+    # the logits of the prefill and the first decode steps, for the comparison
+    logits = _generate(model, ids, CHECKED_STEPS, static, output_logits=True, return_dict_in_generate=True).logits
     if args.profile and how == "eager":
         profile_rows(model, ids, args, converted)
     del model
@@ -184,7 +184,6 @@ def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False)
                 f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(eager['tokens'])}"
     for r in shown:
         r.pop("tokens", None)
-    for r in shown:
         r.pop("logits", None)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     text = "\n".join([

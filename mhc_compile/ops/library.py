@@ -489,8 +489,7 @@ if KERNELS_AVAILABLE:
             setup(ctx, inputs, output)
             return output
 
-        return type(name, (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+        return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     _EAGER = {
         "pre_fwd": (_pre_fwd_impl, _eager_function("PreFwd", _pre_fwd_impl, _pre_setup, _pre_backward)),

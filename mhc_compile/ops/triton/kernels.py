@@ -542,9 +542,7 @@ def _pre_coef_kernel(
     blocks, channel ranges of ``CS``); every program of a token block computes the (cheap)
     coefficients, the first one stores them, and each computes ``u`` on its channel range
     in chunks of ``BC`` (what launch 3 does otherwise)."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    mmask = rm < M
-    rm64 = rm.to(tl.int64)
+    rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     acc_pre, acc_post, acc_res, sumsq = _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS,
                                                     N, NPAD, NP, NR, W, SB, BM)
     h_pre = _coefficients(
@@ -553,10 +551,9 @@ def _pre_coef_kernel(
     )
     if AGGREGATE:
         cp = tl.arange(0, NP)
-        c_lo = tl.program_id(1) * CS
-        for c0 in range(c_lo, tl.minimum(c_lo + CS, C), BC):
+        for c0 in range(c_lo, c_hi, BC):
             rc = c0 + tl.arange(0, BC)
-            mc = mmask[:, None] & (rc < tl.minimum(c_lo + CS, C))[None, :]
+            mc = mmask[:, None] & (rc < c_hi)[None, :]
             acc = tl.zeros((BM, BC), dtype=tl.float32)
             for j in tl.static_range(N):
                 h = tl.sum(tl.where(cp[None, :] == j, h_pre, 0.0), axis=1)
