@@ -18,14 +18,16 @@ warm-up runs (compilation and graph capture happen there). Generated tokens of t
 converted model are compared with the residual model's (``init="preserve"``: equal up to
 bf16 rounding in the streams; a differing token is reported, not hidden).
 
-``--profile PATH``: also profile a few eager decode steps of both models (torch.profiler)
-and write each op's host and device time per step to PATH.
+``--profile PATH``: also profile a few eager decode steps of both models and write to PATH
+each op's host and device time per step (torch.profiler) and each Python function's own
+time per step (cProfile: where host time goes outside the ops).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -120,13 +122,49 @@ def profile_rows(model, ids: torch.Tensor, args: argparse.Namespace, converted: 
     total_host = sum(r["host us/step (self)"] for r in rows)
     total_dev = sum(r["device us/step (self)"] for r in rows)
     name = "mhc" if converted else "residual"
+    python_rows, python_total = python_profile(model, ids, args.device)
     text = "\n".join([
         f"## {name}, eager: {PROFILE_STEPS} decode steps + prefill, per step (self time)",
         "", f"host total {total_host:.0f} us/step, device total {total_dev:.0f} us/step", "",
         tabulate([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:40]],
-                 headers="keys", tablefmt="github"), "", ""])
+                 headers="keys", tablefmt="github"), "",
+        f"### {name}, eager: Python functions by own time (cProfile, {python_total:.0f} us/step in all)", "",
+        tabulate(python_rows, headers="keys", tablefmt="github"), "", ""])
     with open(args.profile, "a") as f:
         f.write(text)
+
+
+def python_profile(model, ids: torch.Tensor, device: str, top: int = 40) -> tuple[list[dict], float]:
+    """The ``top`` Python functions of ``PROFILE_STEPS`` eager decode steps by own time
+    (us per step; cProfile's overhead inflates every row alike), and the total."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    profiler.enable()
+    _generate(model, ids, PROFILE_STEPS + 1, False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = []
+    for (path, line, function), (_, calls, own, cumulative, _) in stats.items():
+        rows.append({"function": f"{_short_path(path)}:{line}({function})"[:90], "calls/step": calls / PROFILE_STEPS,
+                     "own us/step": round(1e6 * own / PROFILE_STEPS, 1),
+                     "cumulative us/step": round(1e6 * cumulative / PROFILE_STEPS, 1)})
+    rows.sort(key=lambda r: -r["own us/step"])
+    return rows[:top], sum(r["own us/step"] for r in rows)
+
+
+def _short_path(path: str) -> str:
+    """A source path without the machine's prefix (from the package's or the repo's root)."""
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    return path[len(root):] if path.startswith(root) else path
 
 
 def main() -> None:

@@ -136,7 +136,7 @@ def loss_check(args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4096], help="one table per width")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
@@ -147,10 +147,21 @@ def main() -> None:
     parser.add_argument("--loss-check", type=int, default=0, metavar="STEPS",
                         help="instead of timing: train a small model STEPS steps with bf16 and float32 streams")
     args = parser.parse_args()
+    args.hidden_all = list(args.hidden)
     if args.loss_check:
         text = loss_check(args)
         report(text, args.out, mode="a")
         return
+    sections = []
+    for hidden in args.hidden:  # one table per width, written as each finishes
+        sections.append(width_section(args, hidden))
+        report("\n".join(sections), args.out)
+
+
+def width_section(args, hidden: int) -> str:
+    """The table of every chosen variant at ``hidden`` (markdown), with the default path's
+    overhead over the compiled residual model."""
+    args = argparse.Namespace(**{**vars(args), "hidden": hidden})
     rows = []
     for i, (name, how, options) in enumerate(VARIANTS):
         if args.only is not None and str(i) not in args.only:
@@ -159,27 +170,34 @@ def main() -> None:
             rows.append(measure(args, name, how, options))
         except Exception as err:  # noqa: BLE001 - report and go on
             rows.append({"model": name, "mode": how, "step ms": f"failed: {type(err).__name__}: {str(err)[:100]}"})
+            gc.collect()
+            torch.cuda.empty_cache()
         print(rows[-1], flush=True)
-    base = {r["mode"]: r for r in rows if r["model"] == "residual" and isinstance(r.get("step ms"), float)}
+    ref = next((r for r in rows if r["model"] == "residual" and r["mode"] == "compiled"
+                and isinstance(r.get("step ms"), float)), None)
     for r in rows:
-        ref = base.get("compiled")
         if ref and isinstance(r.get("step ms"), float):
             r["vs compiled residual"] = f"{100 * (r['step ms'] / ref['step ms'] - 1):+.1f}%"
             r["memory vs compiled residual"] = f"{100 * (r['peak GiB'] / ref['peak GiB'] - 1):+.1f}%"
-    text = "\n".join([
-        f"# Training step on {torch.cuda.get_device_name()}",
+    default = next((r for r in rows if r["model"] == VARIANTS[4][0] and "vs compiled residual" in r), None)
+    summary = (f"Default path at hidden {hidden}: {default['vs compiled residual']} step time, "
+               f"{default['memory vs compiled residual']} peak memory over the compiled residual model."
+               if default else "")
+    return "\n".join([
+        f"# Training step on {torch.cuda.get_device_name()}, hidden {hidden}",
         "",
-        f"Command: `python benchmarks/train_step.py --hidden {args.hidden} --layers {args.layers} "
-        f"--batch {args.batch} --seq {args.seq} --vocab {args.vocab} --rep {args.rep}"
+        f"Command: `python benchmarks/train_step.py --hidden {' '.join(map(str, args.hidden_all))} "
+        f"--layers {args.layers} --batch {args.batch} --seq {args.seq} --vocab {args.vocab} --rep {args.rep}"
         f"{' --only ' + ' '.join(args.only) if args.only else ''}`",
-        f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {args.hidden}, "
+        f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {hidden}, "
         f"{args.layers} layers, {args.batch * args.seq} tokens per step, bf16 autocast, fused AdamW; "
         "forward + backward + optimizer step, do_bench median; peak memory of one step.",
         "",
         tabulate(rows, headers="keys", tablefmt="github"),
         "",
+        summary,
+        "",
     ])
-    report(text, args.out)
 
 
 if __name__ == "__main__":

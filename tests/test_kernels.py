@@ -401,6 +401,31 @@ def test_deterministic_grads_are_bitwise_identical_on_gpu(c, fused):
         assert _rel(b, r) <= TOL[torch.bfloat16], name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 1000])
+def test_direct_launches_give_triton_launchers_bits_on_gpu(m, monkeypatch):
+    """Eager calls launch a kernel's call form directly from its second launch on
+    (ops/triton/launch.py): the same bits as Triton's launcher, whose ``run`` they skip."""
+    from triton.runtime.jit import JITFunction
+
+    from mhc_compile.ops.triton import launch
+
+    assert launch.DIRECT, "this Triton's JITFunction.run launches differently: direct launches are off"
+    runs = []
+    triton_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(1) or triton_run(self, *a, **k))
+    inputs = _inputs(m, 4, 4096, torch.bfloat16)
+    monkeypatch.setattr(launch, "DIRECT", False)
+    reference_bits = _connection_grads(library, inputs, "mhc", True, deterministic=True)
+    monkeypatch.setattr(launch, "DIRECT", True)
+    _connection_grads(library, inputs, "mhc", True, deterministic=True)  # first launch of each form
+    runs.clear()
+    direct_bits = _connection_grads(library, inputs, "mhc", True, deterministic=True)
+    assert not runs, f"{len(runs)} launches went through Triton's launcher"
+    for name, a, b in zip(["dx", "dy", "dphi", "dbias", "dalpha"], direct_bits, reference_bits):
+        assert torch.equal(a, b), name
+
+
 def _autocast_mhc_grads(model, state, ids, backend, autocast, stream_dtype):
     """Grads of every connection's ``alpha`` and ``bias`` (concatenated) after one
     forward/backward of ``model`` converted with ``backend``, parameters from ``state``."""

@@ -27,9 +27,10 @@ from .settings import DotMode, Tiles
 
 try:  # Triton is optional: without it only backend="torch" exists
     import triton
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     from .triton import kernels
+    from .triton.launch import launch
 
     KERNELS_AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised on machines without Triton
@@ -78,6 +79,16 @@ def check_backend(backend: str) -> None:
             "backend='triton' needs the Triton package (pip install triton); "
             "use backend='torch' for the reference ops"
         )
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` in plain Python (``triton.cdiv`` costs microseconds of host time a call)."""
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    """The smallest power of two >= ``v`` (``v >= 1``), in plain Python."""
+    return 1 << (v - 1).bit_length()
 
 
 def _interpreting() -> bool:
@@ -197,7 +208,7 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[in
     ``channels`` (default SPLIT_CHANNELS) on the GPU, two chunks under the interpreter."""
     per = (channels or SPLIT_CHANNELS) if x.is_cuda else 2 * bc
     per = max(bc, per // bc * bc)
-    return per, triton.cdiv(c, per)
+    return per, _cdiv(c, per)
 
 
 def _splits_per_load(splits: int) -> int:
@@ -205,11 +216,11 @@ def _splits_per_load(splits: int) -> int:
     MAX_SPLITS_PER_LOAD (a serial walk over many partials costs latency when a token block
     is one program). Many tokens add them one per load (measured: wider loads there doubled
     the launch's time, 11 -> 23 us at 16384 tokens)."""
-    return min(MAX_SPLITS_PER_LOAD, triton.next_power_of_2(splits)) if KERNELS_AVAILABLE else 1
+    return min(MAX_SPLITS_PER_LOAD, _next_pow2(splits)) if KERNELS_AVAILABLE else 1
 
 
 def _pick(block: int, c: int) -> int:
-    return min(block, triton.next_power_of_2(c)) if KERNELS_AVAILABLE else block
+    return min(block, _next_pow2(c)) if KERNELS_AVAILABLE else block
 
 
 def _back_dot(dot: DotMode) -> DotMode:
@@ -226,7 +237,7 @@ if KERNELS_AVAILABLE:
         t, per, splits = _projection_tiles(x, m, c, PROJ_TILES)
         part = x.new_empty(splits, m, lay.w, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
-        wrap_triton(kernels._pre_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
+        launch(kernels._pre_proj_kernel, (_cdiv(m, t.tokens), splits),
             x, phi, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
         )
         return part, sq, splits
@@ -247,7 +258,7 @@ if KERNELS_AVAILABLE:
             per, ranges = _splits(x, c, ct.channels, DECODE_AGGREGATE_CHANNELS)
         else:
             ct, per, ranges = _tiles(x, c, COEF_TILES, "coef"), c, 1
-        wrap_triton(kernels._pre_coef_kernel)[(triton.cdiv(m, ct.tokens), ranges)](
+        launch(kernels._pre_coef_kernel, (_cdiv(m, ct.tokens), ranges),
             part, sq, bias, alpha, h_pre, h_post, h_res, q, rstd, x, u,
             m, c, per, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
             HC=hc, AGGREGATE=few, SB=_splits_per_load(splits) if few else 1, **ct.launch(channels=True),
@@ -255,7 +266,7 @@ if KERNELS_AVAILABLE:
         if few:
             return u, h_pre, h_post, h_res, q, rstd
         t = _tiles(x, c, AGGREGATE_TILES, "stream")
-        wrap_triton(kernels._aggregate_kernel)[(triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))](
+        launch(kernels._aggregate_kernel, (_cdiv(m, t.tokens), _cdiv(c, t.channels)),
             x, h_pre, u, m, c, N=n, **t.launch(),
         )
         return u, h_pre, h_post, h_res, q, rstd
@@ -271,7 +282,7 @@ if KERNELS_AVAILABLE:
         t = _tiles(x, c, DH_TILES, "proj")
         per, splits = _splits(x, c, t.channels)
         part = x.new_empty(splits, m, lay.np, dtype=torch.float32)
-        wrap_triton(kernels._dh_pre_kernel)[(triton.cdiv(m, t.tokens), splits)](
+        launch(kernels._dh_pre_kernel, (_cdiv(m, t.tokens), splits),
             x, du, part, m, c, per, N=n, NP=lay.np, **t.launch(),
         )
         dproj = x.new_zeros(m, lay.w, dtype=torch.float32)  # zero past nc: one dot in dx
@@ -281,7 +292,7 @@ if KERNELS_AVAILABLE:
         sums = x.new_empty(0 if hc else 2 * iters, m, lay.npad, dtype=torch.float32)  # Sinkhorn scratch
         _poisoned(dz, dalpha, coef)
         ct = _tiles(x, c, COEF_TILES, "coef")
-        wrap_triton(kernels._pre_coef_bwd_kernel)[(triton.cdiv(m, ct.tokens),)](
+        launch(kernels._pre_coef_bwd_kernel, (_cdiv(m, ct.tokens),),
             part, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res,
             dproj, dz, dalpha, coef, sums, m, n * c, iters, splits,
             N=n, HC=hc, **lay.constants(), **ct.launch(channels=False),
@@ -304,7 +315,7 @@ if KERNELS_AVAILABLE:
         t = _tiles(x, c, DX_TILES, "dx")
         per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS)
         lay = layout(n)
-        wrap_triton(kernels._pre_dx_kernel)[(triton.cdiv(m, t.tokens), splits)](
+        launch(kernels._pre_dx_kernel, (_cdiv(m, t.tokens), splits),
             x, du, phi, h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
             N=n, NC=lay.nc, W=lay.w, BDOT=int(_back_dot(dot)), ACCUM=g_in is not None, **t.launch(),
         )
@@ -333,8 +344,8 @@ if KERNELS_AVAILABLE:
         out = torch.empty_like(x)
         _poisoned(out)
         t = _tiles(x, c, POST_TILES, "post")
-        grid = (triton.cdiv(m, t.tokens), triton.cdiv(c, t.channels))
-        wrap_triton(kernels._post_fwd_kernel)[grid](
+        grid = (_cdiv(m, t.tokens), _cdiv(c, t.channels))
+        launch(kernels._post_fwd_kernel, grid,
             x, y, h_post, h_res, out, m, c, N=n, NPAD=layout(n).npad, **t.launch(),
         )
         return out
@@ -358,10 +369,10 @@ if KERNELS_AVAILABLE:
             dh_res = x.new_empty(splits, m, n, n, dtype=torch.float32)
             _poisoned(dh_post, dh_res)
         else:
-            per, splits = t.channels, triton.cdiv(c, t.channels)  # one chunk per program
+            per, splits = t.channels, _cdiv(c, t.channels)  # one chunk per program
             dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
             dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
-        wrap_triton(kernels._post_bwd_kernel)[(triton.cdiv(m, t.tokens), splits)](
+        launch(kernels._post_bwd_kernel, (_cdiv(m, t.tokens), splits),
             x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c, per,
             N=n, NPAD=layout(n).npad, ATOMIC=not deterministic, **t.launch(),
         )
@@ -390,7 +401,7 @@ if KERNELS_AVAILABLE:
         t, per, splits = _projection_tiles(x, m, c, POST_PROJ_TILES)
         part = x.new_empty(splits, m, lay.w, dtype=torch.float32)
         sq = x.new_empty(splits, m, dtype=torch.float32)
-        wrap_triton(kernels._post_proj_kernel)[(triton.cdiv(m, t.tokens), splits)](
+        launch(kernels._post_proj_kernel, (_cdiv(m, t.tokens), splits),
             x, y, h_post0, h_res0, phi, x_next, part, sq, m, c, per,
             N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(_dot_mode(x)), **t.launch(),
         )

@@ -1,0 +1,128 @@
+"""Kernel launches with little host work: ``launch(kernel, grid, *args, **kwargs)``.
+
+``kernel[grid](*args, **kwargs)`` runs Triton's Python launcher on every call: it binds and
+specialises each argument, builds a cache key and looks the compiled kernel up, tens of
+microseconds of host time, which batch-1 decode pays about 40 times a token. Here the
+first launch of each *call form* goes through that launcher and keeps the compiled kernel
+it returns; later launches of the same form call that compiled kernel's own launcher, with
+the same arguments, stream, metadata and hooks as Triton's ``JITFunction.run`` passes it.
+
+A call form is finer than what Triton specialises on: the device, the type and value of
+every non-tensor argument (integers, floats, flags, constexprs, launch options), and each
+tensor's dtype and whether its address is 16-byte aligned. So a form is only ever launched
+by the kernel Triton itself compiled for it.
+
+The direct launch is used only where Triton's launcher would launch at once: real tensors,
+outside tracing (``wrap_triton`` disabled, as in the eager fast path and inside
+``triton_op`` for plain tensors), compiled ``JITFunction`` kernels (not the interpreter),
+and a Triton whose ``JITFunction.run`` launches the way this module repeats (checked once,
+from its source). Anything else takes ``wrap_triton(kernel)[grid](...)``; the results are
+the same either way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MAX_FORMS = 256  # call forms kept per kernel (decode and training use a handful)
+_TENSORS = (Tensor, torch.nn.Parameter)
+# JITFunction.run's own launch, whitespace-normalised: the direct path repeats it exactly
+_TRITON_LAUNCH = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+                  "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+                  "*bound_args.values())")
+
+
+def _direct_launch_supported() -> bool:
+    """Whether this Triton's ``JITFunction.run`` launches a compiled kernel as :class:`_Forms` does."""
+    try:
+        from triton.runtime.jit import JITFunction
+
+        source = " ".join(inspect.getsource(JITFunction.run).split())
+    except Exception:  # noqa: BLE001 - no source, no Triton: Triton's launcher every time
+        return False
+    return _TRITON_LAUNCH in source and "return kernel" in source
+
+
+try:
+    from torch._library.triton import is_wrap_triton_enabled
+    from torch.library import wrap_triton
+    from triton import knobs
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    DIRECT = _direct_launch_supported()
+except ImportError:  # pragma: no cover - another Triton or torch: Triton's launcher every time
+    DIRECT = False
+
+
+class _Forms:
+    """The compiled kernels of one ``JITFunction`` by call form, and its parameter order."""
+
+    def __init__(self, kernel: Any) -> None:
+        params = inspect.signature(kernel.fn).parameters
+        self.names = list(params)
+        self.defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        self.compiled: dict[tuple, tuple] = {}
+
+    def values(self, args: tuple, kwargs: dict) -> tuple:
+        """Every kernel parameter's value, in the kernel's order (what Triton's binder returns)."""
+        tail = self.names[len(args):]
+        return (*args, *(kwargs[k] if k in kwargs else self.defaults[k] for k in tail))
+
+
+_FORMS: dict[Any, _Forms] = {}
+
+
+def _launchable(t: Tensor) -> bool:
+    """A tensor the direct path takes: a plain CUDA tensor or parameter (no fakes, no subclasses)."""
+    return type(t) in _TENSORS and t.is_cuda
+
+
+def _form(device: int, args: tuple, kwargs: dict) -> tuple | None:
+    """The call form of a launch, or None where the direct path does not apply."""
+    key: list = [device]
+    for a in args:
+        if isinstance(a, Tensor):
+            if not _launchable(a):
+                return None
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((type(a), a))
+    for k, v in kwargs.items():
+        key.append((k, type(v), v))
+    return tuple(key)
+
+
+def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
+    """``wrap_triton(kernel)[grid](*args, **kwargs)``, launched directly where it can be
+    (see the module docstring)."""
+    if not DIRECT or is_wrap_triton_enabled() or not isinstance(kernel, JITFunction):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    device = driver.active.get_current_device()
+    key = _form(device, args, kwargs)
+    forms = _FORMS.get(kernel)
+    if forms is None:
+        forms = _FORMS[kernel] = _Forms(kernel)
+    compiled = forms.compiled.get(key) if key is not None else None
+    if compiled is None:
+        kernel_ = kernel[grid](*args, **kwargs)  # Triton's launcher: compiles or finds, and launches
+        if key is not None and kernel_ is not None:
+            if len(forms.compiled) >= MAX_FORMS:
+                forms.compiled.clear()
+            forms.compiled[key] = kernel_
+        return
+    stream = driver.active.get_current_stream(device)
+    values = forms.values(args, kwargs)
+    grid_1 = grid[1] if len(grid) > 1 else 1
+    grid_2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *values),
+                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+
+
+__all__ = ["launch", "DIRECT", "MAX_FORMS"]
