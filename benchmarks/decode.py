@@ -7,6 +7,8 @@ tokens after a ``--prompt``-token prompt, greedy, batch 1. Rows, for the residua
 the converted one:
 
 * ``eager``: ``model.generate`` as it is (dynamic KV cache);
+* ``eager, Triton's launcher`` (mHC only): the same with the direct kernel launches of
+  ``ops/triton/launch.py`` off, every launch through Triton's own launcher;
 * ``compiled``: ``model.forward = torch.compile(model.forward, dynamic=True)``;
 * ``cuda graphs``: a static KV cache (``cache_implementation="static"``), with which
   ``generate`` compiles the decode step itself (``mode="reduce-overhead"``: each decode step
@@ -39,7 +41,8 @@ sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
 from benchmarks.common import llama_config, report  # noqa: E402
 
-HOWS = ("eager", "compiled", "cuda graphs")
+HOWS = ("eager", "eager, Triton's launcher", "compiled", "cuda graphs")
+TRITON_LAUNCHER = HOWS[1]  # mHC only: every launch through Triton's own launcher (no direct launches)
 
 
 def build(args: argparse.Namespace, converted: bool):
@@ -74,6 +77,17 @@ def _timed(fn, device: str) -> float:
 
 
 def measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
+    from mhc_compile.ops.triton import launch
+
+    direct = launch.DIRECT
+    launch.DIRECT = direct and how != TRITON_LAUNCHER
+    try:
+        return _measure(args, converted, how)
+    finally:
+        launch.DIRECT = direct
+
+
+def _measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
     model = build(args, converted)
     static = how == "cuda graphs"
     if how == "compiled":
@@ -183,7 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for how in args.only:
-        for converted in (False, True):
+        for converted in ((True,) if how == TRITON_LAUNCHER else (False, True)):
             try:
                 rows.append(measure(args, converted, how))
             except Exception as err:  # noqa: BLE001 - a failing row is a result
@@ -208,7 +222,7 @@ def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False)
     shown = [dict(r) for r in rows]
     base = {r["mode"]: r for r in shown if r["model"] == "residual" and isinstance(r["ms/token"], float)}
     for r in shown:
-        ref = base.get(r["mode"])
+        ref = base.get("eager" if r["mode"] == TRITON_LAUNCHER else r["mode"])
         if ref and isinstance(r["ms/token"], float):
             r["vs residual, same mode"] = f"{r['ms/token'] / ref['ms/token']:.2f}x"
             r["tokens equal to residual"] = "" if r is ref else \

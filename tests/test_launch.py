@@ -30,12 +30,12 @@ def test_this_triton_launches_as_the_direct_path_repeats():
 def test_parameter_values_come_in_the_kernels_order_with_defaults():
     forms = launch._Forms(_scale_kernel)
     x = torch.randn(5)
-    values = forms.values((x, x, 5), {"scale": 2.0, "FLAG": True, "num_warps": 4})
+    args, kwargs = (x, x, 5), {"FLAG": True, "scale": 2.0, "num_warps": 4}
+    values = forms.values(args, kwargs, forms.keyword_names(args, kwargs))
     assert values == (x, x, 5, 2.0, True, 16)  # num_warps is a launch option, not a parameter
 
 
-def test_call_forms_tell_apart_what_triton_specialises_on(monkeypatch):
-    monkeypatch.setattr(launch, "_launchable", lambda t: True)  # CPU tensors stand in for CUDA ones
+def test_call_forms_tell_apart_what_triton_specialises_on():
     base = torch.randn(64)
     args = (base, base, 17, 0.5)
     form = launch._form(0, args, {"FLAG": True})
@@ -46,15 +46,16 @@ def test_call_forms_tell_apart_what_triton_specialises_on(monkeypatch):
         launch._form(0, (base.half(), base, 17, 0.5), {"FLAG": True}),  # another dtype
         launch._form(0, (base, base, 16, 0.5), {"FLAG": True}),  # another integer
         launch._form(0, (base, base, 17, 1), {"FLAG": True}),  # an int where a float was
-        launch._form(0, args, {"FLAG": 1}),  # a constexpr of another type
+        launch._form(0, args, {"FLAG": False}),  # another constexpr
     ]
     assert all(d != form for d in different)
 
 
-def test_cpu_tensors_and_subclasses_take_tritons_launcher():
+def test_only_plain_cuda_tensors_have_their_forms_kept():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    assert launch._form(0, (torch.randn(8), 3), {}) is None  # CPU tensors: never launched directly
+    assert not launch._plain((torch.randn(8), 3))  # CPU tensors
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.randn(8))
-    assert not launch._launchable(fake)
+    assert not launch._plain((fake,))
+    assert launch._plain((3, 0.5))  # no tensors at all

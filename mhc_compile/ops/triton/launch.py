@@ -7,10 +7,11 @@ first launch of each *call form* goes through that launcher and keeps the compil
 it returns; later launches of the same form call that compiled kernel's own launcher, with
 the same arguments, stream, metadata and hooks as Triton's ``JITFunction.run`` passes it.
 
-A call form is finer than what Triton specialises on: the device, the type and value of
-every non-tensor argument (integers, floats, flags, constexprs, launch options), and each
-tensor's dtype and whether its address is 16-byte aligned. So a form is only ever launched
-by the kernel Triton itself compiled for it.
+A call form is finer than what Triton specialises on: the device; each tensor's dtype,
+device type and whether its address is 16-byte aligned; the type and value of every other
+positional argument (integers, floats, flags); and the value of every keyword argument
+(constexprs and launch options). So a form is only ever launched by the kernel Triton
+itself compiled for it.
 
 The direct launch is used only where Triton's launcher would launch at once: real tensors,
 outside tracing (``wrap_triton`` disabled, as in the eager fast path and inside
@@ -66,35 +67,31 @@ class _Forms:
         params = inspect.signature(kernel.fn).parameters
         self.names = list(params)
         self.defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-        self.compiled: dict[tuple, tuple] = {}
+        self.compiled: dict[tuple, tuple] = {}  # form -> (compiled kernel, the parameters passed by keyword)
 
-    def values(self, args: tuple, kwargs: dict) -> tuple:
+    def keyword_names(self, args: tuple, kwargs: dict) -> tuple:
+        """The parameters after the positional ones, each ``(name, default)``."""
+        return tuple((k, self.defaults.get(k)) for k in self.names[len(args):])
+
+    @staticmethod
+    def values(args: tuple, kwargs: dict, keyword_names: tuple) -> tuple:
         """Every kernel parameter's value, in the kernel's order (what Triton's binder returns)."""
-        tail = self.names[len(args):]
-        return (*args, *(kwargs[k] if k in kwargs else self.defaults[k] for k in tail))
+        return (*args, *[kwargs[k] if k in kwargs else d for k, d in keyword_names])
 
 
 _FORMS: dict[Any, _Forms] = {}
 
 
-def _launchable(t: Tensor) -> bool:
-    """A tensor the direct path takes: a plain CUDA tensor or parameter (no fakes, no subclasses)."""
-    return type(t) in _TENSORS and t.is_cuda
+def _form(device: int, args: tuple, kwargs: dict) -> tuple:
+    """The call form of a launch (see the module docstring). Tensors other than plain
+    tensors and parameters enter by identity, and :func:`launch` never keeps their forms."""
+    return (device, *[(a.dtype, a.data_ptr() & 15 == 0, a.is_cuda) if a.__class__ in _TENSORS else (a.__class__, a)
+                      for a in args], *kwargs.items())
 
 
-def _form(device: int, args: tuple, kwargs: dict) -> tuple | None:
-    """The call form of a launch, or None where the direct path does not apply."""
-    key: list = [device]
-    for a in args:
-        if isinstance(a, Tensor):
-            if not _launchable(a):
-                return None
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        else:
-            key.append((type(a), a))
-    for k, v in kwargs.items():
-        key.append((k, type(v), v))
-    return tuple(key)
+def _plain(args: tuple) -> bool:
+    """Whether every tensor argument is a plain CUDA tensor or parameter (no fakes, no subclasses)."""
+    return all(a.__class__ in _TENSORS and a.is_cuda for a in args if isinstance(a, Tensor))
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
@@ -108,16 +105,17 @@ def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
     forms = _FORMS.get(kernel)
     if forms is None:
         forms = _FORMS[kernel] = _Forms(kernel)
-    compiled = forms.compiled.get(key) if key is not None else None
-    if compiled is None:
-        kernel_ = kernel[grid](*args, **kwargs)  # Triton's launcher: compiles or finds, and launches
-        if key is not None and kernel_ is not None:
+    entry = forms.compiled.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **kwargs)  # Triton's launcher: compiles or finds, and launches
+        if compiled is not None and _plain(args):
             if len(forms.compiled) >= MAX_FORMS:
                 forms.compiled.clear()
-            forms.compiled[key] = kernel_
+            forms.compiled[key] = (compiled, forms.keyword_names(args, kwargs))
         return
+    compiled, keyword_names = entry
     stream = driver.active.get_current_stream(device)
-    values = forms.values(args, kwargs)
+    values = forms.values(args, kwargs, keyword_names)
     grid_1 = grid[1] if len(grid) > 1 else 1
     grid_2 = grid[2] if len(grid) > 2 else 1
     compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
