@@ -371,16 +371,21 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - the tables below still matter
         breakdown = [{"failed": f"{type(err).__name__}: {err}"}]
     print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
-    for c in args.sizes:
+    for c in args.sizes:  # the report is rewritten after each size, in case a later one runs past a limit
         kern += kernel_rows(args.tokens, c, bw)
         print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
-        if not args.ops_only:
-            block += block_rows(args.tokens, c, bw)
         if not args.kernels_only:
             rows, checks = connection_rows(args.tokens, c, bw, with_liger, te)
             conn += rows
             te_checks += checks
+        if not args.ops_only:
+            block += block_rows(args.tokens, c, bw)
         torch.cuda.empty_cache()
+        write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, final=c == args.sizes[-1])
+
+
+def write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, final: bool) -> None:
+    """The markdown report of the rows so far (printed when ``final``)."""
     gpu = torch.cuda.get_device_name()
     lines = [
         f"# mHC kernels on {gpu}",
@@ -427,7 +432,11 @@ def main() -> None:
         lines += ["## Tile tuning (C = 4096, one knob at a time, in this order)", "",
                   tabulate(tiles, headers="keys", tablefmt="github"), ""]
     text = "\n".join(lines)
-    report(text, args.out)
+    if final:
+        report(text, args.out)
+    elif args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ..errors import MHCError
 from .settings import DotMode, Tiles
 
 try:  # Triton is optional: without it only backend="torch" exists
-    import triton
+    import triton  # noqa: F401 - the kernels need it (KERNELS_AVAILABLE)
     from torch.library import triton_op
 
     from .triton import kernels
