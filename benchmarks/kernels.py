@@ -179,18 +179,21 @@ def load_te(path):
     return {"module": module, "name": f"TransformerEngine {version} mHC (Triton)", "wheel": wheel.name}
 
 
-def connection_rows(m, c, bw, with_liger, te=None):
+def connection_rows(m, c, bw, with_liger, te=None, with_reference=True):
     """Each implementation of one connection at ``c`` channels; with ``te`` also TE's
-    (returns the rows and TE's equivalence-check rows)."""
+    (returns the rows and TE's equivalence-check rows). ``with_reference``: also the
+    reference ops, eager and under Inductor (whose compilation takes minutes)."""
     inputs = make_inputs(m, c)
     nc = N * c
     limit_fwd = (3 * nc + 2 * c) * 2 * m / bw / 1e6  # ms
     impls = {
         "eager reference": connection(reference),
         "compiled reference (Inductor)": torch.compile(connection(reference)),
+    } if with_reference else {}
+    impls.update({
         "mhc_compile kernels": connection(library),
         "mhc_compile kernels, compiled": torch.compile(connection(library)),
-    }
+    })
     if with_liger:
         impls["Liger-Kernel mHC"] = liger_connection()
     rows = []
@@ -346,6 +349,8 @@ def main() -> None:
     parser.add_argument("--ops-only", action="store_true",
                         help="only the per-op rows and the launch breakdown (implies --kernels-only; no compiled "
                              "reference, so no Inductor compilation)")
+    parser.add_argument("--without-reference", action="store_true",
+                        help="leave the reference ops (eager, Inductor) out of the connection table: its slowest part to run")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
     parser.add_argument("--te-wheel", default=None,
@@ -375,7 +380,7 @@ def main() -> None:
         kern += kernel_rows(args.tokens, c, bw)
         print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
         if not args.kernels_only:
-            rows, checks = connection_rows(args.tokens, c, bw, with_liger, te)
+            rows, checks = connection_rows(args.tokens, c, bw, with_liger, te, not args.without_reference)
             conn += rows
             te_checks += checks
         if not args.ops_only:
@@ -392,6 +397,7 @@ def write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, f
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
         f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --ops-only' if args.ops_only else (' --kernels-only' if args.kernels_only else '')}"
+        f"{' --without-reference' if args.without_reference else ''}"
         f"{' --te-wheel ' + args.te_wheel if args.te_wheel else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
