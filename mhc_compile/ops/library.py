@@ -5,7 +5,9 @@ Six custom ops (``mhc_compile::pre_fwd``, ``pre_bwd``, ``post_fwd``, ``post_bwd`
 eager mode, autograd and Inductor all call the same kernels (Inductor sees the Triton
 kernels inside them), with fake implementations derived from the op bodies and autograd
 formulas registered with ``register_autograd``; plain eager calls run the same bodies and
-formulas without the dispatcher's per-call cost (:func:`_run`). A pre side runs as three
+formulas without the dispatcher's per-call cost (:func:`_run`), and every launch outside
+tracing skips Triton's Python launcher once its call form is known
+(:func:`.triton.launch.launch`). A pre side runs as three
 launches (a split-K projection, the per-token coefficients, a streaming aggregate or dx
 pass; for few tokens the coefficient launch computes ``u`` too); the fused post+pre op
 replaces the projection launch by one that also writes ``X_{l+1}``.
