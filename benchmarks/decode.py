@@ -66,13 +66,16 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, static: bool, **options
                               pad_token_id=0, **options)
 
 
-def _timed(fn, device: str) -> float:
+def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -155,12 +158,10 @@ def python_profile(model, ids: torch.Tensor, device: str, top: int = 40) -> tupl
     import pstats
 
     profiler = cProfile.Profile()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _sync(device)
     profiler.enable()
     _generate(model, ids, PROFILE_STEPS + 1, False)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _sync(device)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
     rows = []
@@ -215,6 +216,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a[:steps] - b[:steps]).norm() / b[:steps].norm()).item()
 
 
+def _equal_tokens(row: dict, ref: dict) -> str:
+    """How many of ``ref``'s generated tokens ``row`` generated too, position by position."""
+    return f"{sum(a == b for a, b in zip(row['tokens'], ref['tokens']))}/{len(ref['tokens'])}"
+
+
 def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False) -> None:
     """The markdown table of ``rows`` (each mode against the residual model's same mode)."""
     import triton
@@ -225,15 +231,13 @@ def write_table(args: argparse.Namespace, rows: list[dict], quiet: bool = False)
         ref = base.get("eager" if r["mode"] == TRITON_LAUNCHER else r["mode"])
         if ref and isinstance(r["ms/token"], float):
             r["vs residual, same mode"] = f"{r['ms/token'] / ref['ms/token']:.2f}x"
-            r["tokens equal to residual"] = "" if r is ref else \
-                f"{sum(a == b for a, b in zip(r['tokens'], ref['tokens']))}/{len(ref['tokens'])}"
+            r["tokens equal to residual"] = "" if r is ref else _equal_tokens(r, ref)
             if r is not ref:
                 r[f"logits vs residual, first {CHECKED_STEPS} steps"] = f"{_rel(r['logits'], ref['logits']):.1e}"
         eager = next((e for e in shown if e["model"] == r["model"] and e["mode"] == "eager" and "logits" in e), None)
         if eager is not None and eager is not r and "logits" in r:
             r["logits vs own eager"] = f"{_rel(r['logits'], eager['logits']):.1e}"
-            r["tokens equal to own eager"] = \
-                f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(eager['tokens'])}"
+            r["tokens equal to own eager"] = _equal_tokens(r, eager)
     for r in shown:
         r.pop("tokens", None)
         r.pop("logits", None)

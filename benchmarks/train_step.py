@@ -147,7 +147,6 @@ def main() -> None:
     parser.add_argument("--loss-check", type=int, default=0, metavar="STEPS",
                         help="instead of timing: train a small model STEPS steps with bf16 and float32 streams")
     args = parser.parse_args()
-    args.hidden_all = list(args.hidden)
     if args.loss_check:
         text = loss_check(args)
         report(text, args.out, mode="a")
@@ -161,13 +160,13 @@ def main() -> None:
 def width_section(args, hidden: int) -> str:
     """The table of every chosen variant at ``hidden`` (markdown), with the default path's
     overhead over the compiled residual model."""
-    args = argparse.Namespace(**{**vars(args), "hidden": hidden})
+    width_args = argparse.Namespace(**{**vars(args), "hidden": hidden})  # measure() builds at this width
     rows = []
     for i, (name, how, options) in enumerate(VARIANTS):
         if args.only is not None and str(i) not in args.only:
             continue
         try:
-            rows.append(measure(args, name, how, options))
+            rows.append(measure(width_args, name, how, options))
         except Exception as err:  # noqa: BLE001 - report and go on
             rows.append({"model": name, "mode": how, "step ms": f"failed: {type(err).__name__}: {str(err)[:100]}"})
             gc.collect()
@@ -186,7 +185,7 @@ def width_section(args, hidden: int) -> str:
     return "\n".join([
         f"# Training step on {torch.cuda.get_device_name()}, hidden {hidden}",
         "",
-        f"Command: `python benchmarks/train_step.py --hidden {' '.join(map(str, args.hidden_all))} "
+        f"Command: `python benchmarks/train_step.py --hidden {' '.join(map(str, args.hidden))} "
         f"--layers {args.layers} --batch {args.batch} --seq {args.seq} --vocab {args.vocab} --rep {args.rep}"
         f"{' --only ' + ' '.join(args.only) if args.only else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {hidden}, "

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import MHCError
 from .settings import DotMode, Tiles
+from .triton.launch import PLAIN_TENSORS
 
 try:  # Triton is optional: without it only backend="torch" exists
     import triton  # noqa: F401 - the kernels need it (KERNELS_AVAILABLE)
@@ -524,7 +525,7 @@ def _run(name: str, *inputs):
     """
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     if (_direct_launches is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or _functorch_active() or any(type(t) not in _PLAIN_TENSORS for t in tensors)):
+            or _functorch_active() or any(type(t) not in PLAIN_TENSORS for t in tensors)):
         return getattr(torch.ops.mhc_compile, name)(*inputs)
     impl, function = _EAGER[name]
     with _direct_launches(False):  # wrap_triton launches the kernels directly, as inside the op
@@ -533,7 +534,6 @@ def _run(name: str, *inputs):
         return impl(*inputs)
 
 
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path
 try:  # what triton_op itself does around its body for plain tensors (else each launch is a HOP call)
     from torch._library.triton import set_wrap_triton_enabled as _direct_launches

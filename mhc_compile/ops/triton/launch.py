@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 MAX_FORMS = 256  # call forms kept per kernel (decode and training use a handful)
-_TENSORS = (Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # no fakes, no subclasses (ops.library's eager path too)
 # JITFunction.run's own launch, whitespace-normalised: the direct path repeats it exactly
 _TRITON_LAUNCH = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
                   "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
@@ -85,13 +85,13 @@ _FORMS: dict[Any, _Forms] = {}
 def _form(device: int, args: tuple, kwargs: dict) -> tuple:
     """The call form of a launch (see the module docstring). Tensors other than plain
     tensors and parameters enter by identity, and :func:`launch` never keeps their forms."""
-    return (device, *[(a.dtype, a.data_ptr() & 15 == 0, a.is_cuda) if a.__class__ in _TENSORS else (a.__class__, a)
+    return (device, *[(a.dtype, a.data_ptr() & 15 == 0, a.is_cuda) if a.__class__ in PLAIN_TENSORS else (a.__class__, a)
                       for a in args], *kwargs.items())
 
 
 def _plain(args: tuple) -> bool:
     """Whether every tensor argument is a plain CUDA tensor or parameter (no fakes, no subclasses)."""
-    return all(a.__class__ in _TENSORS and a.is_cuda for a in args if isinstance(a, Tensor))
+    return all(a.__class__ in PLAIN_TENSORS and a.is_cuda for a in args if isinstance(a, Tensor))
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
@@ -123,4 +123,4 @@ def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
                  knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
 
 
-__all__ = ["launch", "DIRECT", "MAX_FORMS"]
+__all__ = ["launch", "DIRECT", "MAX_FORMS", "PLAIN_TENSORS"]
