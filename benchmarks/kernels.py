@@ -233,14 +233,14 @@ def two_connections(impl, fused, **kw):
     return run
 
 
-def block_rows(m, c, bw):
+def block_rows(m, c, bw, with_reference=True):
     inputs = make_inputs(m, c)
-    impls = {
-        "compiled reference (Inductor)": torch.compile(two_connections(reference, False)),
+    impls = {"compiled reference (Inductor)": torch.compile(two_connections(reference, False))} if with_reference else {}
+    impls.update({
         "kernels, post and pre separate": two_connections(library, False),
         "kernels, post+pre fused": two_connections(library, True),
         "kernels, post+pre fused, deterministic": two_connections(library, True, deterministic=True),
-    }
+    })
     rows = []
     for name, fn in impls.items():
         try:
@@ -350,7 +350,7 @@ def main() -> None:
                         help="only the per-op rows and the launch breakdown (implies --kernels-only; no compiled "
                              "reference, so no Inductor compilation)")
     parser.add_argument("--without-reference", action="store_true",
-                        help="leave the reference ops (eager, Inductor) out of the connection table: its slowest part to run")
+                        help="leave the reference ops (eager, Inductor) out of the connection tables: their slowest part to run")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
     parser.add_argument("--te-wheel", default=None,
@@ -384,7 +384,7 @@ def main() -> None:
             conn += rows
             te_checks += checks
         if not args.ops_only:
-            block += block_rows(args.tokens, c, bw)
+            block += block_rows(args.tokens, c, bw, not args.without_reference)
         torch.cuda.empty_cache()
         write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, final=c == args.sizes[-1])
 

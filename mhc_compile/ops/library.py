@@ -41,11 +41,12 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
-# Tiles on the GPU, from benchmarks/kernels.py --tune on an H100. Projections (split-K over
+# Tiles on the GPU, from benchmarks/kernels.py --tune on an H100 (the two projections'
+# retuned on an H200: 4 warps, and 64 tokens for the fused one). Projections (split-K over
 # channel ranges of SPLIT_CHANNELS per stream) take many tokens per program to amortise
 # phi's L2 reads; streaming passes take few.
-PROJ_TILES = Tiles(tokens=256, channels=64, warps=8, stages=2)  # pre forward's projection
-POST_PROJ_TILES = Tiles(tokens=128, channels=32, warps=8, stages=3)  # fused post + next pre's projection
+PROJ_TILES = Tiles(tokens=256, channels=64, warps=4, stages=2)  # pre forward's projection
+POST_PROJ_TILES = Tiles(tokens=64, channels=32, warps=4, stages=3)  # fused post + next pre's projection
 SPLIT_CHANNELS = 1024
 COEF_TILES = Tiles(tokens=64, channels=1, warps=4)  # per-token coefficient kernels (no channel axis)
 AGGREGATE_TILES = Tiles(tokens=8, channels=256, warps=8)
