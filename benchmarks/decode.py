@@ -20,7 +20,8 @@ warm-up runs (compilation and graph capture happen there). Generated tokens of t
 converted model are compared with the residual model's (``init="preserve"``: equal up to
 bf16 rounding in the streams; a differing token is reported, not hidden).
 
-``--profile PATH``: also profile a few eager decode steps of both models and write to PATH
+``--profile PATH``: also profile a few decode steps of both models (the modes in
+``--profile-modes``, default eager) and write to PATH
 each op's host and device time per step (torch.profiler) and each Python function's own
 time per step (cProfile: where host time goes outside the ops).
 """
@@ -107,8 +108,8 @@ def _measure(args: argparse.Namespace, converted: bool, how: str) -> dict:
     per_token = (statistics.median(longs) - statistics.median(shorts)) / (args.new_tokens - 1)
     # the logits of the prefill and the first decode steps, for the comparison
     logits = _generate(model, ids, CHECKED_STEPS, static, output_logits=True, return_dict_in_generate=True).logits
-    if args.profile and how == "eager":
-        profile_rows(model, ids, args, converted)
+    if args.profile and how in args.profile_modes:
+        profile_rows(model, ids, args, converted, how)
     del model
     gc.collect()
     if args.device.startswith("cuda"):
@@ -123,14 +124,15 @@ PROFILE_STEPS = 8
 CHECKED_STEPS = 4  # prefill + 3 decode steps: their logits are compared between rows
 
 
-def profile_rows(model, ids: torch.Tensor, args: argparse.Namespace, converted: bool) -> None:
-    """Append the ops of ``PROFILE_STEPS`` eager decode steps (host and device time per step)
-    to ``args.profile``."""
+def profile_rows(model, ids: torch.Tensor, args: argparse.Namespace, converted: bool, how: str) -> None:
+    """Append the ops of ``PROFILE_STEPS`` decode steps of mode ``how`` (host and device time
+    per step) to ``args.profile``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    static = how == "cuda graphs"
     with profile(activities=activities) as prof:
-        _generate(model, ids, PROFILE_STEPS + 1, False)
+        _generate(model, ids, PROFILE_STEPS + 1, static)
     rows = []
     for e in prof.key_averages():
         rows.append({"op": e.key[:70], "calls": e.count, "host us/step (self)": e.self_cpu_time_total / PROFILE_STEPS,
@@ -139,20 +141,21 @@ def profile_rows(model, ids: torch.Tensor, args: argparse.Namespace, converted: 
     total_host = sum(r["host us/step (self)"] for r in rows)
     total_dev = sum(r["device us/step (self)"] for r in rows)
     name = "mhc" if converted else "residual"
-    python_rows, python_total = python_profile(model, ids, args.device)
+    python_rows, python_total = python_profile(model, ids, args.device, static)
     text = "\n".join([
-        f"## {name}, eager: {PROFILE_STEPS} decode steps + prefill, per step (self time)",
+        f"## {name}, {how}: {PROFILE_STEPS} decode steps + prefill, per step (self time)",
         "", f"host total {total_host:.0f} us/step, device total {total_dev:.0f} us/step", "",
         tabulate([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:40]],
                  headers="keys", tablefmt="github"), "",
-        f"### {name}, eager: Python functions by own time (cProfile, {python_total:.0f} us/step in all)", "",
+        f"### {name}, {how}: Python functions by own time (cProfile, {python_total:.0f} us/step in all)", "",
         tabulate(python_rows, headers="keys", tablefmt="github"), "", ""])
     with open(args.profile, "a") as f:
         f.write(text)
 
 
-def python_profile(model, ids: torch.Tensor, device: str, top: int = 40) -> tuple[list[dict], float]:
-    """The ``top`` Python functions of ``PROFILE_STEPS`` eager decode steps by own time
+def python_profile(model, ids: torch.Tensor, device: str, static: bool = False,
+                   top: int = 40) -> tuple[list[dict], float]:
+    """The ``top`` Python functions of ``PROFILE_STEPS`` decode steps by own time
     (us per step; cProfile's overhead inflates every row alike), and the total."""
     import cProfile
     import pstats
@@ -160,7 +163,7 @@ def python_profile(model, ids: torch.Tensor, device: str, top: int = 40) -> tupl
     profiler = cProfile.Profile()
     _sync(device)
     profiler.enable()
-    _generate(model, ids, PROFILE_STEPS + 1, False)
+    _generate(model, ids, PROFILE_STEPS + 1, static)
     _sync(device)
     profiler.disable()
     stats = pstats.Stats(profiler).stats
@@ -194,7 +197,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=HOWS, default=list(HOWS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--profile", default=None, help="also profile eager decode steps into this file")
+    parser.add_argument("--profile", default=None, help="also profile decode steps into this file")
+    parser.add_argument("--profile-modes", nargs="*", choices=HOWS, default=["eager"],
+                        help="the modes --profile profiles (default: eager)")
     args = parser.parse_args()
     rows = []
     for how in args.only:

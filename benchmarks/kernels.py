@@ -209,9 +209,11 @@ def connection_rows(m, c, bw, with_liger, te=None, with_reference=True):
             continue
         rows.append({"C": c, "implementation": name, "fwd ms": round(t_fwd, 3), "fwd+bwd ms": round(t_all, 3),
                      "fwd limit ms": round(limit_fwd, 3), "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)})
+        print(rows[-1], flush=True)  # the log keeps each row should a later one run past a limit
     checks = []
     if te is not None:
         checks, te_timing = te_rows(te, m, c, limit_fwd)
+        print(checks, te_timing, flush=True)
         rows += te_timing
     return rows, checks
 
@@ -351,6 +353,8 @@ def main() -> None:
                              "reference, so no Inductor compilation)")
     parser.add_argument("--without-reference", action="store_true",
                         help="leave the reference ops (eager, Inductor) out of the connection tables: their slowest part to run")
+    parser.add_argument("--connections-only", action="store_true",
+                        help="only the connection tables (no per-op rows, no launch breakdown)")
     parser.add_argument("--tune", action="store_true", help="first pick each kernel's tiles at C = 4096 (tried one knob at a time)")
     parser.add_argument("--knobs", nargs="*", default=None, help="with --tune: only these knobs (names in KNOBS)")
     parser.add_argument("--te-wheel", default=None,
@@ -371,14 +375,17 @@ def main() -> None:
         tiles = tune(args.tokens, 4096, bw, args.knobs)
         print(tabulate(tiles, headers="keys", tablefmt="github"), flush=True)
         print("chosen:", chosen_knobs(), flush=True)
-    try:
-        breakdown = launch_breakdown(args.tokens, 4096)
-    except Exception as err:  # noqa: BLE001 - the tables below still matter
-        breakdown = [{"failed": f"{type(err).__name__}: {err}"}]
-    print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
+    breakdown = [{"not run": "--connections-only"}]
+    if not args.connections_only:
+        try:
+            breakdown = launch_breakdown(args.tokens, 4096)
+        except Exception as err:  # noqa: BLE001 - the tables below still matter
+            breakdown = [{"failed": f"{type(err).__name__}: {err}"}]
+        print(tabulate(breakdown, headers="keys", tablefmt="github"), flush=True)
     for c in args.sizes:  # the report is rewritten after each size, in case a later one runs past a limit
-        kern += kernel_rows(args.tokens, c, bw)
-        print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
+        if not args.connections_only:
+            kern += kernel_rows(args.tokens, c, bw)
+            print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
         if not args.kernels_only:
             rows, checks = connection_rows(args.tokens, c, bw, with_liger, te, not args.without_reference)
             conn += rows
@@ -397,7 +404,7 @@ def write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, f
         "",
         f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
         f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --ops-only' if args.ops_only else (' --kernels-only' if args.kernels_only else '')}"
-        f"{' --without-reference' if args.without_reference else ''}"
+        f"{' --without-reference' if args.without_reference else ''}{' --connections-only' if args.connections_only else ''}"
         f"{' --te-wheel ' + args.te_wheel if args.te_wheel else ''}`",
         f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}; "
         f"n = {N}, M = {args.tokens} tokens, bf16 streams, float32 coefficients, Sinkhorn 20 iterations.",
@@ -405,7 +412,7 @@ def write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, f
         "",
         "## Each fused kernel",
         "",
-        tabulate(kern, headers="keys", tablefmt="github"),
+        tabulate(kern, headers="keys", tablefmt="github") if kern else "(not run: --connections-only)",
         "",
         "## One connection (pre -> identity branch -> post)",
         "",

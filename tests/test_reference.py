@@ -214,3 +214,35 @@ def test_cpu_ops_match_the_reference_values_and_grads(mode, dtype):
                           outs_cpu + grads_cpu, outs_ref + grads_ref):
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_cpu_connection_sides_gradcheck(mode):
+    """Each CPU side is one autograd node with a hand-written backward: check it against
+    finite differences in float64 (the CPU ops accumulate in float64 for float64 streams)."""
+    from mhc_compile.ops import cpu
+
+    m, n, c = 5, 3, 4
+    phi, bias, alpha = (t.requires_grad_() for t in _params(n, c))
+    x = torch.randn(m, n, c, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(m, c, dtype=torch.float64, requires_grad=True)
+    pre = lambda *a: cpu.mhc_pre(*a, mode=mode, sinkhorn_iters=5)  # noqa: E731
+    assert torch.autograd.gradcheck(pre, (x, phi, bias, alpha))
+    _, h_post, h_res = (t.detach().requires_grad_() for t in pre(x, phi, bias, alpha))
+    assert torch.autograd.gradcheck(cpu.mhc_post, (x, y, h_post, h_res))
+
+
+def test_cpu_ops_compute_coefficients_in_float32_under_autocast():
+    """Under CPU bf16 autocast the projection stays float32, as in the kernels: the CPU
+    ops' coefficients match the reference's outside autocast."""
+    from mhc_compile.ops import cpu
+
+    m, n, c = 64, 4, 32
+    phi, bias, alpha = (t.float() for t in _params(n, c))
+    x = torch.randn(m, n, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, h_post, h_res = cpu.mhc_pre(x, phi, bias, alpha)
+    _, h_post_ref, h_res_ref = R.mhc_pre(x, phi, bias, alpha)
+    assert h_post.dtype == h_res.dtype == torch.float32
+    torch.testing.assert_close(h_post, h_post_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_res, h_res_ref, rtol=1e-5, atol=1e-6)
