@@ -246,3 +246,16 @@ def test_cpu_ops_compute_coefficients_in_float32_under_autocast():
     assert h_post.dtype == h_res.dtype == torch.float32
     torch.testing.assert_close(h_post, h_post_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h_res, h_res_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_ops_on_meta_tensors_give_shapes_and_dtypes():
+    """Meta tensors (a model built on the meta device and converted) take the CPU ops."""
+    from mhc_compile.ops import cpu
+
+    m, n, c = 6, 4, 8
+    phi, bias, alpha = (t.float().to("meta") for t in _params(n, c))
+    x = torch.empty(m, n, c, device="meta", dtype=torch.bfloat16)
+    u, h_post, h_res = cpu.mhc_pre(x, phi, bias, alpha)
+    assert (u.shape, u.dtype, h_post.shape, h_res.shape) == ((m, c), torch.bfloat16, (m, n), (m, n, n))
+    out = cpu.mhc_post(x, u, h_post, h_res)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.device.type == "meta"

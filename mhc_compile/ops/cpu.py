@@ -22,6 +22,7 @@ streams), with autocast off (the Triton kernels do the same). Results agree with
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -31,6 +32,16 @@ from torch.autograd.function import once_differentiable
 from . import reference
 
 _TINY = reference._TINY
+
+
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")  # the device types with an autocast state
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device`` where it is on (any device: meta tensors too)."""
+    if device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _accumulation_dtype(x: Tensor) -> torch.dtype:
@@ -137,7 +148,7 @@ class _PreSide(torch.autograd.Function):
                 mode: str, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         m, n, c = x.shape
         acc = _accumulation_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device):
             xf = x.to(acc)
             v = xf.reshape(m, n * c)
             rstd = v.pow(2).mean(dim=-1, keepdim=True).add_(eps).rsqrt_()  # [M, 1]
@@ -237,7 +248,7 @@ class _PostSide(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:  # type: ignore[override]
         acc = _accumulation_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device):
             xf, yf = x.to(acc), y.to(acc)
             h_post, h_res = h_post.to(acc), h_res.to(acc)
             out = torch.baddbmm(h_post.unsqueeze(-1) * yf.unsqueeze(1), h_res, xf)

@@ -170,9 +170,6 @@ def mhc_post_pre(
     return tokens_to_streams(x_next, x, channel_dim), tokens_to_single(u, x, channel_dim), h_post2, h_res2
 
 
-_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")
-
-
 def resolve_stream_dtype(x: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the n streams that replace the single stream ``x``.
 
@@ -185,7 +182,7 @@ def resolve_stream_dtype(x: Tensor, dtype: Optional[torch.dtype]) -> torch.dtype
     if dtype is not None:
         return dtype
     device = x.device.type
-    if (x.dtype == torch.float32 and device in _AUTOCAST_DEVICES
+    if (x.dtype == torch.float32 and device in cpu.AUTOCAST_DEVICES
             and torch.is_autocast_enabled(device)):
         return torch.get_autocast_dtype(device)
     return x.dtype
