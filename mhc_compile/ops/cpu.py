@@ -16,8 +16,9 @@ reference formulation is the number of ops and of recorded autograd nodes, not a
   (``p_before = p_after * sum``).
 
 Coefficients are computed in float32 whatever the stream dtype (float64 for float64
-streams), with autocast off (the Triton kernels do the same). Results agree with the reference within float32 rounding
-(``tests/test_reference.py``). These functions are once differentiable.
+streams), with autocast off (the Triton kernels do the same). Results agree with the
+reference within float32 rounding (``tests/test_reference.py``). These functions are once
+differentiable.
 """
 
 from __future__ import annotations
