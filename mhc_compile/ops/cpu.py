@@ -45,6 +45,11 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _rstd(v: Tensor, eps: float) -> Tensor:
+    """``(mean(v^2) + eps)^-1/2`` over the last axis, keepdim: one reduction, no ``v^2`` copy."""
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_().div_(v.shape[-1]).add_(eps).rsqrt_()
+
+
 def _accumulation_dtype(x: Tensor) -> torch.dtype:
     """float32 for 16- and 32-bit streams, float64 for float64 ones."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -152,7 +157,7 @@ class _PreSide(torch.autograd.Function):
         with _autocast_off(x.device):
             xf = x.to(acc)
             v = xf.reshape(m, n * c)
-            rstd = v.pow(2).mean(dim=-1, keepdim=True).add_(eps).rsqrt_()  # [M, 1]
+            rstd = _rstd(v, eps)  # [M, 1]
             # [M, K], the dynamic parts; not in place: recompute='mhc' keeps (and checks) mm's output
             d = torch.mm(v, phi.to(acc)) * rstd
             gate = _gate_per_column(alpha.to(acc), n)  # [K]
@@ -190,11 +195,9 @@ class _PreSide(torch.autograd.Function):
         xf = x.to(acc)
         v = xf.reshape(m, n * c)
         g_cols = torch.zeros_like(d)  # gradient of the K coefficient columns, [M, K]
-        g_x = None
         if g_u is not None:
             g_u = g_u.to(acc)
-            g_cols[:, :n] = torch.bmm(xf, g_u.unsqueeze(-1)).squeeze(-1)  # dL/dH_pre
-            g_x = h_pre.unsqueeze(-1) * g_u.unsqueeze(1)  # [M, n, C]
+            torch.sum(xf * g_u.unsqueeze(1), dim=-1, out=g_cols[:, :n])  # dL/dH_pre
         if g_post is not None:
             g_cols[:, n : 2 * n] = g_post
         if ctx.mode == "mhc":
@@ -222,10 +225,10 @@ class _PreSide(torch.autograd.Function):
         g_v = None
         if ctx.needs_input_grad[0]:
             per_token = (g_d * d).sum(dim=-1, keepdim=True).mul_(rstd.square()).div_(-(n * c))
-            g_v = torch.addmm(v * per_token, g_proj, phi.to(acc).t())  # [M, nC]
-            if g_x is not None:
-                g_v = g_v.view(m, n, c).add_(g_x)
-            g_v = g_v.reshape(m, n, c).to(x.dtype)
+            g_v = torch.addmm(v * per_token, g_proj, phi.to(acc).t()).view(m, n, c)  # through the projection
+            if g_u is not None:
+                g_v.addcmul_(h_pre.unsqueeze(-1), g_u.unsqueeze(1))  # through the aggregate
+            g_v = g_v.to(x.dtype)
         return g_v, g_phi, g_bias, g_alpha, None, None, None
 
 
