@@ -197,7 +197,7 @@ class _PreSide(torch.autograd.Function):
         g_cols = torch.zeros_like(d)  # gradient of the K coefficient columns, [M, K]
         if g_u is not None:
             g_u = g_u.to(acc)
-            torch.sum(xf * g_u.unsqueeze(1), dim=-1, out=g_cols[:, :n])  # dL/dH_pre
+            g_cols[:, :n] = (xf * g_u.unsqueeze(1)).sum(dim=-1)  # dL/dH_pre (no out=: Dynamo refuses a strided one)
         if g_post is not None:
             g_cols[:, n : 2 * n] = g_post
         if ctx.mode == "mhc":
