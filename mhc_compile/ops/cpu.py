@@ -180,7 +180,7 @@ class _PreSide(torch.autograd.Function):
             else:
                 raise ValueError(f"mhc_pre: unknown mode {mode!r}; use 'mhc' or 'hc'")
             u = _aggregate(xf, h_pre)
-            ctx.h_pre = h_pre  # a view of a saved tensor (mhc) or of an output's base (hc)
+            ctx.h_pre = h_pre  # a view of the saved s (mhc) or of the coefficients h (hc)
         ctx.mode, ctx.n = mode, n
         return u.to(x.dtype), h_post, h_res
 
@@ -233,8 +233,9 @@ class _PreSide(torch.autograd.Function):
 
 
 def mhc_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
-    """``u = H_pre @ X``: ``[M, n, C], [M, n] -> [M, C]`` in ``x.dtype``."""
-    return (h_pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype)
+    """``u = H_pre @ X``: ``[M, n, C], [M, n] -> [M, C]`` in ``x.dtype`` (what the pre side computes)."""
+    acc = _accumulation_dtype(x)
+    return _aggregate(x.to(acc), h_pre.to(acc)).to(x.dtype)
 
 
 def mhc_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, mode: str = "mhc",
