@@ -20,6 +20,10 @@ warm-up runs (compilation and graph capture happen there). Generated tokens of t
 converted model are compared with the residual model's (``init="preserve"``: equal up to
 bf16 rounding in the streams; a differing token is reported, not hidden).
 
+``--host-split PATH``: where the host time of an eager decode step goes, without a profiler's
+overhead (``perf_counter`` around the decoder layers, their attention modules, the connection ops
+and each kernel launch), both models; written to PATH.
+
 ``--profile PATH``: also profile a few decode steps of both models (the modes in
 ``--profile-modes``, default eager) and write to PATH
 each op's host and device time per step (torch.profiler) and each Python function's own
@@ -176,6 +180,69 @@ def python_profile(model, ids: torch.Tensor, device: str, static: bool = False,
     return rows[:top], sum(r["own us/step"] for r in rows)
 
 
+HOST_SPLIT_STEPS = 32
+
+
+def host_split(args: argparse.Namespace) -> str:
+    """Host time per eager decode step, split by where it is spent (a markdown table)."""
+    from mhc_compile.ops import library
+
+    rows = []
+    for converted in (False, True):
+        model = build(args, converted)
+        ids = torch.randint(1, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(args.device)
+        spent = {"layers": 0.0, "attention": 0.0, "connection ops": 0.0, "launches": 0.0}
+        counts = dict.fromkeys(spent, 0)
+
+        def timed(kind, fn):
+            def wrapper(*a, **k):
+                start = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[kind] += time.perf_counter() - start
+                    counts[kind] += 1
+            return wrapper
+
+        def hooks(module, kind):
+            module.register_forward_pre_hook(lambda m, a, k: setattr(m, "_host_t0", time.perf_counter()),
+                                             with_kwargs=True)
+            module.register_forward_hook(
+                lambda m, a, k, o: spent.__setitem__(kind, spent[kind] + time.perf_counter() - m._host_t0),
+                with_kwargs=True)
+
+        for layer in model.model.layers:
+            hooks(layer, "layers")
+            hooks(layer.self_attn, "attention")
+        saved = {name: getattr(library, name) for name in ("mhc_pre", "mhc_post", "mhc_post_pre", "launch")}
+        for name, fn in saved.items():
+            setattr(library, name, timed("launches" if name == "launch" else "connection ops", fn))
+        try:
+            _generate(model, ids, HOST_SPLIT_STEPS + 1, False)  # warm-up: kernels compiled, graphs built
+            for kind in spent:
+                spent[kind], counts[kind] = 0.0, 0
+            total = _timed(lambda: _generate(model, ids, HOST_SPLIT_STEPS + 1, False), args.device)
+            steps = HOST_SPLIT_STEPS + 1  # the prefill's share is spread over the steps
+        finally:
+            for name, fn in saved.items():
+                setattr(library, name, fn)
+        us = {k: 1e6 * v / steps for k, v in spent.items()}
+        rows.append({"model": "mhc" if converted else "residual", "step (wall)": round(1e6 * total / steps),
+                     "decoder layers": round(us["layers"]), "in attention": round(us["attention"]),
+                     "in connection ops": round(us["connection ops"]),
+                     "in kernel launches": round(us["launches"]),
+                     "ops/step": counts["connection ops"] / steps, "launches/step": counts["launches"] / steps})
+        del model
+        gc.collect()
+    text = "\n".join([
+        "## Host time of an eager decode step, by where it is spent (us per step)", "",
+        f"{HOST_SPLIT_STEPS} decode steps and the prefill, `perf_counter` around each decoder layer, its attention "
+        "module, each connection op (`ops.library`'s `mhc_pre`, `mhc_post`, `mhc_post_pre`, launches included) and "
+        "each kernel launch (`launch`, inside the ops).", "",
+        tabulate(rows, headers="keys", tablefmt="github"), "", ""])
+    return text
+
+
 def _short_path(path: str) -> str:
     """A source path without the machine's prefix (from the package's or the repo's root)."""
     for marker in ("site-packages/", "dist-packages/"):
@@ -200,7 +267,14 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="also profile decode steps into this file")
     parser.add_argument("--profile-modes", nargs="*", choices=HOWS, default=["eager"],
                         help="the modes --profile profiles (default: eager)")
+    parser.add_argument("--host-split", default=None,
+                        help="write where an eager decode step's host time goes to this file, then run the rows")
     args = parser.parse_args()
+    if args.host_split:
+        text = host_split(args)
+        print(text, flush=True)
+        with open(args.host_split, "w") as f:
+            f.write(text)
     rows = []
     for how in args.only:
         for converted in ((True,) if how == TRITON_LAUNCHER else (False, True)):

@@ -218,6 +218,25 @@ def connection_rows(m, c, bw, with_liger, te=None, with_reference=True):
     return rows, checks
 
 
+def token_sweep_rows(token_counts, c, bw):
+    """One connection of the fused kernels (eager calls) at each token count: the prefill and
+    small-batch sizes where few token blocks must still fill the GPU."""
+    rows = []
+    for m in token_counts:
+        inputs = make_inputs(m, c)
+        nc = N * c
+        limit_fwd = (3 * nc + 2 * c) * 2 * m / bw / 1e6  # ms, as in connection_rows
+        x, phi, bias, alpha = (t.detach() for t in inputs)
+        with torch.no_grad():
+            t_pre = triton.testing.do_bench(lambda: library.mhc_pre(x, phi, bias, alpha), return_mode="median")
+        t_fwd, t_all = bench_fwd_bwd(connection(library), inputs)
+        rows.append({"C": c, "tokens": m, "pre fwd ms": round(t_pre, 4), "connection fwd ms": round(t_fwd, 4),
+                     "fwd+bwd ms": round(t_all, 4), "fwd limit ms": round(limit_fwd, 4),
+                     "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def two_connections(impl, fused, **kw):
     """pre(1) -> branch -> post(1) -> pre(2) -> branch -> post(2): a transformer block's
     attention -> MLP path with identity branches; the middle pair fused or not; ``kw``
@@ -360,8 +379,21 @@ def main() -> None:
     parser.add_argument("--te-wheel", default=None,
                         help="TransformerEngine's py3-none-any wheel (default: the one in .whl/); its mHC "
                              "Triton files are loaded from it for the connection table")
+    parser.add_argument("--token-sweep", type=int, nargs="+", default=None,
+                        help="only one table: a connection of the fused kernels at these token counts (C = the first --sizes)")
     args = parser.parse_args()
     args.kernels_only = args.kernels_only or args.ops_only
+    if args.token_sweep:
+        bw = copy_bandwidth()
+        rows = token_sweep_rows(args.token_sweep, args.sizes[0], bw)
+        report("\n".join([
+            f"# Fused kernels by token count on {torch.cuda.get_device_name()}", "",
+            f"Command: `python benchmarks/kernels.py --sizes {args.sizes[0]} --token-sweep "
+            f"{' '.join(map(str, args.token_sweep))}`",
+            f"torch {torch.__version__}, triton {triton.__version__}; n = {N}, bf16 streams, eager calls, "
+            f"do_bench medians; copy bandwidth {bw:.0f} GB/s.", "",
+            tabulate(rows, headers="keys", tablefmt="github"), ""]), args.out)
+        return
     try:
         import liger_kernel  # noqa: F401
 

@@ -315,6 +315,22 @@ def test_decode_token_counts_on_gpu(m, fused):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [65, 128, 1000])
+@pytest.mark.parametrize("fused", [False, True])
+def test_prefill_token_counts_split_channels_further_on_gpu(m, fused):
+    """Too few token blocks to fill the GPU (a prefill, a small batch) take more channel
+    ranges per launch (projections, dH_pre, dx): the same results, forward and backward."""
+    x = torch.empty(m, 4, 4096, device="cuda", dtype=torch.bfloat16)
+    t = library._tiles(x, 4096, library.PROJ_TILES, "proj")
+    _, splits = library._splits(x, 4096, t.channels, blocks=library._cdiv(m, t.tokens))
+    assert splits > library._cdiv(4096, library.SPLIT_CHANNELS)
+    if fused:
+        _check_post_pre(m, 4, 4096, torch.bfloat16, "mhc")
+    else:
+        _check(m, 4, 4096, torch.bfloat16, "mhc")
+
+
+@pytest.mark.gpu
 def test_converted_llama_on_gpu_uses_kernels_compiled():
     from models import BY_NAME
 

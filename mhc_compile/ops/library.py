@@ -204,21 +204,37 @@ def _projection_tiles(x: Tensor, m: int, c: int, tiles: Tiles) -> tuple[Tiles, i
         t = _tiles(x, c, DECODE_PROJ_TILES, "proj")
         return (t, *_splits(x, c, t.channels, DECODE_SPLIT_CHANNELS))
     t = _tiles(x, c, tiles, "proj")
-    return (t, *_splits(x, c, t.channels))
+    return (t, *_splits(x, c, t.channels, blocks=_cdiv(m, t.tokens)))
 
 
-def _splits(x: Tensor, c: int, bc: int, channels: int | None = None) -> tuple[int, int]:
+def _splits(x: Tensor, c: int, bc: int, channels: int | None = None, blocks: int | None = None) -> tuple[int, int]:
     """(channels per program, number of channel ranges) for ``c`` channels per stream:
-    ``channels`` (default SPLIT_CHANNELS) on the GPU, two chunks under the interpreter."""
+    ``channels`` (default SPLIT_CHANNELS) on the GPU, two chunks under the interpreter.
+
+    ``blocks``: the launch's token blocks. Where they are too few to fill the GPU with
+    ``channels`` per program (a prefill, a small batch: 128 tokens made 4 programs of the
+    pre projection), the ranges are halved, down to ``bc``, until the launch has at least
+    one program per SM (:func:`_sm_count`)."""
     per = (channels or SPLIT_CHANNELS) if x.is_cuda else 2 * bc
     per = max(bc, per // bc * bc)
+    if blocks is not None and x.is_cuda:
+        target = _sm_count(x.device.index)
+        while per >= 2 * bc and blocks * _cdiv(c, per) < target:
+            per = per // 2 // bc * bc
     return per, _cdiv(c, per)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device (the target program count of a launch)."""
+    return torch.cuda.get_device_properties(device_index if device_index is not None else 0).multi_processor_count
+
+
 def _splits_per_load(splits: int) -> int:
-    """Partials the decode coefficient launch adds per load: all of them, up to
-    MAX_SPLITS_PER_LOAD (a serial walk over many partials costs latency when a token block
-    is one program). Many tokens add them one per load (measured: wider loads there doubled
+    """Partials the coefficient launch adds per load where there are many (few tokens, or
+    ranges split further for occupancy): all of them, up to MAX_SPLITS_PER_LOAD (a serial
+    walk over many partials costs latency when a token block is one program). Many tokens
+    with the default ranges add them one per load (measured: wider loads there doubled
     the launch's time, 11 -> 23 us at 16384 tokens)."""
     return min(MAX_SPLITS_PER_LOAD, _next_pow2(splits)) if KERNELS_AVAILABLE else 1
 
@@ -265,7 +281,8 @@ if KERNELS_AVAILABLE:
         launch(kernels._pre_coef_kernel, (_cdiv(m, ct.tokens), ranges),
             part, sq, bias, alpha, h_pre, h_post, h_res, q, rstd, x, u,
             m, c, per, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
-            HC=hc, AGGREGATE=few, SB=_splits_per_load(splits) if few else 1, **ct.launch(channels=True),
+            HC=hc, AGGREGATE=few, SB=_splits_per_load(splits) if few or splits > _cdiv(c, SPLIT_CHANNELS) else 1,
+            **ct.launch(channels=True),
         )
         if few:
             return u, h_pre, h_post, h_res, q, rstd
@@ -284,7 +301,7 @@ if KERNELS_AVAILABLE:
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         t = _tiles(x, c, DH_TILES, "proj")
-        per, splits = _splits(x, c, t.channels)
+        per, splits = _splits(x, c, t.channels, blocks=_cdiv(m, t.tokens))
         part = x.new_empty(splits, m, lay.np, dtype=torch.float32)
         launch(kernels._dh_pre_kernel, (_cdiv(m, t.tokens), splits),
             x, du, part, m, c, per, N=n, NP=lay.np, **t.launch(),
@@ -317,7 +334,7 @@ if KERNELS_AVAILABLE:
         dx = torch.empty_like(x)
         _poisoned(dx)
         t = _tiles(x, c, DX_TILES, "dx")
-        per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS)
+        per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS, blocks=_cdiv(m, t.tokens))
         lay = layout(n)
         launch(kernels._pre_dx_kernel, (_cdiv(m, t.tokens), splits),
             x, du, phi, h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
