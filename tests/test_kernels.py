@@ -248,6 +248,38 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_results():
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+def test_no_grad_calls_with_few_tokens_reuse_scratch_buffers_safely(monkeypatch):
+    """No-grad eager calls with few tokens (decode) take the split-K partials, H_pre, q
+    and rstd from per-stream scratch buffers; what they return is fresh, matches the
+    reference, and a graph recorded before them still gets the right gradients."""
+    monkeypatch.setattr(library, "_SCRATCH", {})
+    x, y, phi, bias, alpha = _inputs(3, 4, 24, torch.float32)
+    u_ref, hp_ref, hr_ref = reference.mhc_pre(x, phi, bias, alpha)
+    out_ref = reference.mhc_post(x, y, hp_ref, hr_ref)
+    grads_ref = torch.autograd.grad(out_ref.square().sum() + u_ref.square().sum(), [x, phi, bias, alpha])
+    u_g, hp_g, hr_g = library.mhc_pre(x, phi, bias, alpha)  # with grad: its saved tensors are its own
+    assert not library._SCRATCH
+    kept = []
+    with torch.no_grad():
+        for scale in (1.0, -2.0, 0.5):  # each call overwrites the scratch of the one before
+            xs = x.detach() * scale
+            u, h_post, h_res = library.mhc_pre(xs, phi, bias, alpha)
+            x2, u2, h_post2, h_res2 = library.mhc_post_pre(xs, u * y, h_post, h_res, phi, bias, alpha)
+            kept.append((scale, u, h_post, h_res, x2, u2))
+    assert library._SCRATCH  # the partials and the kept-for-backward buffers
+    for scale, u, h_post, h_res, x2, u2 in kept:
+        xs = x.detach() * scale
+        ur, hpr, hrr = reference.mhc_pre(xs, phi, bias, alpha)
+        x2r = reference.mhc_post(xs, ur * y, hpr, hrr)
+        u2r, _, _ = reference.mhc_pre(x2r, phi, bias, alpha)
+        for a, b in ((u, ur), (h_post, hpr), (h_res, hrr), (x2, x2r), (u2, u2r)):
+            assert torch.isfinite(a).all() and _rel(a, b) <= TOL[torch.float32]
+    out_g = library.mhc_post(x, y, hp_g, hr_g)
+    grads = torch.autograd.grad(out_g.square().sum() + u_g.square().sum(), [x, phi, bias, alpha])
+    for a, b in zip(grads, grads_ref):
+        assert torch.isfinite(a).all() and _rel(a, b) <= TOL[torch.float32]
+
+
 def test_rewrite_emits_the_fused_post_pre_kernel():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
     # fuse_adjacent is the default

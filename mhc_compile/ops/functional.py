@@ -70,9 +70,7 @@ def _use_kernels(x: Tensor, backend: str) -> bool:
 
 
 def _kernels_available() -> bool:
-    from . import library
-
-    return library.KERNELS_AVAILABLE
+    return _library().KERNELS_AVAILABLE
 
 
 def _impl(name: str, backend: str, x: Tensor, **kernel_options) -> Callable:
@@ -80,10 +78,17 @@ def _impl(name: str, backend: str, x: Tensor, **kernel_options) -> Callable:
     ``ops.reference.<name>`` (``backend="torch"``) or ``ops.cpu.<name>`` (``"auto"`` where the
     kernels don't run: the same math in fewer ops)."""
     if _use_kernels(x, backend):
-        from . import library
-
-        return functools.partial(getattr(library, name), **kernel_options)
+        op = getattr(_library(), name)
+        return functools.partial(op, **kernel_options) if kernel_options else op
     return getattr(reference if backend == "torch" else cpu, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """``ops.library``, imported on first use (it imports Triton)."""
+    from . import library
+
+    return library
 
 
 def _observe(streams: Tensor, h_post: Tensor, h_res: Tensor) -> None:

@@ -164,15 +164,40 @@ def _poisoned(*tensors: Tensor) -> None:
             t.fill_(float("nan"))
 
 
-def _pre_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _pre_outputs(x: Tensor, reuse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Empty outputs of a pre side for ``x [M, n, C]``: ``u [M, C]`` (dtype of ``x``) and
-    float32 ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``, ``q [M, QW]``, ``rstd [M]``."""
+    float32 ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``, ``q [M, QW]``, ``rstd [M]``.
+    ``reuse``: ``H_pre``, ``q`` and ``rstd`` (kept only for the backward) come from
+    :func:`_scratch`."""
     m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
     f32 = torch.float32
-    outs = (x.new_empty(m, c), x.new_empty(m, n, dtype=f32), x.new_empty(m, n, dtype=f32),
-            x.new_empty(m, n, n, dtype=f32), x.new_empty(m, layout(n).qw, dtype=f32), x.new_empty(m, dtype=f32))
+    if reuse:
+        h_pre, q, rstd = _scratch(x, "kept", ((m, n), (m, layout(n).qw), (m,)))
+    else:
+        h_pre, q, rstd = x.new_empty(m, n, dtype=f32), x.new_empty(m, layout(n).qw, dtype=f32), x.new_empty(m, dtype=f32)
+    outs = (x.new_empty(m, c), h_pre, x.new_empty(m, n, dtype=f32), x.new_empty(m, n, n, dtype=f32), q, rstd)
     _poisoned(*outs)
     return outs
+
+
+MAX_SCRATCH = 64  # buffer sets kept by _scratch (decode uses a few: one per token count and kind)
+_SCRATCH: dict[tuple, tuple[Tensor, ...]] = {}
+
+
+def _scratch(x: Tensor, kind: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Tensor, ...]:
+    """Float32 buffers of ``shapes`` that a no-grad eager call with few tokens writes and
+    reads within its own launches and nobody keeps (the split-K partials, and ``H_pre``,
+    ``q``, ``rstd``, which only a backward would read): one set per device, stream, kind
+    and shapes, reused call after call. The launches of one stream run in order, so a call
+    writes them only after the previous call's launches have read them; on another stream
+    the set is another one. Saves about ten allocations a layer of host time in decode."""
+    key = (x.device, torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0, kind, shapes)
+    buffers = _SCRATCH.get(key)
+    if buffers is None:
+        if len(_SCRATCH) >= MAX_SCRATCH:
+            _SCRATCH.clear()
+        buffers = _SCRATCH[key] = tuple(x.new_empty(shape, dtype=torch.float32) for shape in shapes)
+    return buffers
 
 
 def _tiles(x: Tensor, c: int, tiles: Tiles, kind: str) -> Tiles:
@@ -250,13 +275,20 @@ def _back_dot(dot: DotMode) -> DotMode:
 
 if KERNELS_AVAILABLE:
 
-    def _pre_projection(x: Tensor, phi: Tensor, dot: DotMode) -> tuple[Tensor, Tensor, int]:
+    def _partials(x: Tensor, splits: int, reuse: bool) -> tuple[Tensor, Tensor]:
+        """The split-K partial projections ``[S, M, W]`` and sums of squares ``[S, M]`` of
+        ``x [M, n, C]`` (float32; from :func:`_scratch` where ``reuse``)."""
+        m, w = x.shape[0], layout(int(x.shape[1])).w
+        if reuse:
+            return _scratch(x, "partials", ((splits, m, w), (splits, m)))
+        return x.new_empty(splits, m, w, dtype=torch.float32), x.new_empty(splits, m, dtype=torch.float32)
+
+    def _pre_projection(x: Tensor, phi: Tensor, dot: DotMode, reuse: bool = False) -> tuple[Tensor, Tensor, int]:
         """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         t, per, splits = _projection_tiles(x, m, c, PROJ_TILES)
-        part = x.new_empty(splits, m, lay.w, dtype=torch.float32)
-        sq = x.new_empty(splits, m, dtype=torch.float32)
+        part, sq = _partials(x, splits, reuse)
         launch(kernels._pre_proj_kernel, (_cdiv(m, t.tokens), splits),
             x, phi, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
         )
@@ -264,14 +296,14 @@ if KERNELS_AVAILABLE:
 
     def _finish_pre(
         x: Tensor, part: Tensor, sq: Tensor, splits: int, bias: Tensor, alpha: Tensor,
-        hc: bool, iters: int, eps: float,
+        hc: bool, iters: int, eps: float, reuse: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Launches 2 and 3 of a pre forward over streams ``x [M, n, C]``: coefficients from
         the partial projections, then ``u`` (one launch for few tokens). Returns
-        :func:`_pre_outputs`, filled."""
+        :func:`_pre_outputs` (``reuse``: as there), filled."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
-        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x)
+        u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x, reuse)
         few = few_tokens(m)
         if few:
             ct = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate")
@@ -347,8 +379,15 @@ if KERNELS_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``x [M, n, C]`` -> ``u [M, C]``, ``H_pre, H_post [M, n]``, ``H_res [M, n, n]``,
         ``q [M, QW]`` (scaled projections) and ``rstd [M]`` (float32, kept for backward)."""
-        part, sq, splits = _pre_projection(x, phi, _dot_mode(x))
-        return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps)
+        return _pre_forward(x, phi, bias, alpha, hc, iters, eps)
+
+    def _pre_forward(
+        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, hc: bool, iters: int, eps: float, reuse: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:func:`_pre_fwd_impl`; ``reuse``: the partials, ``H_pre``, ``q`` and ``rstd`` from
+        :func:`_scratch` (no-grad eager calls with few tokens, see :func:`_run`)."""
+        part, sq, splits = _pre_projection(x, phi, _dot_mode(x), reuse)
+        return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps, reuse)
 
     def _pre_bwd_impl(
         x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
@@ -415,18 +454,24 @@ if KERNELS_AVAILABLE:
         """Post of one connection fused with the pre of the next: ``x [M, n, C]``, ``y [M, C]``,
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
         for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
+        return _post_pre_forward(x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, eps)
+
+    def _post_pre_forward(
+        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
+        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False, reuse: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:func:`_post_pre_fwd_impl`; ``reuse``: as in :func:`_pre_forward`."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         x_next = torch.empty_like(x)
         _poisoned(x_next)
         t, per, splits = _projection_tiles(x, m, c, POST_PROJ_TILES)
-        part = x.new_empty(splits, m, lay.w, dtype=torch.float32)
-        sq = x.new_empty(splits, m, dtype=torch.float32)
+        part, sq = _partials(x, splits, reuse)
         launch(kernels._post_proj_kernel, (_cdiv(m, t.tokens), splits),
             x, y, h_post0, h_res0, phi, x_next, part, sq, m, c, per,
             N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(_dot_mode(x)), **t.launch(),
         )
-        return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps))
+        return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps, reuse))
 
     def _post_pre_bwd_impl(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
@@ -523,11 +568,14 @@ if KERNELS_AVAILABLE:
 
         return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    _EAGER = {
-        "pre_fwd": (_pre_fwd_impl, _eager_function("PreFwd", _pre_fwd_impl, _pre_setup, _pre_backward)),
-        "post_fwd": (_post_fwd_impl, _eager_function("PostFwd", _post_fwd_impl, _post_setup, _post_backward)),
+    _EAGER = {  # op -> (body, its autograd.Function, the body of a no-grad call with few tokens)
+        "pre_fwd": (_pre_fwd_impl, _eager_function("PreFwd", _pre_fwd_impl, _pre_setup, _pre_backward),
+                    functools.partial(_pre_forward, reuse=True)),
+        "post_fwd": (_post_fwd_impl, _eager_function("PostFwd", _post_fwd_impl, _post_setup, _post_backward),
+                     _post_fwd_impl),
         "post_pre_fwd": (_post_pre_fwd_impl,
-                         _eager_function("PostPreFwd", _post_pre_fwd_impl, _post_pre_setup, _post_pre_backward)),
+                         _eager_function("PostPreFwd", _post_pre_fwd_impl, _post_pre_setup, _post_pre_backward),
+                         functools.partial(_post_pre_forward, reuse=True)),
     }
 
 
@@ -539,17 +587,19 @@ def _run(name: str, *inputs):
     export and ``torch.func`` transforms, with no dispatch mode active (fake tensors,
     tracing and selective checkpointing all install one) and on plain tensors or parameters
     only, runs the same body under the op's own autograd formula (or without autograd where
-    no input needs a gradient); every other call goes through the op.
+    no input needs a gradient: then, for few tokens, with the buffers that only the launches
+    themselves or a backward read taken from :func:`_scratch`); every other call goes
+    through the op.
     """
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     if (_direct_launches is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or _functorch_active() or any(type(t) not in PLAIN_TENSORS for t in tensors)):
         return getattr(torch.ops.mhc_compile, name)(*inputs)
-    impl, function = _EAGER[name]
+    impl, function, reusing = _EAGER[name]
     with _direct_launches(False):  # wrap_triton launches the kernels directly, as inside the op
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return function.apply(*inputs)
-        return impl(*inputs)
+        return (reusing if few_tokens(inputs[0].shape[0]) else impl)(*inputs)
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path
