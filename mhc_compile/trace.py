@@ -59,10 +59,10 @@ _CONCRETE_METHODS = ("dim", "is_floating_point", "is_complex", "get_device", "el
 def classify(value: Any) -> Any:
     """The specialisation key of one argument: its value if static (lists as tuples), a
     tensor's dtype, device type and rank, an object's class, else a marker."""
+    if isinstance(value, torch.Tensor):  # first: most arguments of a block call are tensors
+        return (_DYNAMIC, value.dtype, value.device.type, value.dim())
     if is_static(value):
         return tuple(classify(v) for v in value) if isinstance(value, (tuple, list)) else value
-    if isinstance(value, torch.Tensor):
-        return (_DYNAMIC, value.dtype, value.device.type, value.dim())
     if is_state_object(value):  # a cache: traced code may branch on its type
         return (_DYNAMIC, f"{type(value).__module__}.{type(value).__qualname__}")
     return _DYNAMIC
@@ -92,8 +92,24 @@ def make_key(training: bool, values: dict, passthrough: frozenset = frozenset())
     """Specialisation key: the training flag, every non-passthrough constant argument and
     the dtype/device of every tensor argument."""
     return (training,) + tuple(
-        (name, _DYNAMIC if name in passthrough else classify(values[name])) for name in sorted(values)
+        (name, _DYNAMIC if name in passthrough else classify(values[name])) for name in _sorted_names(tuple(values))
     )
+
+
+_SORTED_NAMES: dict[tuple, tuple] = {}
+
+
+def _sorted_names(names: tuple) -> tuple:
+    """``sorted(names)``, remembered outside compilation: every call of a converted block
+    makes its key (a plain dict: Dynamo traces it, where it would ignore an lru_cache)."""
+    if torch.compiler.is_compiling():
+        return tuple(sorted(names))
+    found = _SORTED_NAMES.get(names)
+    if found is None:
+        if len(_SORTED_NAMES) > 1024:
+            _SORTED_NAMES.clear()
+        found = _SORTED_NAMES[names] = tuple(sorted(names))
+    return found
 
 
 @dataclass

@@ -83,7 +83,6 @@ def _impl(name: str, backend: str, x: Tensor, **kernel_options) -> Callable:
     return getattr(reference if backend == "torch" else cpu, name)
 
 
-@functools.lru_cache(maxsize=None)
 def _library():
     """``ops.library``, imported on first use (it imports Triton)."""
     from . import library
