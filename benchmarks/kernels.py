@@ -132,7 +132,7 @@ def kernel_rows(m, c, bw, only=None):
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
-        if only is not None and name != only:
+        if only is not None and name not in ((only,) if isinstance(only, str) else only):
             continue
         eager_ms = triton.testing.do_bench(fn, return_mode="median")
         try:
@@ -218,22 +218,18 @@ def connection_rows(m, c, bw, with_liger, te=None, with_reference=True):
     return rows, checks
 
 
+SWEEP_OPS = ("pre fwd", "post+pre fwd", "pre bwd", "post+pre bwd")
+
+
 def token_sweep_rows(token_counts, c, bw):
-    """One connection of the fused kernels (eager calls) at each token count: the prefill and
-    small-batch sizes where few token blocks must still fill the GPU."""
+    """The pre and fused post+pre ops, forward and backward, at each token count (GPU time
+    from CUDA-graph replays, as in :func:`kernel_rows`): the prefill and small-batch sizes,
+    where few token blocks must still fill the GPU."""
     rows = []
     for m in token_counts:
-        inputs = make_inputs(m, c)
-        nc = N * c
-        limit_fwd = (3 * nc + 2 * c) * 2 * m / bw / 1e6  # ms, as in connection_rows
-        x, phi, bias, alpha = (t.detach() for t in inputs)
-        with torch.no_grad():
-            t_pre = triton.testing.do_bench(lambda: library.mhc_pre(x, phi, bias, alpha), return_mode="median")
-        t_fwd, t_all = bench_fwd_bwd(connection(library), inputs)
-        rows.append({"C": c, "tokens": m, "pre fwd ms": round(t_pre, 4), "connection fwd ms": round(t_fwd, 4),
-                     "fwd+bwd ms": round(t_all, 4), "fwd limit ms": round(limit_fwd, 4),
-                     "fwd % of limit": round(100 * limit_fwd / t_fwd, 1)})
-        print(rows[-1], flush=True)
+        for row in kernel_rows(m, c, bw, only=SWEEP_OPS):
+            rows.append({"tokens": m, **row})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -390,8 +386,9 @@ def main() -> None:
             f"# Fused kernels by token count on {torch.cuda.get_device_name()}", "",
             f"Command: `python benchmarks/kernels.py --sizes {args.sizes[0]} --token-sweep "
             f"{' '.join(map(str, args.token_sweep))}`",
-            f"torch {torch.__version__}, triton {triton.__version__}; n = {N}, bf16 streams, eager calls, "
-            f"do_bench medians; copy bandwidth {bw:.0f} GB/s.", "",
+            f"torch {torch.__version__}, triton {triton.__version__}; n = {N}, bf16 streams; `ms`: the op's launches "
+            f"replayed from a CUDA graph (GPU time), `ms, eager call`: plus the host's launch cost; do_bench "
+            f"medians; copy bandwidth {bw:.0f} GB/s.", "",
             tabulate(rows, headers="keys", tablefmt="github"), ""]), args.out)
         return
     try:
