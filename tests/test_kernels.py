@@ -280,6 +280,26 @@ def test_no_grad_calls_with_few_tokens_reuse_scratch_buffers_safely(monkeypatch)
         assert torch.isfinite(a).all() and _rel(a, b) <= TOL[torch.float32]
 
 
+def test_scratch_buffers_are_per_thread(monkeypatch):
+    """Two threads on one stream could interleave their launches: each has its own set."""
+    import threading
+
+    monkeypatch.setattr(library, "_SCRATCH", {})
+    x, _, phi, bias, alpha = _inputs(2, 4, 24, torch.float32)
+    results = {}
+
+    def run(name):
+        with torch.no_grad():
+            results[name] = library.mhc_pre(x, phi, bias, alpha)[0]
+
+    worker = threading.Thread(target=run, args=("worker",))
+    worker.start()
+    worker.join()
+    run("main")
+    assert len({key[2] for key in library._SCRATCH}) == 2  # the thread is part of the key
+    assert torch.equal(results["worker"], results["main"])
+
+
 def test_rewrite_emits_the_fused_post_pre_kernel():
     idx = torch.randint(0, 97, (2, 7), device=DEVICE)
     # fuse_adjacent is the default

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -187,11 +188,13 @@ _SCRATCH: dict[tuple, tuple[Tensor, ...]] = {}
 def _scratch(x: Tensor, kind: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Tensor, ...]:
     """Float32 buffers of ``shapes`` that a no-grad eager call with few tokens writes and
     reads within its own launches and nobody keeps (the split-K partials, and ``H_pre``,
-    ``q``, ``rstd``, which only a backward would read): one set per device, stream, kind
-    and shapes, reused call after call. The launches of one stream run in order, so a call
-    writes them only after the previous call's launches have read them; on another stream
-    the set is another one. Saves about ten allocations a layer of host time in decode."""
-    key = (x.device, torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0, kind, shapes)
+    ``q``, ``rstd``, which only a backward would read): one set per device, stream, thread,
+    kind and shapes, reused call after call. The launches of one stream run in order, so a
+    call writes them only after the previous call's launches have read them; another
+    stream, or another thread (whose launches could fall between this call's), has its own
+    set. Saves about ten allocations a layer of host time in decode."""
+    key = (x.device, torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0,
+           threading.get_ident(), kind, shapes)
     buffers = _SCRATCH.get(key)
     if buffers is None:
         if len(_SCRATCH) >= MAX_SCRATCH:
