@@ -94,7 +94,7 @@ def bench_fwd_bwd(fn, inputs):
 
 
 def kernel_rows(m, c, bw, only=None):
-    """One row per fused op (all of its launches together); ``only``: just that op."""
+    """One row per fused op (all of its launches together); ``only``: just these ops (names)."""
     x, phi, bias, alpha = make_inputs(m, c)
     xd = x.detach()
     e = 2  # bf16 bytes
@@ -132,7 +132,7 @@ def kernel_rows(m, c, bw, only=None):
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
-        if only is not None and name not in ((only,) if isinstance(only, str) else only):
+        if only is not None and name not in only:
             continue
         eager_ms = triton.testing.do_bench(fn, return_mode="median")
         try:
@@ -309,7 +309,7 @@ def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict
         for value in candidates:
             set_knob(knob, value)
             try:
-                row = next(r for r in kernel_rows(m, c, bw, only=kernel))
+                row = next(r for r in kernel_rows(m, c, bw, only=(kernel,)))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: report and go on
                 rows.append({"knob": knob, "value": str(value), "kernel": kernel, "failed": f"{type(err).__name__}: {str(err)[:60]}"})
                 continue
@@ -376,7 +376,8 @@ def main() -> None:
                         help="TransformerEngine's py3-none-any wheel (default: the one in .whl/); its mHC "
                              "Triton files are loaded from it for the connection table")
     parser.add_argument("--token-sweep", type=int, nargs="+", default=None,
-                        help="only one table: a connection of the fused kernels at these token counts (C = the first --sizes)")
+                        help="only one table: the pre and fused post+pre ops, forward and backward, at these token "
+                             "counts (C = the first --sizes; GPU time from CUDA graphs)")
     args = parser.parse_args()
     args.kernels_only = args.kernels_only or args.ops_only
     if args.token_sweep:

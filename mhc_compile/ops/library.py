@@ -253,9 +253,9 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None, blocks: int
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int | None) -> int:
+def _sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (the target program count of a launch)."""
-    return torch.cuda.get_device_properties(device_index if device_index is not None else 0).multi_processor_count
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _splits_per_load(splits: int) -> int:
