@@ -274,14 +274,21 @@ def block_rows(m, c, bw, with_reference=True):
 # (``"POST_PROJ_TILES.stages"``, tried on the tiles chosen so far).
 KNOBS = [
     ("PROJ_TILES", [Tiles(256, 64, 4, 2), Tiles(128, 64, 4, 2), Tiles(256, 64, 8, 2), Tiles(128, 128, 8, 2),
-                    Tiles(256, 32, 4, 2), Tiles(512, 32, 8, 2), Tiles(128, 64, 8, 3)], "pre fwd"),
+                    Tiles(256, 32, 4, 2), Tiles(512, 32, 8, 2), Tiles(128, 64, 8, 3),
+                    # deeper pipelines: more bytes in flight per SM
+                    Tiles(256, 64, 4, 3), Tiles(256, 64, 4, 4), Tiles(256, 64, 8, 3), Tiles(128, 64, 4, 3),
+                    Tiles(128, 64, 4, 4), Tiles(128, 128, 4, 3), Tiles(64, 64, 4, 4)], "pre fwd"),
     ("SPLIT_CHANNELS", [512, 1024, 2048], "pre fwd"),
     ("DH_TILES", [Tiles(64, 64, 4), Tiles(32, 128, 4), Tiles(16, 256, 4), Tiles(64, 128, 8)], "pre bwd"),
-    ("DX_TILES", [Tiles(32, 128, 8), Tiles(64, 64, 8), Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(128, 64, 8)], "pre bwd"),
+    ("DX_TILES", [Tiles(32, 128, 8), Tiles(64, 64, 8), Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(128, 64, 8),
+                  Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 4), Tiles(64, 128, 8, 3), Tiles(128, 64, 8, 3),
+                  Tiles(32, 128, 4, 3), Tiles(64, 32, 4, 4)], "pre bwd"),
     ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
     ("POST_PROJ_TILES", [Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 64, 8, 3), Tiles(64, 16, 4, 3),
-                         Tiles(128, 64, 8, 2), Tiles(256, 32, 8, 2), Tiles(128, 16, 4, 3)], "post+pre fwd"),
-    ("POST_PROJ_TILES.stages", [1, 2, 3], "post+pre fwd"),
+                         Tiles(128, 64, 8, 2), Tiles(256, 32, 8, 2), Tiles(128, 16, 4, 3),
+                         Tiles(64, 32, 4, 4), Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(128, 32, 4, 4),
+                         Tiles(64, 32, 8, 4), Tiles(32, 32, 4, 4)], "post+pre fwd"),
+    ("POST_PROJ_TILES.stages", [1, 2, 3, 4], "post+pre fwd"),
 ]
 
 
