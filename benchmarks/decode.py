@@ -214,7 +214,8 @@ def host_split(args: argparse.Namespace) -> str:
         for layer in model.model.layers:
             hooks(layer, "layers")
             hooks(layer.self_attn, "attention")
-        saved = {name: getattr(library, name) for name in ("mhc_pre", "mhc_post", "mhc_post_pre", "launch")}
+        saved = {name: getattr(library, name) for name in ("mhc_pre", "mhc_post", "mhc_post_pre", "mhc_pre_normed",
+                                                           "mhc_post_pre_normed", "launch")}
         for name, fn in saved.items():
             setattr(library, name, timed("launches" if name == "launch" else "connection ops", fn))
         try:

@@ -383,8 +383,9 @@ def mhc_compile(
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (reference ops).
         sinkhorn_iters, collapse, channel_dim, rms_eps: see :class:`MHCConfig`.
         fuse_adjacent: where a block's connection feeds the next one (attention then MLP),
-            run the first's post and the second's pre as one fused op (on by default;
-            ``False`` keeps them separate).
+            run the first's post and the second's pre as one fused op, and let a pre side
+            compute the Llama-style RMSNorm that follows it in no-grad decode calls (on by
+            default; ``False`` keeps them separate).
         stream_dtype: dtype of the n streams; ``None`` (default): the autocast dtype for a
             float32 residual under autocast, the residual's dtype otherwise;
             ``torch.float32`` keeps float32 streams under autocast.

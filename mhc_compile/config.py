@@ -37,7 +37,9 @@ class MHCConfig:
         fuse_adjacent: let the lowering pass fuse ``post(l)`` with ``pre(l+1)``
             where both connections live in the same block (on by default: two adjacent
             connections train about a fifth faster fused, see
-            ``benchmarks/results/kernels-h100.md``).
+            ``benchmarks/results/kernels-h100.md``), and hand each pre side the Llama-style
+            RMSNorm that follows it, which the kernels then compute in the pre side's own
+            launch in no-grad decode calls (:mod:`mhc_compile.passes.norm`).
         stream_dtype: dtype of the n-stream tensor. ``None`` (default): the autocast dtype
             when a float32 residual runs under autocast (bf16 streams move half the bytes;
             Hugging Face models keep a float32 residual under autocast), else the dtype of

@@ -17,12 +17,16 @@ import functools
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from . import cpu, reference
 
 # Callables ``obs(kind, tensors)`` told about every eager ``mhc_pre`` call (diagnostics).
 OBSERVERS: list[Callable[[str, dict], None]] = []
+# RMSNorm classes checked to compute the Llama-style norm (``passes.norm``): a pre side
+# given one as ``norm=`` may compute it in its own kernel launch.
+FUSABLE_NORMS: set[type] = set()
 
 
 def stream_dim_of(channel_dim: int) -> int:
@@ -106,19 +110,48 @@ def mhc_pre(
     eps: float,
     channel_dim: int,
     backend: str,
+    norm: Optional[nn.Module] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pre side of one connection on a stream tensor.
 
     Returns the branch input ``u`` in the single-stream layout, ``H_post [M, n]`` and
-    ``H_res [M, n, n]`` (float32, token-major).
+    ``H_res [M, n, n]`` (float32, token-major). ``norm``: an RMSNorm module that follows
+    (channels-last only, see :mod:`mhc_compile.passes.norm`); ``norm(u)`` is returned in
+    ``u``'s place, computed by the kernels where :func:`_norm_in_kernel` allows.
     """
     tokens = streams_to_tokens(x, channel_dim)
-    u, h_post, h_res = _impl("mhc_pre", backend, tokens)(
-        tokens, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps
-    )
+    if norm is not None and _norm_in_kernel(norm, tokens, backend, phi, bias, alpha):
+        u, h_post, h_res = _library().mhc_pre_normed(
+            tokens, phi, bias, alpha, norm.weight, rms_norm_eps(norm), mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps)
+    else:
+        u, h_post, h_res = _impl("mhc_pre", backend, tokens)(
+            tokens, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps
+        )
+        if norm is not None:
+            u = norm(tokens_to_single(u, x, channel_dim))
     if OBSERVERS:
         _observe(tokens, h_post, h_res)
     return tokens_to_single(u, x, channel_dim), h_post, h_res
+
+
+def rms_norm_eps(module: nn.Module) -> Optional[float]:
+    """The epsilon an RMSNorm module keeps (``variance_epsilon`` or ``eps``), if a float."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def _norm_in_kernel(norm: nn.Module, tokens: Tensor, backend: str, *tensors: Tensor) -> bool:
+    """Whether the kernels compute ``norm`` after the pre side over ``tokens [M, n, C]``:
+    a checked class (:data:`FUSABLE_NORMS`) with no hooks to run, and a call the kernels can
+    serve that way (``ops.library.norm_fusable``)."""
+    if torch.compiler.is_compiling() or type(norm) not in FUSABLE_NORMS or norm._forward_hooks or norm._forward_pre_hooks:
+        return False
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return False
+    return _use_kernels(tokens, backend) and _library().norm_fusable(tokens, norm.weight, *tensors)
 
 
 def mhc_post(
@@ -156,19 +189,27 @@ def mhc_post_pre(
     channel_dim: int,
     backend: str,
     deterministic: bool = False,
+    norm: Optional[nn.Module] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Post of one connection fused with the pre of the next (one kernel on the GPU).
 
     Same results as ``mhc_post`` then ``mhc_pre``: returns ``X_next`` in the stream layout,
     the next connection's ``u`` in the single-stream layout, its ``H_post [M, n]`` and
-    ``H_res [M, n, n]``.
+    ``H_res [M, n, n]``. ``norm``: as in :func:`mhc_pre`, on the next connection's ``u``.
     """
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens, deterministic=deterministic)(
-        tokens, y_tokens, h_post, h_res, phi, bias, alpha,
-        mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps,
-    )
+    if norm is not None and _norm_in_kernel(norm, tokens, backend, y_tokens, h_post, h_res, phi, bias, alpha):
+        x_next, u, h_post2, h_res2 = _library().mhc_post_pre_normed(
+            tokens, y_tokens, h_post, h_res, phi, bias, alpha, norm.weight, rms_norm_eps(norm),
+            mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps)
+    else:
+        x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens, deterministic=deterministic)(
+            tokens, y_tokens, h_post, h_res, phi, bias, alpha,
+            mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps,
+        )
+        if norm is not None:
+            u = norm(tokens_to_single(u, x, channel_dim))
     if OBSERVERS:
         _observe(x_next, h_post2, h_res2)
     return tokens_to_streams(x_next, x, channel_dim), tokens_to_single(u, x, channel_dim), h_post2, h_res2

@@ -299,24 +299,27 @@ if KERNELS_AVAILABLE:
 
     def _finish_pre(
         x: Tensor, part: Tensor, sq: Tensor, splits: int, bias: Tensor, alpha: Tensor,
-        hc: bool, iters: int, eps: float, reuse: bool = False,
+        hc: bool, iters: int, eps: float, reuse: bool = False, norm: tuple[Tensor, float] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Launches 2 and 3 of a pre forward over streams ``x [M, n, C]``: coefficients from
         the partial projections, then ``u`` (one launch for few tokens). Returns
-        :func:`_pre_outputs` (``reuse``: as there), filled."""
+        :func:`_pre_outputs` (``reuse``: as there), filled. ``norm``: ``(weight [C], eps)``
+        of the RMSNorm that follows (few tokens only): the ``u`` returned is its output."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x, reuse)
         few = few_tokens(m)
         if few:
             ct = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate")
-            per, ranges = _splits(x, c, ct.channels, DECODE_AGGREGATE_CHANNELS)
+            per, ranges = (c, 1) if norm else _splits(x, c, ct.channels, DECODE_AGGREGATE_CHANNELS)
         else:
             ct, per, ranges = _tiles(x, c, COEF_TILES, "coef"), c, 1
+        norm_weight, norm_eps = norm if norm else (u, 0.0)
         launch(kernels._pre_coef_kernel, (_cdiv(m, ct.tokens), ranges),
             part, sq, bias, alpha, h_pre, h_post, h_res, q, rstd, x, u,
-            m, c, per, n * c, eps, iters, splits, N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw,
-            HC=hc, AGGREGATE=few, SB=_splits_per_load(splits) if few or splits > _cdiv(c, SPLIT_CHANNELS) else 1,
+            m, c, per, n * c, eps, iters, splits, norm_weight, norm_eps,
+            N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw, HC=hc, AGGREGATE=few,
+            SB=_splits_per_load(splits) if few or splits > _cdiv(c, SPLIT_CHANNELS) else 1, NORM=norm is not None,
             **ct.launch(channels=True),
         )
         if few:
@@ -385,12 +388,14 @@ if KERNELS_AVAILABLE:
         return _pre_forward(x, phi, bias, alpha, hc, iters, eps)
 
     def _pre_forward(
-        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, hc: bool, iters: int, eps: float, reuse: bool = False
+        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, hc: bool, iters: int, eps: float, reuse: bool = False,
+        norm: tuple[Tensor, float] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:func:`_pre_fwd_impl`; ``reuse``: the partials, ``H_pre``, ``q`` and ``rstd`` from
-        :func:`_scratch` (no-grad eager calls with few tokens, see :func:`_run`)."""
+        :func:`_scratch` (no-grad eager calls with few tokens, see :func:`_run`); ``norm``: as
+        in :func:`_finish_pre`."""
         part, sq, splits = _pre_projection(x, phi, _dot_mode(x), reuse)
-        return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps, reuse)
+        return _finish_pre(x, part, sq, splits, bias, alpha, hc, iters, eps, reuse, norm)
 
     def _pre_bwd_impl(
         x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
@@ -462,8 +467,9 @@ if KERNELS_AVAILABLE:
     def _post_pre_forward(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
         alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False, reuse: bool = False,
+        norm: tuple[Tensor, float] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """:func:`_post_pre_fwd_impl`; ``reuse``: as in :func:`_pre_forward`."""
+        """:func:`_post_pre_fwd_impl`; ``reuse`` and ``norm``: as in :func:`_pre_forward`."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         x_next = torch.empty_like(x)
@@ -474,7 +480,7 @@ if KERNELS_AVAILABLE:
             x, y, h_post0, h_res0, phi, x_next, part, sq, m, c, per,
             N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(_dot_mode(x)), **t.launch(),
         )
-        return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps, reuse))
+        return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps, reuse, norm))
 
     def _post_pre_bwd_impl(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
@@ -595,14 +601,60 @@ def _run(name: str, *inputs):
     through the op.
     """
     tensors = [t for t in inputs if isinstance(t, Tensor)]
-    if (_direct_launches is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or _functorch_active() or any(type(t) not in PLAIN_TENSORS for t in tensors)):
+    if not _plain_eager(tensors):
         return getattr(torch.ops.mhc_compile, name)(*inputs)
     impl, function, reusing = _EAGER[name]
     with _direct_launches(False):  # wrap_triton launches the kernels directly, as inside the op
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return function.apply(*inputs)
         return (reusing if few_tokens(inputs[0].shape[0]) else impl)(*inputs)
+
+
+def _plain_eager(tensors: list[Tensor]) -> bool:
+    """Whether a call on ``tensors`` may skip the dispatcher (see :func:`_run`)."""
+    return not (_direct_launches is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or _functorch_active() or any(type(t) not in PLAIN_TENSORS for t in tensors))
+
+
+def norm_fusable(x: Tensor, weight: Tensor, *tensors: Tensor) -> bool:
+    """Whether the pre side over ``x [M, n, C]`` (with the op's other tensor inputs
+    ``tensors``) can compute the RMSNorm of weight ``weight [C]`` that follows it in its own
+    coefficient launch (:func:`mhc_pre_normed`): a plain eager call with few tokens and no
+    gradient to record, ``weight`` contiguous, of the streams' dtype and device."""
+    return (KERNELS_AVAILABLE and few_tokens(x.shape[0]) and weight.dtype == x.dtype and weight.device == x.device
+            and weight.shape == (x.shape[2],) and weight.is_contiguous() and _plain_eager([x, weight, *tensors])
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *tensors))))
+
+
+def mhc_pre_normed(
+    x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, weight: Tensor, norm_eps: float, *,
+    mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mhc_pre` followed by a Llama-style RMSNorm of ``weight [C]`` and ``norm_eps``
+    on ``u``, in the same launches: returns the norm's output ``[M, C]`` (dtype of ``x``),
+    ``H_post [M, n]``, ``H_res [M, n, n]``. Only where :func:`norm_fusable` holds."""
+    _check_pre(x, phi, bias, alpha, mode)
+    with _direct_launches(False):
+        u, _, h_post, h_res, _, _ = _pre_forward(
+            x.contiguous(), phi.float().contiguous(), bias.float().contiguous(), alpha.float().contiguous(),
+            mode == "hc", int(sinkhorn_iters), float(eps), reuse=True, norm=(weight, float(norm_eps)))
+    return u, h_post, h_res
+
+
+def mhc_post_pre_normed(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+    weight: Tensor, norm_eps: float, *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`mhc_post_pre` with the RMSNorm of :func:`mhc_pre_normed` on the second
+    connection's ``u``: ``X_next``, the norm's output, ``H_post``, ``H_res``."""
+    _check_post(x, y, h_post, h_res)
+    _check_pre(x, phi, bias, alpha, mode)
+    with _direct_launches(False):
+        x_next, u, _, h_post2, h_res2, _, _ = _post_pre_forward(
+            x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
+            phi.float().contiguous(), bias.float().contiguous(), alpha.float().contiguous(),
+            mode == "hc", int(sinkhorn_iters), float(eps), reuse=True, norm=(weight, float(norm_eps)))
+    return x_next, u, h_post2, h_res2
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path

@@ -531,9 +531,9 @@ def _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS, N: tl.constexpr, NPAD:
 @triton.jit
 def _pre_coef_kernel(
     part_ptr, sq_ptr, bias_ptr, alpha_ptr, hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr,
-    x_ptr, u_ptr, M, C, CS, K, eps, iters, SPLITS,
+    x_ptr, u_ptr, M, C, CS, K, eps, iters, SPLITS, nw_ptr, norm_eps,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
-    QW: tl.constexpr, HC: tl.constexpr, AGGREGATE: tl.constexpr, SB: tl.constexpr,
+    QW: tl.constexpr, HC: tl.constexpr, AGGREGATE: tl.constexpr, SB: tl.constexpr, NORM: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token.
@@ -541,7 +541,13 @@ def _pre_coef_kernel(
     With ``AGGREGATE`` (few tokens: decode) it also computes ``u``: the grid is then (token
     blocks, channel ranges of ``CS``); every program of a token block computes the (cheap)
     coefficients, the first one stores them, and each computes ``u`` on its channel range
-    in chunks of ``BC`` (what launch 3 does otherwise)."""
+    in chunks of ``BC`` (what launch 3 does otherwise).
+
+    ``NORM`` (with ``AGGREGATE`` and one channel range): ``u`` is then replaced by the
+    RMSNorm that follows it, ``w * (u * rsqrt(mean(u^2) + norm_eps))`` with ``w [C]``
+    (``nw_ptr``, dtype of ``u``): ``u`` rounded to its dtype, the statistics in float32, the
+    normalised row rounded to ``u``'s dtype before the weight multiplies it, as Hugging
+    Face's Llama-style ``RMSNorm`` computes it."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     acc_pre, acc_post, acc_res, sumsq = _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS,
                                                     N, NPAD, NP, NR, W, SB, BM)
@@ -560,6 +566,31 @@ def _pre_coef_kernel(
                 xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0)
                 acc += h[:, None] * xt.to(tl.float32)
             tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty), mask=mc)
+        if NORM:
+            tl.debug_barrier()  # u's rows, stored above by this program's threads, read back by others
+            _norm_rows(u_ptr, nw_ptr, norm_eps, rm64, mmask, C, BM, BC)
+
+
+@triton.jit
+def _norm_rows(u_ptr, nw_ptr, norm_eps, rm64, mmask, C, BM: tl.constexpr, BC: tl.constexpr):
+    """``u [BM, C]`` rows (written by this program) replaced by their RMSNorm (see
+    :func:`_pre_coef_kernel`): a pass for the sums of squares, then one that scales."""
+    dtype = u_ptr.dtype.element_ty
+    ssq = tl.zeros((BM,), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < C)[None, :]
+        ut = tl.load(u_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        ssq += tl.sum(ut * ut, axis=1)
+    inv = 1.0 / tl.sqrt_rn(ssq / C + norm_eps)
+    for c0 in range(0, C, BC):
+        rc = c0 + tl.arange(0, BC)
+        mc = mmask[:, None] & (rc < C)[None, :]
+        ptrs = u_ptr + rm64[:, None] * C + rc[None, :]
+        ut = tl.load(ptrs, mask=mc, other=0.0).to(tl.float32)
+        w = tl.load(nw_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)
+        normed = (ut * inv[:, None]).to(dtype).to(tl.float32)
+        tl.store(ptrs, (w[None, :] * normed).to(dtype), mask=mc)
 
 
 @triton.jit
