@@ -24,6 +24,10 @@ bf16 rounding in the streams; a differing token is reported, not hidden).
 overhead (``perf_counter`` around the decoder layers, their attention modules, the connection ops
 and each kernel launch), both models; written to PATH.
 
+``--norm-pass-ab ROUNDS``: only eager rows, the residual model and then ROUNDS alternations of
+the mHC model with and without the norm pass (``passes/norm.py``) in one process, so that
+the pass's effect is measured on one host in one run.
+
 ``--profile PATH``: also profile a few decode steps of both models (the modes in
 ``--profile-modes``, default eager) and write to PATH
 each op's host and device time per step (torch.profiler) and each Python function's own
@@ -270,7 +274,18 @@ def main() -> None:
                         help="the modes --profile profiles (default: eager)")
     parser.add_argument("--host-split", default=None,
                         help="write where an eager decode step's host time goes to this file, then run the rows")
+    parser.add_argument("--norm-pass-ab", type=int, default=0, metavar="ROUNDS",
+                        help="only eager rows: the residual model, then ROUNDS alternations of mHC with and "
+                             "without the norm pass (passes/norm.py), in one process")
     args = parser.parse_args()
+    if args.norm_pass_ab:
+        rows = [measure(args, False, "eager")]
+        for _ in range(args.norm_pass_ab):
+            for with_pass in (True, False):
+                rows.append(_with_norm_pass(args, with_pass))
+                print({k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}, flush=True)
+        write_table(args, rows)
+        return
     if args.host_split:
         text = host_split(args)
         print(text, flush=True)
@@ -288,6 +303,21 @@ def main() -> None:
             if args.out:  # the rows so far, in case a later row runs past a time limit
                 write_table(args, rows, quiet=True)
     write_table(args, rows)
+
+
+def _with_norm_pass(args: argparse.Namespace, with_pass: bool) -> dict:
+    """An eager mHC row with the norm pass on, or off (its norms stay module calls)."""
+    import mhc_compile.blocks as blocks
+
+    saved = blocks.fuse_pre_norms
+    if not with_pass:
+        blocks.fuse_pre_norms = lambda gm: 0
+    try:
+        row = measure(args, True, "eager")
+    finally:
+        blocks.fuse_pre_norms = saved
+    row["model"] = "mhc" if with_pass else "mhc, norms as modules"
+    return row
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
