@@ -75,7 +75,7 @@ def test_only_no_grad_calls_with_few_tokens_take_the_norm():
     assert not library.norm_fusable(x, weight, phi.requires_grad_())  # a gradient to record
 
 
-class _GemmaStyle(nn.Module):
+class _GemmaStyleRMSNorm(nn.Module):
     """``x * (1 + w)``: a different norm, which must stay a module call."""
 
     def __init__(self, c):
@@ -88,7 +88,7 @@ class _GemmaStyle(nn.Module):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class _OtherEps(nn.Module):
+class _OtherEpsRMSNorm(nn.Module):
     """Llama's formula, but not with the epsilon it stores."""
 
     def __init__(self, c):
@@ -106,10 +106,12 @@ def test_the_probe_accepts_llama_style_norms_only():
     llama = LlamaRMSNorm(24, eps=1e-5)
     nn.init.normal_(llama.weight, 1.0, 0.3)
     assert llama_style_rms_norm(llama)
-    assert not llama_style_rms_norm(_GemmaStyle(24))
-    assert not llama_style_rms_norm(_OtherEps(24))
+    assert not llama_style_rms_norm(_GemmaStyleRMSNorm(24))
+    assert not llama_style_rms_norm(_OtherEpsRMSNorm(24))
     assert not llama_style_rms_norm(nn.LayerNorm(24))  # a LayerNorm (its eps is an attribute too)
-    assert type(llama) in functional.FUSABLE_NORMS and _GemmaStyle not in functional.FUSABLE_NORMS
+    batch_norm = nn.BatchNorm1d(24)
+    assert not llama_style_rms_norm(batch_norm) and not batch_norm.num_batches_tracked  # never called
+    assert type(llama) in functional.FUSABLE_NORMS and _GemmaStyleRMSNorm not in functional.FUSABLE_NORMS
 
 
 def _llama(dtype=torch.float32):

@@ -58,15 +58,17 @@ def fuse_pre_norms(gm: fx.GraphModule) -> int:
 
 
 def llama_style_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module`` computes a Llama-style RMSNorm over its input's last axis, with
-    the weight ``module.weight [C]`` and the epsilon :func:`functional.rms_norm_eps` reads:
-    compared with that formula on random rows of two magnitudes. A module that passes is
-    remembered by class (:data:`functional.FUSABLE_NORMS`)."""
+    """Whether ``module`` (a class named ``*RMSNorm*``, without buffers or children)
+    computes a Llama-style RMSNorm over its input's last axis, with the weight
+    ``module.weight [C]`` and the epsilon :func:`functional.rms_norm_eps` reads: compared
+    with that formula on random rows of two magnitudes. A module that passes is remembered
+    by class (:data:`functional.FUSABLE_NORMS`)."""
     weight = getattr(module, "weight", None)
     eps = functional.rms_norm_eps(module)
     if (not isinstance(weight, nn.Parameter) or weight.dim() != 1 or weight.is_meta or eps is None
-            or any(True for _ in module.children())):
-        return False
+            or "rmsnorm" not in type(module).__name__.lower()
+            or any(True for _ in module.children()) or any(True for _ in module.buffers())):
+        return False  # only RMSNorm classes, and none with state a probe call could change
     if type(module) in functional.FUSABLE_NORMS:
         return True
     generator = torch.Generator(device=weight.device).manual_seed(0)
