@@ -635,9 +635,8 @@ def mhc_pre_normed(
     ``H_post [M, n]``, ``H_res [M, n, n]``. Only where :func:`norm_fusable` holds."""
     _check_pre(x, phi, bias, alpha, mode)
     with _direct_launches(False):
-        u, _, h_post, h_res, _, _ = _pre_forward(
-            x.contiguous(), phi.float().contiguous(), bias.float().contiguous(), alpha.float().contiguous(),
-            mode == "hc", int(sinkhorn_iters), float(eps), reuse=True, norm=(weight, float(norm_eps)))
+        u, _, h_post, h_res, _, _ = _pre_forward(*_pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps),
+                                                 reuse=True, norm=(weight, float(norm_eps)))
     return u, h_post, h_res
 
 
@@ -651,9 +650,8 @@ def mhc_post_pre_normed(
     _check_pre(x, phi, bias, alpha, mode)
     with _direct_launches(False):
         x_next, u, _, h_post2, h_res2, _, _ = _post_pre_forward(
-            x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
-            phi.float().contiguous(), bias.float().contiguous(), alpha.float().contiguous(),
-            mode == "hc", int(sinkhorn_iters), float(eps), reuse=True, norm=(weight, float(norm_eps)))
+            *_post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False),
+            reuse=True, norm=(weight, float(norm_eps)))
     return x_next, u, h_post2, h_res2
 
 
@@ -673,11 +671,21 @@ def mhc_pre(
     Same contract as :func:`mhc_compile.ops.reference.mhc_pre`.
     """
     _check_pre(x, phi, bias, alpha, mode)
-    u, _, h_post, h_res, _, _ = _run(
-        "pre_fwd", x.contiguous(), phi.float().contiguous(), bias.float().contiguous(),
-        alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
-    )
+    u, _, h_post, h_res, _, _ = _run("pre_fwd", *_pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps))
     return u, h_post, h_res
+
+
+def _pre_inputs(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str, iters: int, eps: float) -> tuple:
+    """The inputs of ``pre_fwd`` (and of its body), contiguous, the parameters float32."""
+    return (x.contiguous(), phi.float().contiguous(), bias.float().contiguous(), alpha.float().contiguous(),
+            mode == "hc", int(iters), float(eps))
+
+
+def _post_pre_inputs(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+                     mode: str, iters: int, eps: float, deterministic: bool) -> tuple:
+    """The inputs of ``post_pre_fwd`` (and of its body), as :func:`_pre_inputs`."""
+    return (x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
+            *_pre_inputs(x, phi, bias, alpha, mode, iters, eps)[1:], deterministic_wanted(deterministic))
 
 
 def _check_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str) -> None:
@@ -713,11 +721,7 @@ def mhc_post_pre(
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
     x_next, u, _, h_post2, h_res2, _, _ = _run(
-        "post_pre_fwd", x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(),
-        h_res.float().contiguous(), phi.float().contiguous(), bias.float().contiguous(),
-        alpha.float().contiguous(), mode == "hc", int(sinkhorn_iters), float(eps),
-        deterministic_wanted(deterministic),
-    )
+        "post_pre_fwd", *_post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, deterministic))
     return x_next, u, h_post2, h_res2
 
 

@@ -16,6 +16,7 @@ the module's own (:func:`mhc_compile.ops.functional.mhc_pre`).
 from __future__ import annotations
 
 import operator
+
 import torch
 from torch import fx, nn
 
