@@ -24,9 +24,10 @@ bf16 rounding in the streams; a differing token is reported, not hidden).
 overhead (``perf_counter`` around the decoder layers, their attention modules, the connection ops
 and each kernel launch), both models; written to PATH.
 
-``--norm-pass-ab ROUNDS``: only eager rows, the residual model and then ROUNDS alternations of
-the mHC model with and without the norm pass (``passes/norm.py``) in one process, so that
-the pass's effect is measured on one host in one run.
+``--norm-pass-ab ROUNDS``: only the rows of ``--norm-pass-modes`` (eager, compiled; default
+eager): per mode the residual model and then ROUNDS alternations of the mHC model with and
+without the norm pass (``passes/norm.py``) in one process, so that the pass's effect is
+measured on one host in one run.
 
 ``--profile PATH``: also profile a few decode steps of both models (the modes in
 ``--profile-modes``, default eager) and write to PATH
@@ -275,15 +276,21 @@ def main() -> None:
     parser.add_argument("--host-split", default=None,
                         help="write where an eager decode step's host time goes to this file, then run the rows")
     parser.add_argument("--norm-pass-ab", type=int, default=0, metavar="ROUNDS",
-                        help="only eager rows: the residual model, then ROUNDS alternations of mHC with and "
-                             "without the norm pass (passes/norm.py), in one process")
+                        help="only the rows of --norm-pass-modes: per mode the residual model, then ROUNDS "
+                             "alternations of mHC with and without the norm pass (passes/norm.py), in one process")
+    parser.add_argument("--norm-pass-modes", nargs="*", choices=("eager", "compiled"), default=["eager"],
+                        help="the modes --norm-pass-ab measures (default: eager)")
     args = parser.parse_args()
     if args.norm_pass_ab:
-        rows = [measure(args, False, "eager")]
-        for _ in range(args.norm_pass_ab):
-            for with_pass in (True, False):
-                rows.append(_with_norm_pass(args, with_pass))
-                print({k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}, flush=True)
+        rows = []
+        for how in args.norm_pass_modes:
+            rows.append(measure(args, False, how))
+            for _ in range(args.norm_pass_ab):
+                for with_pass in (True, False):
+                    rows.append(_with_norm_pass(args, with_pass, how))
+                    print({k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}, flush=True)
+                    if args.out:
+                        write_table(args, rows, quiet=True)
         write_table(args, rows)
         return
     if args.host_split:
@@ -305,15 +312,15 @@ def main() -> None:
     write_table(args, rows)
 
 
-def _with_norm_pass(args: argparse.Namespace, with_pass: bool) -> dict:
-    """An eager mHC row with the norm pass on, or off (its norms stay module calls)."""
+def _with_norm_pass(args: argparse.Namespace, with_pass: bool, how: str = "eager") -> dict:
+    """An mHC row of mode ``how`` with the norm pass on, or off (its norms stay module calls)."""
     import mhc_compile.blocks as blocks
 
     saved = blocks.fuse_pre_norms
     if not with_pass:
         blocks.fuse_pre_norms = lambda gm: 0
     try:
-        row = measure(args, True, "eager")
+        row = measure(args, True, how)
     finally:
         blocks.fuse_pre_norms = saved
     row["model"] = "mhc" if with_pass else "mhc, norms as modules"

@@ -203,3 +203,47 @@ def test_bf16_llama_decode_with_kernel_norms_on_gpu(monkeypatch):
         tokens = fused.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         tokens_original = original.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert calls and torch.equal(tokens, tokens_original)
+
+
+def _compiled_graph_ops(model, ids, backend):
+    """Run ``torch.compile(model.forward, fullgraph=True)`` once on ``ids``; returns the
+    logits and the ``mhc_compile`` ops of the captured graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    logits = torch.compile(model.forward, backend=counter, fullgraph=True)(input_ids=ids).logits
+    ops = [str(node.target) for graph in counter.graphs for node in graph.graph.nodes
+           if node.op == "call_function" and "mhc_compile" in str(node.target)]
+    return logits, ops
+
+
+@pytest.mark.parametrize("few", [True, False])
+def test_compiled_decode_takes_the_kernels_norm(monkeypatch, few):
+    """Under ``torch.compile`` (no grad, few tokens) the captured graph calls the ops that
+    compute the norms (one graph, no break) and gives the eager model's logits; with more
+    tokens, or with gradients, the graph calls the norm modules instead."""
+    original = _llama()
+    fused, _ = _converted_pair(original, monkeypatch)
+    backend = "inductor" if DEVICE == "cuda" else "eager"  # the interpreter runs eagerly
+    ids = torch.randint(0, 97, (1, 3 if few else library.DECODE_TOKENS + 1), device=DEVICE)
+    with torch.no_grad():
+        logits, ops = _compiled_graph_ops(fused, ids, backend)
+        expected, logits_original = fused(ids).logits, original(ids).logits
+    normed = [op for op in ops if "normed" in op]
+    assert len(normed) == (2 * len(fused.model.layers) if few else 0), ops
+    assert _rel(logits, expected) <= 1e-5 and _rel(logits, logits_original) <= 1e-5
+    if few:
+        logits, ops = _compiled_graph_ops(fused, ids, backend)  # with gradients
+        assert not [op for op in ops if "normed" in op] and _rel(logits, expected) <= 1e-5
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="Triton's interpreter only")
+def test_tracing_the_interpreters_kernels_into_a_graph_is_refused():
+    """Under ``TRITON_INTERPRET=1`` AOTAutograd would trace an op's body without its
+    (eagerly interpreted) kernels: a clear error instead of outputs never written."""
+    x, _, phi, bias, alpha, _ = _inputs(2, 4, 24, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: library.mhc_pre(x, phi, bias, alpha)[0], backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="interpreter .*cannot be traced"):
+        compiled(x)

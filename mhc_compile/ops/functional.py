@@ -147,7 +147,7 @@ def _norm_in_kernel(norm: nn.Module, tokens: Tensor, backend: str, *tensors: Ten
     """Whether the kernels compute ``norm`` after the pre side over ``tokens [M, n, C]``:
     a checked class (:data:`FUSABLE_NORMS`) with no hooks to run, and a call the kernels can
     serve that way (``ops.library.norm_fusable``)."""
-    if torch.compiler.is_compiling() or type(norm) not in FUSABLE_NORMS or norm._forward_hooks or norm._forward_pre_hooks:
+    if type(norm) not in FUSABLE_NORMS or norm._forward_hooks or norm._forward_pre_hooks:
         return False
     if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
         return False

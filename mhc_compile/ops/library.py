@@ -577,6 +577,37 @@ if KERNELS_AVAILABLE:
 
         return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
+    def _pre_normed_forward(x, phi, bias, alpha, weight, hc, iters, eps, norm_eps, reuse=False):
+        """:func:`_pre_forward` with the RMSNorm of ``weight [C]`` and ``norm_eps`` on ``u``
+        (few tokens): the norm's output ``[M, C]``, ``H_post [M, n]``, ``H_res [M, n, n]``."""
+        u, _, h_post, h_res, _, _ = _pre_forward(x, phi, bias, alpha, hc, iters, eps, reuse, norm=(weight, norm_eps))
+        return u, h_post, h_res
+
+    def _post_pre_normed_forward(x, y, h_post0, h_res0, phi, bias, alpha, weight, hc, iters, eps, norm_eps,
+                                 reuse=False):
+        """:func:`_post_pre_forward` with the norm of :func:`_pre_normed_forward` on the second
+        connection's ``u``: ``X_next [M, n, C]``, the norm's output, ``H_post``, ``H_res``."""
+        x_next, u, _, h_post, h_res, _, _ = _post_pre_forward(
+            x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, eps, reuse=reuse, norm=(weight, norm_eps))
+        return x_next, u, h_post, h_res
+
+    def _pre_normed_fwd_impl(
+        x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, weight: Tensor, hc: bool, iters: int, eps: float,
+        norm_eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _pre_normed_forward(x, phi, bias, alpha, weight, hc, iters, eps, norm_eps)
+
+    def _post_pre_normed_fwd_impl(
+        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+        weight: Tensor, hc: bool, iters: int, eps: float, norm_eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _post_pre_normed_forward(x, y, h_post0, h_res0, phi, bias, alpha, weight, hc, iters, eps, norm_eps)
+
+    # Inference only (no autograd formula): taken where no gradient is recorded (norm_fusable).
+    # They serve torch.compile and the other non-eager calls; eager calls run the bodies.
+    pre_normed_fwd = triton_op("mhc_compile::pre_normed_fwd", mutates_args=())(_pre_normed_fwd_impl)
+    post_pre_normed_fwd = triton_op("mhc_compile::post_pre_normed_fwd", mutates_args=())(_post_pre_normed_fwd_impl)
+
     _EAGER = {  # op -> (body, its autograd.Function, the body of a no-grad call with few tokens)
         "pre_fwd": (_pre_fwd_impl, _eager_function("PreFwd", _pre_fwd_impl, _pre_setup, _pre_backward),
                     functools.partial(_pre_forward, reuse=True)),
@@ -619,11 +650,28 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
 def norm_fusable(x: Tensor, weight: Tensor, *tensors: Tensor) -> bool:
     """Whether the pre side over ``x [M, n, C]`` (with the op's other tensor inputs
     ``tensors``) can compute the RMSNorm of weight ``weight [C]`` that follows it in its own
-    coefficient launch (:func:`mhc_pre_normed`): a plain eager call with few tokens and no
-    gradient to record, ``weight`` contiguous, of the streams' dtype and device."""
+    coefficient launch (:func:`mhc_pre_normed`): few tokens and no gradient to record,
+    ``weight`` contiguous, of the streams' dtype and device, plain tensors (eager or under
+    ``torch.compile``; no ``torch.func`` transform)."""
     return (KERNELS_AVAILABLE and few_tokens(x.shape[0]) and weight.dtype == x.dtype and weight.device == x.device
-            and weight.shape == (x.shape[2],) and weight.is_contiguous() and _plain_eager([x, weight, *tensors])
+            and weight.shape == (x.shape[2],) and weight.is_contiguous() and _op_servable([x, weight, *tensors])
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *tensors))))
+
+
+def _op_servable(tensors: list[Tensor]) -> bool:
+    """Whether an inference-only op (no autograd formula, no batching rule) can take ``tensors``."""
+    if torch.compiler.is_compiling():  # Dynamo sees the tensors' own classes here
+        return all(type(t) in PLAIN_TENSORS for t in tensors)
+    return not _functorch_active() and all(type(t) in PLAIN_TENSORS for t in tensors)
+
+
+def _run_normed(name: str, body, *inputs):
+    """The inference-only op ``torch.ops.mhc_compile.<name>``, or, in plain eager mode,
+    ``body`` directly, with the scratch buffers of :func:`_scratch` (as :func:`_run`)."""
+    if _plain_eager([t for t in inputs if isinstance(t, Tensor)]):
+        with _direct_launches(False):
+            return body(*inputs, reuse=True)
+    return getattr(torch.ops.mhc_compile, name)(*inputs)
 
 
 def mhc_pre_normed(
@@ -634,10 +682,9 @@ def mhc_pre_normed(
     on ``u``, in the same launches: returns the norm's output ``[M, C]`` (dtype of ``x``),
     ``H_post [M, n]``, ``H_res [M, n, n]``. Only where :func:`norm_fusable` holds."""
     _check_pre(x, phi, bias, alpha, mode)
-    with _direct_launches(False):
-        u, _, h_post, h_res, _, _ = _pre_forward(*_pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps),
-                                                 reuse=True, norm=(weight, float(norm_eps)))
-    return u, h_post, h_res
+    return _run_normed("pre_normed_fwd", _pre_normed_forward,
+                       *_pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps)[:4], weight.contiguous(),
+                       mode == "hc", int(sinkhorn_iters), float(eps), float(norm_eps))
 
 
 def mhc_post_pre_normed(
@@ -648,11 +695,9 @@ def mhc_post_pre_normed(
     connection's ``u``: ``X_next``, the norm's output, ``H_post``, ``H_res``."""
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
-    with _direct_launches(False):
-        x_next, u, _, h_post2, h_res2, _, _ = _post_pre_forward(
-            *_post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False),
-            reuse=True, norm=(weight, float(norm_eps)))
-    return x_next, u, h_post2, h_res2
+    inputs = _post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False)
+    return _run_normed("post_pre_normed_fwd", _post_pre_normed_forward, *inputs[:7], weight.contiguous(),
+                       *inputs[7:10], float(norm_eps))
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path

@@ -557,6 +557,7 @@ def _pre_coef_kernel(
     )
     if AGGREGATE:
         cp = tl.arange(0, NP)
+        ssq = tl.zeros((BM,), dtype=tl.float32)  # sum(u^2) of the rounded u, for NORM
         for c0 in range(c_lo, c_hi, BC):
             rc = c0 + tl.arange(0, BC)
             mc = mmask[:, None] & (rc < c_hi)[None, :]
@@ -565,23 +566,21 @@ def _pre_coef_kernel(
                 h = tl.sum(tl.where(cp[None, :] == j, h_pre, 0.0), axis=1)
                 xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0)
                 acc += h[:, None] * xt.to(tl.float32)
-            tl.store(u_ptr + rm64[:, None] * C + rc[None, :], acc.to(u_ptr.dtype.element_ty), mask=mc)
+            ut = acc.to(u_ptr.dtype.element_ty)
+            tl.store(u_ptr + rm64[:, None] * C + rc[None, :], ut, mask=mc)
+            if NORM:
+                uf = ut.to(tl.float32)
+                ssq += tl.sum(uf * uf, axis=1)  # masked lanes hold 0
         if NORM:
             tl.debug_barrier()  # u's rows, stored above by this program's threads, read back by others
-            _norm_rows(u_ptr, nw_ptr, norm_eps, rm64, mmask, C, BM, BC)
+            _norm_rows(u_ptr, nw_ptr, norm_eps, ssq, rm64, mmask, C, BM, BC)
 
 
 @triton.jit
-def _norm_rows(u_ptr, nw_ptr, norm_eps, rm64, mmask, C, BM: tl.constexpr, BC: tl.constexpr):
-    """``u [BM, C]`` rows (written by this program) replaced by their RMSNorm (see
-    :func:`_pre_coef_kernel`): a pass for the sums of squares, then one that scales."""
+def _norm_rows(u_ptr, nw_ptr, norm_eps, ssq, rm64, mmask, C, BM: tl.constexpr, BC: tl.constexpr):
+    """``u [BM, C]`` rows (written by this program, their sums of squares ``ssq [BM]``)
+    replaced by their RMSNorm (see :func:`_pre_coef_kernel`)."""
     dtype = u_ptr.dtype.element_ty
-    ssq = tl.zeros((BM,), dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        rc = c0 + tl.arange(0, BC)
-        mc = mmask[:, None] & (rc < C)[None, :]
-        ut = tl.load(u_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-        ssq += tl.sum(ut * ut, axis=1)
     inv = 1.0 / tl.sqrt_rn(ssq / C + norm_eps)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)

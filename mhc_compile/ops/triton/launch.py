@@ -50,6 +50,8 @@ def _direct_launch_supported() -> bool:
 
 try:
     from torch._library.triton import is_wrap_triton_enabled
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
     from torch.library import wrap_triton
     from triton import knobs
     from triton.runtime.driver import driver
@@ -94,10 +96,29 @@ def _plain(args: tuple) -> bool:
     return all(a.__class__ in PLAIN_TENSORS and a.is_cuda for a in args if isinstance(a, Tensor))
 
 
+def _interpreted_on_fakes(kernel: Any, args: tuple) -> bool:
+    """Whether ``kernel`` is Triton's interpreter (``TRITON_INTERPRET=1``) given fake tensors.
+
+    Dynamo runs an op's body on fake tensors for its outputs' shapes only, which the
+    interpreter cannot do (it reads the data): such a launch is skipped, so that a CPU
+    ``torch.compile(..., backend="eager")`` works. Tracing the body into a graph
+    (AOTAutograd, Inductor, export) would lose the kernel (``wrap_triton`` passes
+    interpreted kernels through): that is refused."""
+    if isinstance(kernel, JITFunction) or not any(isinstance(a, Tensor) and is_fake(a) for a in args):
+        return False
+    if get_proxy_mode() is not None:
+        raise RuntimeError(
+            "Triton's interpreter (TRITON_INTERPRET=1) runs the kernels eagerly and cannot be traced into a "
+            "graph: use torch.compile(..., backend='eager') with the interpreter, or run the kernels on a GPU")
+    return True
+
+
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
     """``wrap_triton(kernel)[grid](*args, **kwargs)``, launched directly where it can be
     (see the module docstring)."""
     if not DIRECT or is_wrap_triton_enabled() or not isinstance(kernel, JITFunction):
+        if _interpreted_on_fakes(kernel, args):
+            return
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
