@@ -284,13 +284,13 @@ def main() -> None:
     if args.norm_pass_ab:
         rows = []
         for how in args.norm_pass_modes:
-            rows.append(measure(args, False, how))
-            for _ in range(args.norm_pass_ab):
-                for with_pass in (True, False):
-                    rows.append(_with_norm_pass(args, with_pass, how))
-                    print({k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}, flush=True)
-                    if args.out:
-                        write_table(args, rows, quiet=True)
+            runs = [lambda: measure(args, False, how)]
+            runs += [lambda on=on: _with_norm_pass(args, on, how) for _ in range(args.norm_pass_ab) for on in (True, False)]
+            for run in runs:
+                rows.append(run())
+                print({k: v for k, v in rows[-1].items() if k not in ("tokens", "logits")}, flush=True)
+                if args.out:
+                    write_table(args, rows, quiet=True)
         write_table(args, rows)
         return
     if args.host_split:
