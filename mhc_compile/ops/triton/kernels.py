@@ -581,7 +581,7 @@ def _norm_rows(u_ptr, nw_ptr, norm_eps, ssq, rm64, mmask, C, BM: tl.constexpr, B
     """``u [BM, C]`` rows (written by this program, their sums of squares ``ssq [BM]``)
     replaced by their RMSNorm (see :func:`_pre_coef_kernel`)."""
     dtype = u_ptr.dtype.element_ty
-    inv = 1.0 / tl.sqrt_rn(ssq / C + norm_eps)
+    inv = 1.0 / tl.sqrt_rn((ssq / C + norm_eps).to(tl.float32))  # Inductor passes a float as fp64
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         mc = mmask[:, None] & (rc < C)[None, :]
