@@ -39,7 +39,7 @@ class MHCConfig:
             connections train about a fifth faster fused, see
             ``benchmarks/results/kernels-h100.md``), and hand each pre side the Llama-style
             RMSNorm that follows it, which the kernels then compute in the pre side's own
-            launch in no-grad decode calls (:mod:`mhc_compile.passes.norm`).
+            launch in no-grad decode calls, eager or compiled (:mod:`mhc_compile.passes.norm`).
         stream_dtype: dtype of the n-stream tensor. ``None`` (default): the autocast dtype
             when a float32 residual runs under autocast (bf16 streams move half the bytes;
             Hugging Face models keep a float32 residual under autocast), else the dtype of

@@ -8,9 +8,9 @@ and ``u`` has no other user, the norm's call moves into the ``mhc_pre`` / ``mhc_
 call (its ``norm=`` argument), which then returns the norm's output in ``u``'s place.
 
 At run time the op computes the norm in its own coefficient launch where it can (a no-grad
-eager call with few tokens: batch-1 decode, where an eager RMSNorm is several kernel
-launches of host time) and calls the module on ``u`` everywhere else, so the results are
-the module's own (:func:`mhc_compile.ops.functional.mhc_pre`).
+call with few tokens: batch-1 decode, where an eager RMSNorm is several kernel launches of
+host time and a compiled one a kernel of its own) and calls the module on ``u`` everywhere
+else, so the results are the module's own (:func:`mhc_compile.ops.functional.mhc_pre`).
 """
 
 from __future__ import annotations
