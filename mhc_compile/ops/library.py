@@ -659,10 +659,10 @@ def norm_fusable(x: Tensor, weight: Tensor, *tensors: Tensor) -> bool:
 
 
 def _op_servable(tensors: list[Tensor]) -> bool:
-    """Whether an inference-only op (no autograd formula, no batching rule) can take ``tensors``."""
-    if torch.compiler.is_compiling():  # Dynamo sees the tensors' own classes here
-        return all(type(t) in PLAIN_TENSORS for t in tensors)
-    return not _functorch_active() and all(type(t) in PLAIN_TENSORS for t in tensors)
+    """Whether an inference-only op (no autograd formula, no batching rule) can take
+    ``tensors``: plain tensors or parameters (what Dynamo reports for its fakes too), no
+    ``torch.func`` transform."""
+    return (torch.compiler.is_compiling() or not _functorch_active()) and all(type(t) in PLAIN_TENSORS for t in tensors)
 
 
 def _run_normed(name: str, body, *inputs):
@@ -682,9 +682,9 @@ def mhc_pre_normed(
     on ``u``, in the same launches: returns the norm's output ``[M, C]`` (dtype of ``x``),
     ``H_post [M, n]``, ``H_res [M, n, n]``. Only where :func:`norm_fusable` holds."""
     _check_pre(x, phi, bias, alpha, mode)
-    return _run_normed("pre_normed_fwd", _pre_normed_forward,
-                       *_pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps)[:4], weight.contiguous(),
-                       mode == "hc", int(sinkhorn_iters), float(eps), float(norm_eps))
+    inputs = _pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps)  # (x, phi, bias, alpha, hc, iters, eps)
+    return _run_normed("pre_normed_fwd", _pre_normed_forward, *inputs[:4], weight.contiguous(), *inputs[4:],
+                       float(norm_eps))
 
 
 def mhc_post_pre_normed(
@@ -695,9 +695,9 @@ def mhc_post_pre_normed(
     connection's ``u``: ``X_next``, the norm's output, ``H_post``, ``H_res``."""
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
-    inputs = _post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False)
-    return _run_normed("post_pre_normed_fwd", _post_pre_normed_forward, *inputs[:7], weight.contiguous(),
-                       *inputs[7:10], float(norm_eps))
+    inputs = _post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False)[:-1]
+    return _run_normed("post_pre_normed_fwd", _post_pre_normed_forward, *inputs[:7], weight.contiguous(), *inputs[7:],
+                       float(norm_eps))
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path
