@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,12 +28,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RUN_LIMIT_S = 300  # a whole run
+TEARDOWN_LIMIT_S = 45  # from the log's writing (after the last step) to the processes' exit
+
+
 def _train(tmp_path, nproc: int, *options: str, attempts: int = 2) -> dict:
     """Run examples/train_fsdp.py under torchrun and return its ``--log-json``.
 
-    A run that hangs is killed after 300 s and run once more: gloo's teardown
-    (``destroy_process_group``) hangs now and then on a loaded 2-core machine after every
-    step has finished (pytorch/pytorch#75097); a second hang, or any failure, fails the test.
+    gloo's teardown (``destroy_process_group``) hangs now and then on a loaded 2-core
+    machine after every step has finished (pytorch/pytorch#75097). Rank 0 writes the log
+    after the last step, so a run whose processes are still alive ``TEARDOWN_LIMIT_S`` after
+    the log appeared is killed (the whole process group) and its log used. A run that hangs
+    before it writes its log is killed after ``RUN_LIMIT_S`` and run once more; a second
+    hang, or any failure, fails the test.
     """
     for attempt in range(attempts):
         log = tmp_path / f"log-{_free_port()}.json"
@@ -39,14 +48,35 @@ def _train(tmp_path, nproc: int, *options: str, attempts: int = 2) -> dict:
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                str(ROOT / "examples" / "train_fsdp.py"), *SMALL, *options, "--log-json", str(log)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        except subprocess.TimeoutExpired:
+        returncode, stderr = _run_until_logged(cmd, env, log, tmp_path)
+        if returncode is None and not log.exists():  # hung before the end of training
             if attempt + 1 == attempts:
-                raise
+                raise TimeoutError(f"{' '.join(cmd)} ran past {RUN_LIMIT_S} s:\n{stderr[-3000:]}")
             continue
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert returncode in (0, None), stderr[-3000:]  # None: killed in teardown, after the log
         return json.loads(log.read_text())
+
+
+def _run_until_logged(cmd: list[str], env: dict, log: Path, tmp_path: Path) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group; returns its exit code (``None`` where it was
+    killed: past ``RUN_LIMIT_S``, or ``TEARDOWN_LIMIT_S`` after ``log`` appeared) and stderr."""
+    with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        start, logged = time.monotonic(), None
+        returncode = None
+        while returncode is None:
+            try:
+                returncode = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if logged is None and log.exists():
+                    logged = now
+                if now - start > RUN_LIMIT_S or (logged is not None and now - logged > TEARDOWN_LIMIT_S):
+                    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+                    proc.wait()
+                    break
+        err.seek(0)
+        return returncode, err.read()
 
 
 def _assert_same_run(a: dict, b: dict, tol: float = 1e-5) -> None:

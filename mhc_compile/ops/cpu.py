@@ -13,7 +13,7 @@ reference formulation is the number of ops and of recorded autograd nodes, not a
 * Sinkhorn-Knopp runs in place on a token-last copy of the logits (``[n, n, M]``), where a
   row or column sum is a reduction over a leading axis of ``M``-long vectors; its backward
   walks the iterations in reverse from the saved row and column sums
-  (``p_before = p_after * sum``).
+  (``p_before = p_after * sum``), three ops a normalisation.
 
 Coefficients are computed in float32 whatever the stream dtype (float64 for float64
 streams), with autocast off (the Triton kernels do the same). Results agree with the
@@ -60,12 +60,18 @@ def _accumulation_dtype(x: Tensor) -> torch.dtype:
 
 def _sinkhorn_forward(logits: Tensor, iters: int) -> tuple[Tensor, list[Tensor]]:
     """``[n, n, M]`` float32 logits -> the doubly stochastic ``p`` (same layout) and the
-    ``2 * iters`` row and column sums (``[n, 1, M]``, ``[1, n, M]``) its backward needs."""
+    ``2 * iters`` row and column sums (``[n, 1, M]``, ``[1, n, M]``) its backward needs.
+
+    Only the column sums are clamped (to ``_TINY``, as the reference does): a row sum never
+    needs it. The first row of ``exp(logits - rowmax)`` sums to at least 1, and after a row
+    normalisation each row holds an entry of at least ``1/n``, whose column sums to at most
+    ``n`` (entries are at most 1) and at least ``1/n``, so the next row sums to at least
+    ``1/n^2``. So the clamp would never act on a row sum: dropping it changes no bit."""
     p = logits - logits.amax(dim=1, keepdim=True)
     p.exp_()
     sums = []
     for _ in range(iters):
-        rows = p.sum(dim=1, keepdim=True).clamp_min_(_TINY)
+        rows = p.sum(dim=1, keepdim=True)
         p.div_(rows)
         cols = p.sum(dim=0, keepdim=True).clamp_min_(_TINY)
         p.div_(cols)
@@ -75,18 +81,21 @@ def _sinkhorn_forward(logits: Tensor, iters: int) -> tuple[Tensor, list[Tensor]]
 
 def _sinkhorn_backward(grad: Tensor, p: Tensor, sums: list[Tensor]) -> Tensor:
     """Gradient of the logits from that of ``p`` (all ``[n, n, M]`` float32); ``grad`` and
-    ``p`` are not modified."""
-    grad = grad.clone(memory_format=torch.contiguous_format)
+    ``p`` are not modified.
+
+    Walks the normalisations back in terms of ``g = dL/dp * p``: for ``p' = p / s`` with ``s``
+    the sum along one axis, ``g = g' - p' * sum(g')`` along it, and ``p = p' * s``. At the end
+    ``g`` is the logits' gradient itself (``d exp(l) / dl = exp(l)``; the row shift has no
+    effect on the output, its gradient term is zero). Two ops a step and one to undo it,
+    no division."""
+    g = torch.mul(grad, p, out=torch.empty_like(p))  # contiguous whatever grad's strides (a permuted view)
     p = p.clone()
-    scratch = torch.empty_like(p)
     for k in range(len(sums) - 1, -1, -1):
-        s, dim = sums[k], (0 if k % 2 else 1)  # odd k: a column normalisation
-        torch.mul(grad, p, out=scratch)
-        grad.sub_(scratch.sum(dim=dim, keepdim=True)).div_(s)
-        p.mul_(s)
-    # p is now exp(logits - rowmax); the row shift has no effect on the output (the first
-    # row normalisation removes it), so its gradient term is zero.
-    return grad.mul_(p)
+        dim = 0 if k % 2 else 1  # odd k: a column normalisation
+        g.addcmul_(p, g.sum(dim=dim, keepdim=True), value=-1.0)
+        if k:
+            p.mul_(sums[k])
+    return g
 
 
 class _SinkhornKnopp(torch.autograd.Function):
