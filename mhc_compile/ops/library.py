@@ -616,6 +616,10 @@ if KERNELS_AVAILABLE:
         "post_pre_fwd": (_post_pre_fwd_impl,
                          _eager_function("PostPreFwd", _post_pre_fwd_impl, _post_pre_setup, _post_pre_backward),
                          functools.partial(_post_pre_forward, reuse=True)),
+        # inference only: norm_fusable sends them only calls that record no gradient
+        "pre_normed_fwd": (_pre_normed_fwd_impl, None, functools.partial(_pre_normed_forward, reuse=True)),
+        "post_pre_normed_fwd": (_post_pre_normed_fwd_impl, None,
+                                functools.partial(_post_pre_normed_forward, reuse=True)),
     }
 
 
@@ -665,15 +669,6 @@ def _op_servable(tensors: list[Tensor]) -> bool:
     return (torch.compiler.is_compiling() or not _functorch_active()) and all(type(t) in PLAIN_TENSORS for t in tensors)
 
 
-def _run_normed(name: str, body, *inputs):
-    """The inference-only op ``torch.ops.mhc_compile.<name>``, or, in plain eager mode,
-    ``body`` directly, with the scratch buffers of :func:`_scratch` (as :func:`_run`)."""
-    if _plain_eager([t for t in inputs if isinstance(t, Tensor)]):
-        with _direct_launches(False):
-            return body(*inputs, reuse=True)
-    return getattr(torch.ops.mhc_compile, name)(*inputs)
-
-
 def mhc_pre_normed(
     x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, weight: Tensor, norm_eps: float, *,
     mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
@@ -683,8 +678,7 @@ def mhc_pre_normed(
     ``H_post [M, n]``, ``H_res [M, n, n]``. Only where :func:`norm_fusable` holds."""
     _check_pre(x, phi, bias, alpha, mode)
     inputs = _pre_inputs(x, phi, bias, alpha, mode, sinkhorn_iters, eps)  # (x, phi, bias, alpha, hc, iters, eps)
-    return _run_normed("pre_normed_fwd", _pre_normed_forward, *inputs[:4], weight.contiguous(), *inputs[4:],
-                       float(norm_eps))
+    return _run("pre_normed_fwd", *inputs[:4], weight.contiguous(), *inputs[4:], float(norm_eps))
 
 
 def mhc_post_pre_normed(
@@ -696,8 +690,7 @@ def mhc_post_pre_normed(
     _check_post(x, y, h_post, h_res)
     _check_pre(x, phi, bias, alpha, mode)
     inputs = _post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False)[:-1]
-    return _run_normed("post_pre_normed_fwd", _post_pre_normed_forward, *inputs[:7], weight.contiguous(), *inputs[7:],
-                       float(norm_eps))
+    return _run("post_pre_normed_fwd", *inputs[:7], weight.contiguous(), *inputs[7:], float(norm_eps))
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # torch.func: the op path
