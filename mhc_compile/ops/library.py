@@ -60,8 +60,12 @@ POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
 DECODE_PROJ_TILES = Tiles(tokens=16, channels=128, warps=4)
 DECODE_SPLIT_CHANNELS = 128  # few serial steps per program, few partials to add up
-DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)  # coefficients + aggregate
+# Coefficients + aggregate: at most this many tokens per program, and tokens x channels
+# elements of x per stream and chunk (the token block shrinks to the call's tokens, the
+# chunk widens to keep that size; see _decode_coef_tiles).
+DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)
 DECODE_AGGREGATE_CHANNELS = 512  # channels of u per program of the coefficient launch
+DECODE_ONE_CHUNK_ELEMENTS = 8192  # rows up to this many elements a block are normalised in one chunk
 MAX_SPLITS_PER_LOAD = 32  # split-K partials the decode coefficient launch adds up per load
 DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
@@ -220,6 +224,28 @@ def _launch_tiles(on_gpu: bool, element_size: int, c: int, tiles: Tiles, kind: s
     return dataclasses.replace(t, channels=_pick(bc, c))
 
 
+def _decode_coef_tiles(x: Tensor, m: int, c: int, norm: bool) -> tuple[Tiles, int, int]:
+    """Tiles, channels per program and channel ranges of the coefficient launch for ``m``
+    (few) tokens over ``x [M, n, C]``. The token block is ``m`` rounded up to a power of two
+    (at most DECODE_COEF_TILES' tokens: a decode step's one token runs one row, not 16), and
+    the chunk of each stream is widened to keep DECODE_COEF_TILES' size, up to a channel
+    range (DECODE_AGGREGATE_CHANNELS) or, with ``norm`` (one range: the whole row), to the
+    whole row where a block of it has at most DECODE_ONE_CHUNK_ELEMENTS elements (twice the
+    chunk size under the interpreter). A range no wider than the chunk is one chunk."""
+    t = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate")
+    tokens = min(t.tokens, _next_pow2(m))
+    wide = _pick(t.tokens * t.channels // tokens, c)
+    if norm:
+        row = _next_pow2(c)
+        limit = DECODE_ONE_CHUNK_ELEMENTS if x.is_cuda else 2 * t.tokens * t.channels
+        channels = row if tokens * row <= limit else wide
+        warps = t.warps * max(1, tokens * channels // (t.tokens * t.channels))  # registers per thread as at the tuned size
+        return dataclasses.replace(t, tokens=tokens, channels=channels, warps=min(16, warps)), c, 1
+    if x.is_cuda:
+        wide = min(wide, _next_pow2(DECODE_AGGREGATE_CHANNELS))
+    return (dataclasses.replace(t, tokens=tokens, channels=wide), *_splits(x, c, wide, DECODE_AGGREGATE_CHANNELS))
+
+
 def few_tokens(m: int) -> bool:
     """Whether ``m`` tokens take the decode tiles (see DECODE_TOKENS)."""
     return m <= DECODE_TOKENS
@@ -310,8 +336,7 @@ if KERNELS_AVAILABLE:
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x, reuse)
         few = few_tokens(m)
         if few:
-            ct = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate")
-            per, ranges = (c, 1) if norm else _splits(x, c, ct.channels, DECODE_AGGREGATE_CHANNELS)
+            ct, per, ranges = _decode_coef_tiles(x, m, c, norm is not None)
         else:
             ct, per, ranges = _tiles(x, c, COEF_TILES, "coef"), c, 1
         norm_weight, norm_eps = norm if norm else (u, 0.0)
@@ -320,7 +345,7 @@ if KERNELS_AVAILABLE:
             m, c, per, n * c, eps, iters, splits, norm_weight, norm_eps,
             N=n, NPAD=lay.npad, NP=lay.np, NR=lay.nr, W=lay.w, QW=lay.qw, HC=hc, AGGREGATE=few,
             SB=_splits_per_load(splits) if few or splits > _cdiv(c, SPLIT_CHANNELS) else 1, NORM=norm is not None,
-            **ct.launch(channels=True),
+            ONE_CHUNK=few and per <= ct.channels, **ct.launch(channels=True),
         )
         if few:
             return u, h_pre, h_post, h_res, q, rstd

@@ -534,7 +534,7 @@ def _pre_coef_kernel(
     x_ptr, u_ptr, M, C, CS, K, eps, iters, SPLITS, nw_ptr, norm_eps,
     N: tl.constexpr, NPAD: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr, W: tl.constexpr,
     QW: tl.constexpr, HC: tl.constexpr, AGGREGATE: tl.constexpr, SB: tl.constexpr, NORM: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, ONE_CHUNK: tl.constexpr = False,
 ):
     """Launch 2 of the pre forward: sum the partials, then :func:`_coefficients` per token.
 
@@ -547,7 +547,10 @@ def _pre_coef_kernel(
     RMSNorm that follows it, ``w * (u * rsqrt(mean(u^2) + norm_eps))`` with ``w [C]``
     (``nw_ptr``, dtype of ``u``): ``u`` rounded to its dtype, the statistics in float32, the
     normalised row rounded to ``u``'s dtype before the weight multiplies it, as Hugging
-    Face's Llama-style ``RMSNorm`` computes it."""
+    Face's Llama-style ``RMSNorm`` computes it. ``ONE_CHUNK`` (``BC >= C``, one channel
+    range): each program's rows are one chunk, normalised in registers (no store and
+    read-back of ``u``, no serial walk over the channels). ``ONE_CHUNK`` without ``NORM``:
+    each program's channel range (``CS <= BC``) is one chunk."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     acc_pre, acc_post, acc_res, sumsq = _sum_splits(part_ptr, sq_ptr, rm64, mmask, M, SPLITS,
                                                     N, NPAD, NP, NR, W, SB, BM)
@@ -556,40 +559,69 @@ def _pre_coef_kernel(
         hpre_ptr, hpost_ptr, hres_ptr, q_ptr, rstd_ptr, K, eps, iters, N, NPAD, NP, NR, QW, HC, BM,
     )
     if AGGREGATE:
-        cp = tl.arange(0, NP)
-        ssq = tl.zeros((BM,), dtype=tl.float32)  # sum(u^2) of the rounded u, for NORM
-        for c0 in range(c_lo, c_hi, BC):
-            rc = c0 + tl.arange(0, BC)
+        dtype = u_ptr.dtype.element_ty
+        if ONE_CHUNK:  # the whole row on chip: u, its statistics and the norm without a store between
+            rc = c_lo + tl.arange(0, BC)
             mc = mmask[:, None] & (rc < c_hi)[None, :]
-            acc = tl.zeros((BM, BC), dtype=tl.float32)
-            for j in tl.static_range(N):
-                h = tl.sum(tl.where(cp[None, :] == j, h_pre, 0.0), axis=1)
-                xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0)
-                acc += h[:, None] * xt.to(tl.float32)
-            ut = acc.to(u_ptr.dtype.element_ty)
-            tl.store(u_ptr + rm64[:, None] * C + rc[None, :], ut, mask=mc)
+            ut = _aggregate_chunk(x_ptr, h_pre, rm64, rc, mc, K, C, N, NP, BM, BC).to(dtype)
             if NORM:
                 uf = ut.to(tl.float32)
-                ssq += tl.sum(uf * uf, axis=1)  # masked lanes hold 0
-        if NORM:
-            tl.debug_barrier()  # u's rows, stored above by this program's threads, read back by others
-            _norm_rows(u_ptr, nw_ptr, norm_eps, ssq, rm64, mmask, C, BM, BC)
+                ut = _normed(uf, _inv_rms(tl.sum(uf * uf, axis=1), C, norm_eps), nw_ptr, rc, C, dtype)
+            tl.store(u_ptr + rm64[:, None] * C + rc[None, :], ut, mask=mc)
+        else:
+            ssq = tl.zeros((BM,), dtype=tl.float32)  # sum(u^2) of the rounded u, for NORM
+            for c0 in range(c_lo, c_hi, BC):
+                rc = c0 + tl.arange(0, BC)
+                mc = mmask[:, None] & (rc < c_hi)[None, :]
+                ut = _aggregate_chunk(x_ptr, h_pre, rm64, rc, mc, K, C, N, NP, BM, BC).to(dtype)
+                tl.store(u_ptr + rm64[:, None] * C + rc[None, :], ut, mask=mc)
+                if NORM:
+                    uf = ut.to(tl.float32)
+                    ssq += tl.sum(uf * uf, axis=1)  # masked lanes hold 0
+            if NORM:
+                tl.debug_barrier()  # u's rows, stored above by this program's threads, read back by others
+                _norm_rows(u_ptr, nw_ptr, norm_eps, ssq, rm64, mmask, C, BM, BC)
+
+
+@triton.jit
+def _aggregate_chunk(x_ptr, h_pre, rm64, rc, mc, K, C, N: tl.constexpr, NP: tl.constexpr,
+                     BM: tl.constexpr, BC: tl.constexpr):
+    """``sum_j H_pre[:, j] x[:, j, rc]`` (float32 ``[BM, BC]``) from ``h_pre [BM, NP]``."""
+    cp = tl.arange(0, NP)
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for j in tl.static_range(N):
+        h = tl.sum(tl.where(cp[None, :] == j, h_pre, 0.0), axis=1)
+        xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0)
+        acc += h[:, None] * xt.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _inv_rms(ssq, C, norm_eps):
+    """``1 / sqrt(mean(u^2) + eps)`` from the row sums of squares ``ssq [BM]``."""
+    return 1.0 / tl.sqrt_rn((ssq / C + norm_eps).to(tl.float32))  # Inductor passes a float as fp64
+
+
+@triton.jit
+def _normed(uf, inv, nw_ptr, rc, C, dtype: tl.constexpr):
+    """The RMSNorm of float32 rows ``uf [BM, BC]`` (channels ``rc``) given ``inv [BM]``:
+    ``w * round(u * inv)``, rounded to ``dtype`` (see :func:`_pre_coef_kernel`)."""
+    w = tl.load(nw_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)
+    normed = (uf * inv[:, None]).to(dtype).to(tl.float32)
+    return (w[None, :] * normed).to(dtype)
 
 
 @triton.jit
 def _norm_rows(u_ptr, nw_ptr, norm_eps, ssq, rm64, mmask, C, BM: tl.constexpr, BC: tl.constexpr):
     """``u [BM, C]`` rows (written by this program, their sums of squares ``ssq [BM]``)
-    replaced by their RMSNorm (see :func:`_pre_coef_kernel`)."""
-    dtype = u_ptr.dtype.element_ty
-    inv = 1.0 / tl.sqrt_rn((ssq / C + norm_eps).to(tl.float32))  # Inductor passes a float as fp64
+    replaced by their RMSNorm (see :func:`_pre_coef_kernel`), chunk by chunk."""
+    inv = _inv_rms(ssq, C, norm_eps)
     for c0 in range(0, C, BC):
         rc = c0 + tl.arange(0, BC)
         mc = mmask[:, None] & (rc < C)[None, :]
         ptrs = u_ptr + rm64[:, None] * C + rc[None, :]
         ut = tl.load(ptrs, mask=mc, other=0.0).to(tl.float32)
-        w = tl.load(nw_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)
-        normed = (ut * inv[:, None]).to(dtype).to(tl.float32)
-        tl.store(ptrs, (w[None, :] * normed).to(dtype), mask=mc)
+        tl.store(ptrs, _normed(ut, inv, nw_ptr, rc, C, u_ptr.dtype.element_ty), mask=mc)
 
 
 @triton.jit
