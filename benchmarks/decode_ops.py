@@ -17,9 +17,10 @@ count:
 * a table of each launch's own device time at the first token count (torch.profiler, mean
   of 20 calls).
 
-``--sweep``: the decode tile settings of ``ops.library`` (the ``DECODE_*`` knobs) tried one
-at a time at the first token count, each candidate's GPU time for the three normed-or-not
-pre ops, every other knob at its committed value. The script uses only the public functions
+``--sweep``: the decode tile settings of ``ops.library`` (the ``DECODE_*`` knobs, or those
+named in ``--knobs``) tried one at a time at each of ``--sweep-tokens`` (default: the first
+token count), each candidate's GPU time for the three normed-or-not pre ops, every other
+knob at its committed value. The script uses only the public functions
 of ``ops.library``, so it can time an older package from the same command (``PYTHONPATH``).
 """
 
@@ -46,7 +47,7 @@ SWEEP = {  # knob -> candidates (the committed value is always measured too)
     "DECODE_ONE_CHUNK_ELEMENTS": [0, 4096, 8192, 16384],
     "DECODE_AGGREGATE_CHANNELS": [256, 512, 1024, 4096],
     "DECODE_SPLIT_CHANNELS": [64, 128, 256, 512],
-    "DECODE_PROJ_TILES": [Tiles(16, 128, 4), Tiles(16, 64, 4), Tiles(16, 128, 2), Tiles(16, 64, 2),
+    "DECODE_PROJ_TILES": [Tiles(16, 128, 4), Tiles(16, 64, 4), Tiles(16, 32, 4), Tiles(16, 64, 8), Tiles(16, 128, 2), Tiles(16, 64, 2),
                           Tiles(16, 128, 1), Tiles(16, 256, 4), Tiles(16, 128, 8)],
     "MAX_SPLITS_PER_LOAD": [8, 16, 32, 64],
 }
@@ -119,17 +120,17 @@ def launch_rows(m: int, c: int, calls: int = 20) -> list[dict]:
     return rows
 
 
-def sweep_rows(m: int, c: int) -> list[dict]:
+def sweep_rows(m: int, c: int, knobs: list[str] | None = None) -> list[dict]:
     """Each ``SWEEP`` knob's candidates in turn (the others committed): GPU us of ``SWEPT_OPS``."""
     rows = []
     inputs = make_inputs(m, c)
     for knob, candidates in SWEEP.items():
-        if not hasattr(library, knob):
+        if not hasattr(library, knob) or (knobs and knob not in knobs):
             continue
         committed = getattr(library, knob)
         for value in dict.fromkeys([committed, *candidates]):
             setattr(library, knob, value)
-            row = {"knob": knob, "value": f"{value}{' (committed)' if value == committed else ''}"}
+            row = {"tokens": m, "knob": knob, "value": f"{value}{' (committed)' if value == committed else ''}"}
             try:
                 for name in SWEPT_OPS:
                     row[f"{name}, GPU us"] = round(gpu_us(ops(inputs)[name]), 1)
@@ -145,7 +146,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 16, 64])
     parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--sweep", action="store_true", help="also try the DECODE_* knobs at the first token count")
+    parser.add_argument("--sweep", action="store_true", help="also try the DECODE_* knobs one at a time")
+    parser.add_argument("--knobs", nargs="*", default=None, help="only these knobs in --sweep")
+    parser.add_argument("--sweep-tokens", type=int, nargs="*", default=None, help="token counts of --sweep")
     parser.add_argument("--label", default="", help="a heading for this package (e.g. its commit)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -159,9 +162,9 @@ def main() -> None:
                 tabulate(op_rows(args.tokens, args.hidden), headers="keys", tablefmt="github"), "",
                 f"### Launches at {args.tokens[0]} token(s)", "",
                 tabulate(launch_rows(args.tokens[0], args.hidden), headers="keys", tablefmt="github"), ""]
-    if args.sweep:
-        sections += [f"### Decode knobs at {args.tokens[0]} token(s), one at a time", "",
-                     tabulate(sweep_rows(args.tokens[0], args.hidden), headers="keys", tablefmt="github"), ""]
+    for m in (args.sweep_tokens or args.tokens[:1]) if args.sweep else ():
+        sections += [f"### Decode knobs at {m} token(s), one at a time", "",
+                     tabulate(sweep_rows(m, args.hidden, args.knobs), headers="keys", tablefmt="github"), ""]
     report("\n".join(sections) + "\n", args.out, mode="a")
 
 

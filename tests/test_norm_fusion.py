@@ -54,7 +54,7 @@ def _check_normed(m, c, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m, c", [(1, 40), (5, 24), (17, 64)])
+@pytest.mark.parametrize("m, c", [(1, 40), (5, 24), (17, 64), (3, 520)])  # (3, 520): rows in chunks
 def test_pre_side_with_its_norm_matches_the_pre_side_then_the_norm(m, c, dtype):
     _check_normed(m, c, dtype)
 

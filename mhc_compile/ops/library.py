@@ -58,14 +58,14 @@ POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
-DECODE_PROJ_TILES = Tiles(tokens=16, channels=128, warps=4)
+DECODE_PROJ_TILES = Tiles(tokens=16, channels=64, warps=4)  # benchmarks/decode_ops.py --sweep
 DECODE_SPLIT_CHANNELS = 128  # few serial steps per program, few partials to add up
 # Coefficients + aggregate: at most this many tokens per program, and tokens x channels
 # elements of x per stream and chunk (the token block shrinks to the call's tokens, the
 # chunk widens to keep that size; see _decode_coef_tiles).
 DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)
 DECODE_AGGREGATE_CHANNELS = 512  # channels of u per program of the coefficient launch
-DECODE_ONE_CHUNK_ELEMENTS = 8192  # rows up to this many elements a block are normalised in one chunk
+DECODE_ONE_CHUNK_ELEMENTS = 8192  # elements of u per program of a normed coefficient launch (whole rows)
 MAX_SPLITS_PER_LOAD = 32  # split-K partials the decode coefficient launch adds up per load
 DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
@@ -98,6 +98,11 @@ def _cdiv(a: int, b: int) -> int:
 def _next_pow2(v: int) -> int:
     """The smallest power of two >= ``v`` (``v >= 1``), in plain Python."""
     return 1 << (v - 1).bit_length()
+
+
+def _prev_pow2(v: int) -> int:
+    """The largest power of two <= ``v`` (``v >= 1``)."""
+    return 1 << (v.bit_length() - 1)
 
 
 def _interpreting() -> bool:
@@ -158,7 +163,7 @@ def _dot_mode(x: Tensor) -> DotMode:
     ``SPLIT_B`` for 16-bit streams, ``SPLIT_AB`` for float32 streams, and ``IEEE_FP32``
     under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter computes 16-bit ``tl.dot``
     wrongly: numpy has no bfloat16)."""
-    if _interpreting():
+    if not x.is_cuda:  # the kernels run on CPU tensors only under the interpreter (see validate)
         return DotMode.IEEE_FP32
     return DotMode.SPLIT_AB if x.dtype == torch.float32 else DotMode.SPLIT_B
 
@@ -229,21 +234,31 @@ def _decode_coef_tiles(x: Tensor, m: int, c: int, norm: bool) -> tuple[Tiles, in
     (few) tokens over ``x [M, n, C]``. The token block is ``m`` rounded up to a power of two
     (at most DECODE_COEF_TILES' tokens: a decode step's one token runs one row, not 16), and
     the chunk of each stream is widened to keep DECODE_COEF_TILES' size, up to a channel
-    range (DECODE_AGGREGATE_CHANNELS) or, with ``norm`` (one range: the whole row), to the
-    whole row where a block of it has at most DECODE_ONE_CHUNK_ELEMENTS elements (twice the
-    chunk size under the interpreter). A range no wider than the chunk is one chunk."""
-    t = _tiles(x, c, DECODE_COEF_TILES, "coef+aggregate")
+    range (DECODE_AGGREGATE_CHANNELS). With ``norm`` (one range: the whole row) a program
+    takes as many tokens as fit whole in DECODE_ONE_CHUNK_ELEMENTS (twice the chunk size
+    under the interpreter), at least one, in one chunk where the row fits. A range no wider
+    than the chunk is one chunk."""
+    return _decode_coef_plan(x.is_cuda, x.element_size(), m, c, norm, DECODE_COEF_TILES, DECODE_AGGREGATE_CHANNELS,
+                             DECODE_ONE_CHUNK_ELEMENTS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_coef_plan(on_gpu: bool, element_size: int, m: int, c: int, norm: bool, tiles: Tiles,
+                      range_channels: int, one_chunk_elements: int) -> tuple[Tiles, int, int]:
+    """:func:`_decode_coef_tiles`, cached on its settings too (decode asks the same every call)."""
+    t = _launch_tiles(on_gpu, element_size, c, tiles, "coef+aggregate")
     tokens = min(t.tokens, _next_pow2(m))
     wide = _pick(t.tokens * t.channels // tokens, c)
-    if norm:
+    if norm:  # one program normalises whole rows: as many rows as fit one chunk, a program each where few fit
         row = _next_pow2(c)
-        limit = DECODE_ONE_CHUNK_ELEMENTS if x.is_cuda else 2 * t.tokens * t.channels
-        channels = row if tokens * row <= limit else wide
+        limit = one_chunk_elements if on_gpu else 2 * t.tokens * t.channels
+        tokens = max(1, min(tokens, limit // row))
+        channels = min(row, _prev_pow2(limit))
         warps = t.warps * max(1, tokens * channels // (t.tokens * t.channels))  # registers per thread as at the tuned size
         return dataclasses.replace(t, tokens=tokens, channels=channels, warps=min(16, warps)), c, 1
-    if x.is_cuda:
-        wide = min(wide, _next_pow2(DECODE_AGGREGATE_CHANNELS))
-    return (dataclasses.replace(t, tokens=tokens, channels=wide), *_splits(x, c, wide, DECODE_AGGREGATE_CHANNELS))
+    if on_gpu:
+        wide = min(wide, _next_pow2(range_channels))
+    return (dataclasses.replace(t, tokens=tokens, channels=wide), *_split_plan(on_gpu, None, c, wide, range_channels, None))
 
 
 def few_tokens(m: int) -> bool:
@@ -269,10 +284,17 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None, blocks: int
     ``channels`` per program (a prefill, a small batch: 128 tokens made 4 programs of the
     pre projection), the ranges are halved, down to ``bc``, until the launch has at least
     one program per SM (:func:`_sm_count`)."""
-    per = (channels or SPLIT_CHANNELS) if x.is_cuda else 2 * bc
+    device = x.device.index if blocks is not None and x.is_cuda else None
+    return _split_plan(x.is_cuda, device, c, bc, channels or SPLIT_CHANNELS, blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_plan(on_gpu: bool, device: int | None, c: int, bc: int, channels: int, blocks: int | None) -> tuple[int, int]:
+    """:func:`_splits`, cached (``device``: the CUDA device index where ``blocks`` is given)."""
+    per = channels if on_gpu else 2 * bc
     per = max(bc, per // bc * bc)
-    if blocks is not None and x.is_cuda:
-        target = _sm_count(x.device.index)
+    if blocks is not None and on_gpu:
+        target = _sm_count(device)
         while per >= 2 * bc and blocks * _cdiv(c, per) < target:
             per = per // 2 // bc * bc
     return per, _cdiv(c, per)
@@ -712,8 +734,7 @@ def mhc_post_pre_normed(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`mhc_post_pre` with the RMSNorm of :func:`mhc_pre_normed` on the second
     connection's ``u``: ``X_next``, the norm's output, ``H_post``, ``H_res``."""
-    _check_post(x, y, h_post, h_res)
-    _check_pre(x, phi, bias, alpha, mode)
+    _check_post_pre(x, y, h_post, h_res, phi, bias, alpha, mode)
     inputs = _post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, False)[:-1]
     return _run("post_pre_normed_fwd", *inputs[:7], weight.contiguous(), *inputs[7:], float(norm_eps))
 
@@ -754,6 +775,25 @@ def _post_pre_inputs(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: T
 def _check_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str) -> None:
     check_backend("triton")
     validate(x, phi, bias, alpha)
+    _check_pre_shapes(x, phi, mode)
+
+
+def _check_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> None:
+    check_backend("triton")
+    validate(x, y, h_post, h_res)
+    _check_post_shapes(x, y)
+
+
+def _check_post_pre(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
+                    mode: str) -> None:
+    """:func:`_check_post` and :func:`_check_pre` with one pass over the devices."""
+    check_backend("triton")
+    validate(x, y, h_post, h_res, phi, bias, alpha)
+    _check_post_shapes(x, y)
+    _check_pre_shapes(x, phi, mode)
+
+
+def _check_pre_shapes(x: Tensor, phi: Tensor, mode: str) -> None:
     if mode not in ("mhc", "hc"):
         raise KernelInputError(f"unknown mode {mode!r}; use 'mhc' or 'hc'")
     n, c = x.shape[1], x.shape[2]
@@ -761,9 +801,7 @@ def _check_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str) -
         raise KernelInputError(f"phi must be [n*C, n^2+2n] = {[n * c, n * n + 2 * n]}; got {list(phi.shape)}")
 
 
-def _check_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> None:
-    check_backend("triton")
-    validate(x, y, h_post, h_res)
+def _check_post_shapes(x: Tensor, y: Tensor) -> None:
     m, n, c = x.shape
     if y.shape != (m, c):
         raise KernelInputError(f"branch output must be [M, C] = {[m, c]}; got {list(y.shape)}")
@@ -781,8 +819,7 @@ def mhc_post_pre(
     the same as :func:`mhc_post` followed by :func:`mhc_pre`. ``deterministic``: as in
     :func:`mhc_post`.
     """
-    _check_post(x, y, h_post, h_res)
-    _check_pre(x, phi, bias, alpha, mode)
+    _check_post_pre(x, y, h_post, h_res, phi, bias, alpha, mode)
     x_next, u, _, h_post2, h_res2, _, _ = _run(
         "post_pre_fwd", *_post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, deterministic))
     return x_next, u, h_post2, h_res2
