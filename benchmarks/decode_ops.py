@@ -44,7 +44,7 @@ NORM_EPS = 1e-5
 SWEEP = {  # knob -> candidates (the committed value is always measured too)
     "DECODE_COEF_TILES": [Tiles(16, 256, 4), Tiles(16, 256, 2), Tiles(16, 256, 8), Tiles(16, 512, 4),
                           Tiles(16, 128, 4), Tiles(8, 256, 4), Tiles(16, 256, 1)],
-    "DECODE_ONE_CHUNK_ELEMENTS": [0, 4096, 8192, 16384],
+    "DECODE_ONE_CHUNK_ELEMENTS": [2048, 4096, 8192, 16384],
     "DECODE_AGGREGATE_CHANNELS": [256, 512, 1024, 4096],
     "DECODE_SPLIT_CHANNELS": [64, 128, 256, 512],
     "DECODE_PROJ_TILES": [Tiles(16, 128, 4), Tiles(16, 64, 4), Tiles(16, 32, 4), Tiles(16, 64, 8), Tiles(16, 128, 2), Tiles(16, 64, 2),

@@ -47,7 +47,8 @@ def _check_normed(m, c, dtype):
         u_ref, h_post_ref, h_res_ref = library.mhc_pre(x, phi, bias, alpha)
         x2, normed2, h_post2, h_res2 = library.mhc_post_pre_normed(x, y, h_post, h_res, phi, bias, alpha, weight, 1e-5)
         x2_ref, u2_ref, _, _ = library.mhc_post_pre(x, y, h_post, h_res, phi, bias, alpha)
-    assert torch.equal(h_post, h_post_ref) and torch.equal(h_res, h_res_ref) and torch.equal(x2, x2_ref)
+    # the coefficients of a normed call come from token blocks of another size (float32 sums in another order)
+    assert _rel(h_post, h_post_ref) <= 1e-6 and _rel(h_res, h_res_ref) <= 1e-6 and torch.equal(x2, x2_ref)
     for got, u in ((normed, u_ref), (normed2, u2_ref)):
         assert got.dtype == dtype and torch.isfinite(got).all()
         assert _rel(got, _llama_norm(u, weight, 1e-5)) <= TOL[dtype]

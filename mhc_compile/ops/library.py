@@ -62,10 +62,11 @@ DECODE_PROJ_TILES = Tiles(tokens=16, channels=64, warps=4)  # benchmarks/decode_
 DECODE_SPLIT_CHANNELS = 128  # few serial steps per program, few partials to add up
 # Coefficients + aggregate: at most this many tokens per program, and tokens x channels
 # elements of x per stream and chunk (the token block shrinks to the call's tokens, the
-# chunk widens to keep that size; see _decode_coef_tiles).
-DECODE_COEF_TILES = Tiles(tokens=16, channels=256, warps=4)
+# chunk widens to keep that size; see _decode_coef_tiles). 8 tokens: 18.2 against 21.7 us
+# with 16 at 16 tokens, the same at one (benchmarks/decode_ops.py --sweep, H200).
+DECODE_COEF_TILES = Tiles(tokens=8, channels=256, warps=4)
 DECODE_AGGREGATE_CHANNELS = 512  # channels of u per program of the coefficient launch
-DECODE_ONE_CHUNK_ELEMENTS = 8192  # elements of u per program of a normed coefficient launch (whole rows)
+DECODE_ONE_CHUNK_ELEMENTS = 8192  # widest row of u a normed coefficient launch holds in one chunk
 MAX_SPLITS_PER_LOAD = 32  # split-K partials the decode coefficient launch adds up per load
 DETERMINISTIC_POST_CHANNELS = 2048  # channels per program of the deterministic post backward
 # The same under TRITON_INTERPRET=1: small, so CPU tests cover several splits and tiles.
@@ -235,9 +236,11 @@ def _decode_coef_tiles(x: Tensor, m: int, c: int, norm: bool) -> tuple[Tiles, in
     (at most DECODE_COEF_TILES' tokens: a decode step's one token runs one row, not 16), and
     the chunk of each stream is widened to keep DECODE_COEF_TILES' size, up to a channel
     range (DECODE_AGGREGATE_CHANNELS). With ``norm`` (one range: the whole row) a program
-    takes as many tokens as fit whole in DECODE_ONE_CHUNK_ELEMENTS (twice the chunk size
-    under the interpreter), at least one, in one chunk where the row fits. A range no wider
-    than the chunk is one chunk."""
+    takes one token, its row in one chunk where the row has at most
+    DECODE_ONE_CHUNK_ELEMENTS channels (twice the chunk size under the interpreter), in
+    chunks of that size otherwise (measured: one token a program is fastest from 1 to 64
+    tokens, ``benchmarks/decode_ops.py --sweep``). A range no wider than the chunk is one
+    chunk."""
     return _decode_coef_plan(x.is_cuda, x.element_size(), m, c, norm, DECODE_COEF_TILES, DECODE_AGGREGATE_CHANNELS,
                              DECODE_ONE_CHUNK_ELEMENTS)
 
@@ -249,11 +252,11 @@ def _decode_coef_plan(on_gpu: bool, element_size: int, m: int, c: int, norm: boo
     t = _launch_tiles(on_gpu, element_size, c, tiles, "coef+aggregate")
     tokens = min(t.tokens, _next_pow2(m))
     wide = _pick(t.tokens * t.channels // tokens, c)
-    if norm:  # one program normalises whole rows: as many rows as fit one chunk, a program each where few fit
+    if norm:  # a program a token: its whole row, in one chunk where it fits
         row = _next_pow2(c)
         limit = one_chunk_elements if on_gpu else 2 * t.tokens * t.channels
-        tokens = max(1, min(tokens, limit // row))
-        channels = min(row, _prev_pow2(limit))
+        tokens = 1
+        channels = min(row, _prev_pow2(max(16, limit)))
         warps = t.warps * max(1, tokens * channels // (t.tokens * t.channels))  # registers per thread as at the tuned size
         return dataclasses.replace(t, tokens=tokens, channels=channels, warps=min(16, warps)), c, 1
     if on_gpu:
