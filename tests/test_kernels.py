@@ -337,6 +337,28 @@ def test_kernels_under_torch_compile_fullgraph():
     assert all(t.grad is not None for t in (x, y, phi, bias, alpha))
 
 
+@pytest.mark.parametrize("m", [5, 70])  # few tokens (the decode plan) and many (split-K ranges fitted to the GPU)
+def test_ops_under_torch_compile_with_dynamic_token_counts(m):
+    """``torch.compile(dynamic=True)`` runs the ops' launch planning on a symbolic token
+    count (a SymInt: not hashable, no ``bit_length``)."""
+    x, y, phi, bias, alpha = _inputs(m, 4, 12, torch.float32)
+    x, y = x.detach(), y.detach()
+    weight = torch.rand(12, device=DEVICE) + 0.5
+
+    def step(x, y):
+        u, h_post, h_res = library.mhc_pre(x, phi, bias, alpha)
+        x_next, u2, _, _ = library.mhc_post_pre(x, u + y, h_post, h_res, phi, bias, alpha)
+        if library.norm_fusable(x_next, weight, phi, bias, alpha):
+            return x_next, library.mhc_pre_normed(x_next, phi, bias, alpha, weight, 1e-5)[0], u2
+        return x_next, u2, u2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "eager")
+    with torch.no_grad():
+        for got, want in zip(compiled(x, y), step(x, y)):
+            assert _rel(got, want) <= 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("c", [2048, 4096, 7168])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

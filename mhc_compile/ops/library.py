@@ -97,8 +97,14 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _next_pow2(v: int) -> int:
-    """The smallest power of two >= ``v`` (``v >= 1``), in plain Python."""
-    return 1 << (v - 1).bit_length()
+    """The smallest power of two >= ``v`` (``v >= 1``), in plain Python; a symbolic ``v``
+    (a token count under ``torch.compile(dynamic=True)``) by doubling, which guards on it."""
+    if type(v) is int:
+        return 1 << (v - 1).bit_length()
+    p = 1
+    while p < v:
+        p *= 2
+    return p
 
 
 def _prev_pow2(v: int) -> int:
@@ -241,8 +247,9 @@ def _decode_coef_tiles(x: Tensor, m: int, c: int, norm: bool) -> tuple[Tiles, in
     chunks of that size otherwise (measured: one token a program is fastest from 1 to 64
     tokens, ``benchmarks/decode_ops.py --sweep``). A range no wider than the chunk is one
     chunk."""
-    return _decode_coef_plan(x.is_cuda, x.element_size(), m, c, norm, DECODE_COEF_TILES, DECODE_AGGREGATE_CHANNELS,
-                             DECODE_ONE_CHUNK_ELEMENTS)
+    plan = _decode_coef_plan if type(m) is int else _decode_coef_plan.__wrapped__  # a SymInt is not hashable
+    return plan(x.is_cuda, x.element_size(), m, c, norm, DECODE_COEF_TILES, DECODE_AGGREGATE_CHANNELS,
+                DECODE_ONE_CHUNK_ELEMENTS)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -288,7 +295,8 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None, blocks: int
     pre projection), the ranges are halved, down to ``bc``, until the launch has at least
     one program per SM (:func:`_sm_count`)."""
     device = x.device.index if blocks is not None and x.is_cuda else None
-    return _split_plan(x.is_cuda, device, c, bc, channels or SPLIT_CHANNELS, blocks)
+    plan = _split_plan if blocks is None or type(blocks) is int else _split_plan.__wrapped__  # SymInts: not hashable
+    return plan(x.is_cuda, device, c, bc, channels or SPLIT_CHANNELS, blocks)
 
 
 @functools.lru_cache(maxsize=4096)
