@@ -359,6 +359,29 @@ def test_ops_under_torch_compile_with_dynamic_token_counts(m):
             assert _rel(got, want) <= 1e-6
 
 
+def test_dynamic_token_counts_compile_once():
+    """A symbolic token count adds no guard beyond the few/many split: one graph serves 5 to
+    33 tokens (the decode plan takes its largest token block for a symbolic count)."""
+    from torch._dynamo.testing import CompileCounter
+
+    _, _, phi, bias, alpha = _inputs(3, 4, 12, torch.float32)
+    weight = torch.rand(12, device=DEVICE) + 0.5
+
+    def step(x):
+        u, h_post, h_res = library.mhc_pre(x, phi, bias, alpha)
+        return library.mhc_pre_normed(x, phi, bias, alpha, weight, 1e-5)[0] + u, h_post, h_res
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for m in (5, 6, 9, 17, 33):  # not 3 or 4: duck sizing would tie M to alpha or n
+            x = torch.randn(m, 4, 12, device=DEVICE)
+            for got, want in zip(compiled(x), step(x)):
+                assert _rel(got, want) <= 1e-6
+    assert counter.frame_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("c", [2048, 4096, 7168])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -97,14 +97,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _next_pow2(v: int) -> int:
-    """The smallest power of two >= ``v`` (``v >= 1``), in plain Python; a symbolic ``v``
-    (a token count under ``torch.compile(dynamic=True)``) by doubling, which guards on it."""
-    if type(v) is int:
-        return 1 << (v - 1).bit_length()
-    p = 1
-    while p < v:
-        p *= 2
-    return p
+    """The smallest power of two >= ``v`` (``v >= 1``), in plain Python."""
+    return 1 << (v - 1).bit_length()
 
 
 def _prev_pow2(v: int) -> int:
@@ -114,6 +108,17 @@ def _prev_pow2(v: int) -> int:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETED = _interpreting()  # the kernels were decorated for Triton's interpreter (read at import, as Triton does)
+
+
+def _cached(plan, *args):
+    """``plan(*args)`` through its ``lru_cache``, or computed afresh where an argument is
+    symbolic (a token count under ``torch.compile(dynamic=True)``: a SymInt is not hashable)."""
+    if any(isinstance(a, torch.SymInt) for a in args):
+        return plan.__wrapped__(*args)
+    return plan(*args)
 
 
 def validate(x: Tensor, *others: Tensor) -> None:
@@ -170,7 +175,7 @@ def _dot_mode(x: Tensor) -> DotMode:
     ``SPLIT_B`` for 16-bit streams, ``SPLIT_AB`` for float32 streams, and ``IEEE_FP32``
     under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter computes 16-bit ``tl.dot``
     wrongly: numpy has no bfloat16)."""
-    if not x.is_cuda:  # the kernels run on CPU tensors only under the interpreter (see validate)
+    if _INTERPRETED or not x.is_cuda:  # CPU tensors: only under the interpreter (see validate)
         return DotMode.IEEE_FP32
     return DotMode.SPLIT_AB if x.dtype == torch.float32 else DotMode.SPLIT_B
 
@@ -236,39 +241,44 @@ def _launch_tiles(on_gpu: bool, element_size: int, c: int, tiles: Tiles, kind: s
     return dataclasses.replace(t, channels=_pick(bc, c))
 
 
-def _decode_coef_tiles(x: Tensor, m: int, c: int, norm: bool) -> tuple[Tiles, int, int]:
-    """Tiles, channels per program and channel ranges of the coefficient launch for ``m``
-    (few) tokens over ``x [M, n, C]``. The token block is ``m`` rounded up to a power of two
-    (at most DECODE_COEF_TILES' tokens: a decode step's one token runs one row, not 16), and
-    the chunk of each stream is widened to keep DECODE_COEF_TILES' size, up to a channel
-    range (DECODE_AGGREGATE_CHANNELS). With ``norm`` (one range: the whole row) a program
-    takes one token, its row in one chunk where the row has at most
-    DECODE_ONE_CHUNK_ELEMENTS channels (twice the chunk size under the interpreter), in
-    chunks of that size otherwise (measured: one token a program is fastest from 1 to 64
-    tokens, ``benchmarks/decode_ops.py --sweep``). A range no wider than the chunk is one
-    chunk."""
-    plan = _decode_coef_plan if type(m) is int else _decode_coef_plan.__wrapped__  # a SymInt is not hashable
-    return plan(x.is_cuda, x.element_size(), m, c, norm, DECODE_COEF_TILES, DECODE_AGGREGATE_CHANNELS,
-                DECODE_ONE_CHUNK_ELEMENTS)
+def _decode_coef_tiles(x: Tensor, c: int, norm: bool) -> tuple[Tiles, int, int]:
+    """Tiles, channels per program and channel ranges of the coefficient launch over the
+    few tokens of ``x [M, n, C]``.
+
+    Without ``norm`` the token block is ``M`` rounded up to a power of two, at most
+    DECODE_COEF_TILES' tokens (a decode step's one token runs one row, not 8; a symbolic
+    ``M`` under ``torch.compile(dynamic=True)`` takes the largest block, so that nothing
+    guards on it), and each stream's chunk is widened to keep DECODE_COEF_TILES' size, up
+    to a channel range of DECODE_AGGREGATE_CHANNELS (twice the interpreter tile's channels
+    under the interpreter, so that CPU tests see ranges of one chunk and of two). With
+    ``norm`` (one range: the whole row) a program takes one token, its row in one chunk up
+    to DECODE_ONE_CHUNK_ELEMENTS channels (the interpreter tile's tokens x channels, twice,
+    under the interpreter) and in chunks of that size beyond (measured: one token a program
+    is fastest from 1 to 64 tokens, ``benchmarks/decode_ops.py --sweep``). A range no wider
+    than its chunk is one chunk (``ONE_CHUNK``).
+
+    The plan is cached on its arguments, the settings included (a tuner may set them); what
+    it reads besides (``_INTERPRETER_TILES``, ``KERNELS_AVAILABLE``) is fixed at import."""
+    return _cached(_decode_coef_plan, x.is_cuda, x.element_size(), x.shape[0], c, norm, DECODE_COEF_TILES,
+                   DECODE_AGGREGATE_CHANNELS, DECODE_ONE_CHUNK_ELEMENTS)
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode_coef_plan(on_gpu: bool, element_size: int, m: int, c: int, norm: bool, tiles: Tiles,
+def _decode_coef_plan(on_gpu: bool, element_size: int, m: int | torch.SymInt, c: int, norm: bool, tiles: Tiles,
                       range_channels: int, one_chunk_elements: int) -> tuple[Tiles, int, int]:
-    """:func:`_decode_coef_tiles`, cached on its settings too (decode asks the same every call)."""
+    """:func:`_decode_coef_tiles`, from plain values."""
     t = _launch_tiles(on_gpu, element_size, c, tiles, "coef+aggregate")
-    tokens = min(t.tokens, _next_pow2(m))
-    wide = _pick(t.tokens * t.channels // tokens, c)
+    chunk = t.tokens * t.channels  # the tuned elements of a chunk
     if norm:  # a program a token: its whole row, in one chunk where it fits
-        row = _next_pow2(c)
-        limit = one_chunk_elements if on_gpu else 2 * t.tokens * t.channels
-        tokens = 1
-        channels = min(row, _prev_pow2(max(16, limit)))
-        warps = t.warps * max(1, tokens * channels // (t.tokens * t.channels))  # registers per thread as at the tuned size
-        return dataclasses.replace(t, tokens=tokens, channels=channels, warps=min(16, warps)), c, 1
-    if on_gpu:
-        wide = min(wide, _next_pow2(range_channels))
-    return (dataclasses.replace(t, tokens=tokens, channels=wide), *_split_plan(on_gpu, None, c, wide, range_channels, None))
+        limit = one_chunk_elements if on_gpu else 2 * chunk
+        channels = min(_next_pow2(c), _prev_pow2(max(16, limit)))
+        warps = min(16, t.warps * max(1, channels // chunk))  # registers per thread as at the tuned size
+        return dataclasses.replace(t, tokens=1, channels=channels, warps=warps), c, 1
+    tokens = min(t.tokens, _next_pow2(m)) if type(m) is int else t.tokens
+    range_width = range_channels if on_gpu else 2 * t.channels
+    wide = min(_pick(chunk // tokens, c), _next_pow2(range_width))
+    per = min(max(wide, range_width // wide * wide), _cdiv(c, wide) * wide)
+    return dataclasses.replace(t, tokens=tokens, channels=wide), per, _cdiv(c, per)
 
 
 def few_tokens(m: int) -> bool:
@@ -286,7 +296,8 @@ def _projection_tiles(x: Tensor, m: int, c: int, tiles: Tiles) -> tuple[Tiles, i
     return (t, *_splits(x, c, t.channels, blocks=_cdiv(m, t.tokens)))
 
 
-def _splits(x: Tensor, c: int, bc: int, channels: int | None = None, blocks: int | None = None) -> tuple[int, int]:
+def _splits(x: Tensor, c: int, bc: int, channels: int | None = None,
+            blocks: int | torch.SymInt | None = None) -> tuple[int, int]:
     """(channels per program, number of channel ranges) for ``c`` channels per stream:
     ``channels`` (default SPLIT_CHANNELS) on the GPU, two chunks under the interpreter.
 
@@ -294,14 +305,16 @@ def _splits(x: Tensor, c: int, bc: int, channels: int | None = None, blocks: int
     ``channels`` per program (a prefill, a small batch: 128 tokens made 4 programs of the
     pre projection), the ranges are halved, down to ``bc``, until the launch has at least
     one program per SM (:func:`_sm_count`)."""
-    device = x.device.index if blocks is not None and x.is_cuda else None
-    plan = _split_plan if blocks is None or type(blocks) is int else _split_plan.__wrapped__  # SymInts: not hashable
-    return plan(x.is_cuda, device, c, bc, channels or SPLIT_CHANNELS, blocks)
+    if x.is_cuda and blocks is not None:
+        return _cached(_split_plan, True, x.device.index, c, bc, channels or SPLIT_CHANNELS, blocks)
+    return _split_plan(x.is_cuda, None, c, bc, channels or SPLIT_CHANNELS, None)
 
 
 @functools.lru_cache(maxsize=4096)
-def _split_plan(on_gpu: bool, device: int | None, c: int, bc: int, channels: int, blocks: int | None) -> tuple[int, int]:
-    """:func:`_splits`, cached (``device``: the CUDA device index where ``blocks`` is given)."""
+def _split_plan(on_gpu: bool, device: int | None, c: int, bc: int, channels: int,
+                blocks: int | torch.SymInt | None) -> tuple[int, int]:
+    """:func:`_splits` from plain values (``device``: the CUDA device index, where ``blocks``
+    is given); cached through :func:`_cached`."""
     per = channels if on_gpu else 2 * bc
     per = max(bc, per // bc * bc)
     if blocks is not None and on_gpu:
@@ -369,7 +382,7 @@ if KERNELS_AVAILABLE:
         u, h_pre, h_post, h_res, q, rstd = _pre_outputs(x, reuse)
         few = few_tokens(m)
         if few:
-            ct, per, ranges = _decode_coef_tiles(x, m, c, norm is not None)
+            ct, per, ranges = _decode_coef_tiles(x, c, norm is not None)
         else:
             ct, per, ranges = _tiles(x, c, COEF_TILES, "coef"), c, 1
         norm_weight, norm_eps = norm if norm else (u, 0.0)
