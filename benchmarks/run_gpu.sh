@@ -4,7 +4,8 @@
 # MHC_TESTS: test files (default tests/test_kernels.py; empty: skip the tests)
 # MHC_KERNELS_ARGS: arguments of benchmarks/kernels.py ("skip": do not run it)
 # MHC_TRAIN_ARGS: arguments of benchmarks/train_step.py ("skip": do not run it)
-# MHC_LOSS_ARGS, MHC_DECODE_ARGS: likewise for train_step.py --loss-check and decode.py (default: skip)
+# MHC_LOSS_ARGS, MHC_DECODE_ARGS, MHC_DECODE_OPS_ARGS: likewise for train_step.py --loss-check, decode.py
+#   and decode_ops.py (default: skip; "defaults": decode_ops.py's defaults)
 # MHC_STUDY_ARGS: arguments of benchmarks/study.py ("skip": do not run it; "defaults": its defaults);
 #   the results, the JSON and the figure land in $OUT (study-<gpu>.md, study-<gpu>.json, study.png)
 # MHC_BASELINE_ARGS: arguments of benchmarks/kernels.py run a second time, in this same call, against
@@ -48,6 +49,12 @@ if [ "${MHC_LOSS_ARGS:-skip}" != "skip" ]; then
   echo "== loss check (exit $?)"; tail -15 "$OUT/loss-check.log"
 fi
 run_bench decode "${MHC_DECODE_ARGS:-skip}" "${MHC_DECODE_TIMEOUT:-300}"
+if [ "${MHC_DECODE_OPS_ARGS:-skip}" != "skip" ]; then
+  [ "$MHC_DECODE_OPS_ARGS" = "defaults" ] && MHC_DECODE_OPS_ARGS=""
+  timeout "${MHC_DECODE_OPS_TIMEOUT:-200}" python3 benchmarks/decode_ops.py --out "$OUT/decode-ops.md" $MHC_DECODE_OPS_ARGS \
+    > "$OUT/decode-ops.log" 2>&1
+  echo "== decode_ops (exit $?)"; tail -30 "$OUT/decode-ops.log"
+fi
 if [ "${MHC_STUDY_ARGS:-skip}" != "skip" ]; then
   [ "$MHC_STUDY_ARGS" = "defaults" ] && MHC_STUDY_ARGS=""
   timeout "${MHC_STUDY_TIMEOUT:-600}" python3 benchmarks/study.py --out "$OUT/" --figure "$OUT/study.png" $MHC_STUDY_ARGS \
