@@ -47,8 +47,9 @@ SWEEP = {  # knob -> candidates (the committed value is always measured too)
     "DECODE_ONE_CHUNK_ELEMENTS": [2048, 4096, 8192, 16384],
     "DECODE_AGGREGATE_CHANNELS": [256, 512, 1024, 4096],
     "DECODE_SPLIT_CHANNELS": [64, 128, 256, 512],
-    "DECODE_PROJ_TILES": [Tiles(16, 128, 4), Tiles(16, 64, 4), Tiles(16, 32, 4), Tiles(16, 64, 8), Tiles(16, 128, 2), Tiles(16, 64, 2),
-                          Tiles(16, 128, 1), Tiles(16, 256, 4), Tiles(16, 128, 8)],
+    "DECODE_PROJ_TILES": [Tiles(16, 128, 4), Tiles(16, 64, 4), Tiles(16, 32, 4), Tiles(16, 64, 8),
+                          Tiles(16, 128, 2), Tiles(16, 64, 2), Tiles(16, 128, 1), Tiles(16, 256, 4),
+                          Tiles(16, 128, 8)],
     "MAX_SPLITS_PER_LOAD": [8, 16, 32, 64],
 }
 SWEPT_OPS = ("pre", "pre + norm", "post + pre + norm")
