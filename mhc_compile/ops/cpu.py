@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import native, reference
 
 _TINY = reference._TINY
 
@@ -163,6 +163,10 @@ class _PreSide(torch.autograd.Function):
                 mode: str, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         m, n, c = x.shape
         acc = _accumulation_dtype(x)
+        ctx.mode, ctx.n, ctx.iters = mode, n, iters
+        ctx.native = mode in ("mhc", "hc") and native.usable(x)
+        if ctx.native:
+            return _PreSide.native_forward(ctx, x, phi, bias, alpha, iters, eps)
         with _autocast_off(x.device):
             xf = x.to(acc)
             v = xf.reshape(m, n * c)
@@ -190,13 +194,30 @@ class _PreSide(torch.autograd.Function):
                 raise ValueError(f"mhc_pre: unknown mode {mode!r}; use 'mhc' or 'hc'")
             u = _aggregate(xf, h_pre)
             ctx.h_pre = h_pre  # a view of the saved s (mhc) or of the coefficients h (hc)
-        ctx.mode, ctx.n = mode, n
         return u.to(x.dtype), h_post, h_res
+
+    @staticmethod
+    def native_forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The forward with the per-token work in one compiled pass (:mod:`.native`); the
+        projection stays a ``torch.mm`` (what ``recompute="mhc"`` keeps)."""
+        m, n, c = x.shape
+        acc = _accumulation_dtype(x)
+        with _autocast_off(x.device):
+            x = x.contiguous()
+            proj = torch.mm(x.to(acc).view(m, n * c), phi.to(acc))  # [M, K]
+            gate = _gate_per_column(alpha.to(acc), n).contiguous()
+            u, rstd, d, act, h_pre, h_post, h_res, sums = native.ops().pre_forward(
+                x, proj, bias.to(acc).contiguous(), gate, ctx.mode == "mhc", iters, eps, _TINY)
+        ctx.save_for_backward(x, phi, rstd, d, gate, act, h_pre, h_res, sums)
+        return u, h_post, h_res
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Optional[Tensor], g_post: Optional[Tensor],  # type: ignore[override]
                  g_res: Optional[Tensor]):
+        if ctx.native:
+            return _PreSide.native_backward(ctx, g_u, g_post, g_res)
         x, phi, rstd, d, gate, *rest = ctx.saved_tensors
         n, h_pre = ctx.n, ctx.h_pre
         m, _, c = x.shape
@@ -240,6 +261,25 @@ class _PreSide(torch.autograd.Function):
             g_v = g_v.to(x.dtype)
         return g_v, g_phi, g_bias, g_alpha, None, None, None
 
+    @staticmethod
+    def native_backward(ctx, g_u: Optional[Tensor], g_post: Optional[Tensor], g_res: Optional[Tensor]):
+        """The backward of :meth:`native_forward`: two compiled passes around the two products."""
+        x, phi, rstd, d, gate, act, h_pre, h_res, sums = ctx.saved_tensors
+        m, n, c = x.shape
+        acc = d.dtype
+        contiguous = lambda g, dtype: None if g is None else g.to(dtype).contiguous()  # noqa: E731
+        g_u = contiguous(g_u, x.dtype)
+        g_proj, per_token, g_bias, g_alpha = native.ops().pre_backward(
+            x, rstd, d, act, gate, h_res, sums, g_u, contiguous(g_post, acc), contiguous(g_res, acc),
+            ctx.mode == "mhc", ctx.iters)
+        v = x.to(acc).view(m, n * c)
+        g_phi = torch.mm(v.t(), g_proj).to(phi.dtype) if ctx.needs_input_grad[1] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            through_proj = torch.mm(g_proj, phi.to(acc).t())  # [M, nC]
+            g_x = native.ops().pre_backward_streams(x, through_proj, per_token, h_pre, g_u)
+        return g_x, g_phi, g_bias, g_alpha, None, None, None
+
 
 def mhc_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
     """``u = H_pre @ X``: ``[M, n, C], [M, n] -> [M, C]`` in ``x.dtype`` (what the pre side computes)."""
@@ -262,10 +302,15 @@ class _PostSide(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:  # type: ignore[override]
         acc = _accumulation_dtype(x)
+        ctx.native = native.usable(x)
         with _autocast_off(x.device):
-            xf, yf = x.to(acc), y.to(acc)
             h_post, h_res = h_post.to(acc), h_res.to(acc)
-            out = torch.baddbmm(h_post.unsqueeze(-1) * yf.unsqueeze(1), h_res, xf)
+            if ctx.native:  # one compiled pass, in x's dtype where y has it too (else in acc)
+                work = x.dtype if y.dtype == x.dtype else acc
+                h_post, h_res = h_post.contiguous(), h_res.contiguous()
+                out = native.ops().post_forward(x.to(work).contiguous(), y.to(work).contiguous(), h_post, h_res)
+            else:
+                out = torch.baddbmm(h_post.unsqueeze(-1) * y.to(acc).unsqueeze(1), h_res, x.to(acc))
         ctx.save_for_backward(x, y, h_post, h_res)
         return out.to(x.dtype)
 
@@ -273,8 +318,15 @@ class _PostSide(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, y, h_post, h_res = ctx.saved_tensors
-        g = grad.to(h_res.dtype)
         need_x, need_y, need_post, need_res = ctx.needs_input_grad
+        if ctx.native:
+            work = x.dtype if y.dtype == x.dtype else h_res.dtype
+            g_x, g_y, g_post, g_res = native.ops().post_backward(
+                grad.to(work).contiguous(), x.to(work).contiguous(), y.to(work).contiguous(), h_post, h_res,
+                need_x, need_y, need_post, need_res)
+            return (None if g_x is None else g_x.to(x.dtype), None if g_y is None else g_y.to(y.dtype),
+                    g_post, g_res)
+        g = grad.to(h_res.dtype)
         g_x = torch.bmm(h_res.transpose(1, 2), g).to(x.dtype) if need_x else None
         g_y = _aggregate(g, h_post).to(y.dtype) if need_y else None
         g_post = torch.bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1) if need_post else None

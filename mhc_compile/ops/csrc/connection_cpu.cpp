@@ -1,0 +1,509 @@
+// The connection sides of mHC / HC on the CPU, one pass over the tokens each.
+//
+// Built on first use by mhc_compile/ops/native.py (torch.utils.cpp_extension) and called
+// from the autograd Functions of mhc_compile/ops/cpu.py, which keep the matrix products
+// (torch.mm, so that selective checkpointing can keep them) and call these for everything
+// that is per token: the coefficient activations, Sinkhorn-Knopp and its backward, the
+// aggregate and the stream mix. Same math and the same float32 (float64 for float64
+// streams) accumulation as the whole-tensor ops of cpu.py; the formulas are those of
+// docs/design.md section 4.
+//
+// Shapes (M tokens, n streams, C channels, K = n^2 + 2n projection columns):
+//   x [M, n, C] stream dtype; proj, d [M, K], rstd [M], h_pre, h_post [M, n], h_res [M, n, n] in the
+//   accumulation dtype (float32, or float64 for float64 streams).
+// Every tensor argument is contiguous (the Python side makes it so).
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxStreams = 16;  // per-token scratch lives on the stack
+constexpr int64_t kMaxColumns = kMaxStreams * kMaxStreams + 2 * kMaxStreams;
+constexpr int64_t kTile = 16;  // tokens whose coefficient math runs side by side in vector lanes
+
+int64_t tiles_of(int64_t tokens) { return (tokens + kTile - 1) / kTile; }
+
+int64_t grain_for(int64_t work_per_token) {  // tokens per parallel chunk: about 16k elements each
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_token));
+}
+
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t dot(const a_t* a, const b_t* b, int64_t len) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < len; ++c) sum += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  return sum;
+}
+
+template <typename acc_t, typename a_t>
+inline void axpy(acc_t* out, acc_t scale, const a_t* a, int64_t len) {  // out += scale * a
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) out[c] += scale * static_cast<acc_t>(a[c]);
+}
+
+template <typename acc_t, typename out_t>
+inline void store(out_t* out, const acc_t* row, int64_t len) {
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) out[c] = static_cast<out_t>(row[c]);
+}
+
+// exp for the coefficient math: float takes a polynomial that the compiler vectorises
+// (Cephes' expf: within 2 ulp; arguments below -87.3, whose exp is below float's
+// smallest normal, give 0, and those above 88 are clamped there: the sigmoid and the
+// Sinkhorn shift never need more); double takes std::exp.
+inline float coef_exp(float x) {
+  const bool underflow = x < -87.3365f;
+  x = std::min(std::max(x, -87.3365f), 88.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = x * 1.44269504088896341f + shifter;
+  const float k = shifted - shifter;  // round(x / ln 2)
+  int32_t k_bits;
+  std::memcpy(&k_bits, &shifted, sizeof(k_bits));
+  const int32_t scale_bits = (k_bits - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const float r = x - k * 0.693359375f - k * -2.12194440e-4f;  // x - k ln 2, in two parts
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  return underflow ? 0.0f : y * scale;
+}
+inline double coef_exp(double x) { return std::exp(x); }
+
+// Sinkhorn-Knopp on a tile of kTile tokens, in place: p [n * n][kTile] holds the logits
+// (row i, column k of token t at p[i * n + k][t]) and becomes the doubly stochastic matrices:
+// exp(l - rowmax), then `iters` row and column normalisations, whose sums (the column sums
+// clamped to `tiny`) go to sums[(2 * it) * n + i][t] and sums[(2 * it + 1) * n + k][t].
+template <typename acc_t>
+void sinkhorn_tile(acc_t (*p)[kTile], acc_t (*sums)[kTile], int64_t n, int64_t iters, acc_t tiny) {
+  acc_t total[kTile], inverse[kTile];
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(p[i * n], p[i * n] + kTile, total);  // the row maximum
+    for (int64_t k = 1; k < n; ++k)
+#pragma omp simd
+      for (int64_t t = 0; t < kTile; ++t) total[t] = std::max(total[t], p[i * n + k][t]);
+    for (int64_t k = 0; k < n; ++k)
+#pragma omp simd
+      for (int64_t t = 0; t < kTile; ++t) p[i * n + k][t] = coef_exp(p[i * n + k][t] - total[t]);
+  }
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy(p[i * n], p[i * n] + kTile, total);
+      for (int64_t k = 1; k < n; ++k)
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t) total[t] += p[i * n + k][t];
+#pragma omp simd
+      for (int64_t t = 0; t < kTile; ++t) {
+        sums[(2 * it) * n + i][t] = total[t];
+        inverse[t] = acc_t(1) / total[t];
+      }
+      for (int64_t k = 0; k < n; ++k)
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t) p[i * n + k][t] *= inverse[t];
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      std::copy(p[k], p[k] + kTile, total);
+      for (int64_t i = 1; i < n; ++i)
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t) total[t] += p[i * n + k][t];
+#pragma omp simd
+      for (int64_t t = 0; t < kTile; ++t) {
+        total[t] = std::max(total[t], tiny);
+        sums[(2 * it + 1) * n + k][t] = total[t];
+        inverse[t] = acc_t(1) / total[t];
+      }
+      for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t) p[i * n + k][t] *= inverse[t];
+    }
+  }
+}
+
+// The logits' gradient from p's, on a tile: g [n * n][kTile] (in place), p the final
+// matrices (overwritten: walked back to the first normalisation's input), sums as
+// sinkhorn_tile wrote them. For p' = p / s along an axis, g = g' - p' * sum(g') along it,
+// and p = p' * s; g starts as dL/dp * p (d exp(l) / dl = exp(l); the row shift's term is 0).
+template <typename acc_t>
+void sinkhorn_backward_tile(acc_t (*g)[kTile], acc_t (*p)[kTile], const acc_t (*sums)[kTile], int64_t n,
+                            int64_t iters) {
+  acc_t total[kTile];
+  for (int64_t q = 0; q < n * n; ++q)
+#pragma omp simd
+    for (int64_t t = 0; t < kTile; ++t) g[q][t] *= p[q][t];
+  for (int64_t step = 2 * iters - 1; step >= 0; --step) {
+    const bool columns = step % 2;
+    for (int64_t a = 0; a < n; ++a) {  // a column k (columns) or a row i
+      const int64_t first = columns ? a : a * n, stride = columns ? n : 1;
+      std::copy(g[first], g[first] + kTile, total);
+      for (int64_t b = 1; b < n; ++b)
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t) total[t] += g[first + b * stride][t];
+      for (int64_t b = 0; b < n; ++b) {
+        acc_t* gq = g[first + b * stride];
+        acc_t* pq = p[first + b * stride];
+        const acc_t* s = sums[step * n + a];
+#pragma omp simd
+        for (int64_t t = 0; t < kTile; ++t) {
+          gq[t] -= pq[t] * total[t];
+          pq[t] *= s[t];
+        }
+      }
+    }
+  }
+}
+
+// out = through_proj + x * scale (+ h * g_u where given), one stream row of C channels.
+template <typename scalar_t, typename acc_t>
+inline void stream_gradient_row(scalar_t* out, const acc_t* through_proj, const scalar_t* x, acc_t scale, acc_t h,
+                                const scalar_t* g_u, int64_t C) {
+  if (g_u) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      out[c] = static_cast<scalar_t>(through_proj[c] + static_cast<acc_t>(x[c]) * scale + h * static_cast<acc_t>(g_u[c]));
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(through_proj[c] + static_cast<acc_t>(x[c]) * scale);
+  }
+}
+
+// f(scalar_t{}) for the stream dtype (float, double, bfloat16, half). A lambda, unlike the
+// body of AT_DISPATCH_*, is no macro argument, so the loops inside can carry pragmas.
+template <typename F>
+void dispatch_streams(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "mhc_cpu: unsupported stream dtype ", type);
+  }
+}
+
+at::ScalarType accumulation_type(at::ScalarType stream) {
+  return stream == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_streams(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu(),
+              "mhc_cpu: streams must be a contiguous CPU tensor [M, n, C]");
+  TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= kMaxStreams, "mhc_cpu: n must be 1 to ", kMaxStreams);
+}
+
+// ------------------------------------------------------------------------------ pre side
+
+// x [M, n, C], proj = v @ phi [M, K] (v = x as [M, nC] in the accumulation dtype), bias and
+// gate [K] -> u [M, C] (x's dtype), rstd [M], d = proj * rstd [M, K], act [M, K] (sigmoid of
+// the pre/post columns for mHC, whose res columns are unused; tanh of every column for HC),
+// h_pre, h_post [M, n], h_res [M, n, n] and (mHC) the Sinkhorn sums, by tiles of kTile tokens
+// ([tiles, 2 * iters * n, kTile]: only pre_backward reads them).
+std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& proj, const at::Tensor& bias,
+                                    const at::Tensor& gate, bool sinkhorn, int64_t iters, double eps,
+                                    double tiny) {
+  check_streams(x);
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n;
+  const auto acc_type = accumulation_type(x.scalar_type());
+  TORCH_CHECK(proj.scalar_type() == acc_type && proj.is_contiguous() && proj.size(0) == M && proj.size(1) == K,
+              "mhc_cpu.pre_forward: proj must be [M, n^2 + 2n] in the accumulation dtype");
+  auto acc_opts = proj.options();
+  auto u = at::empty({M, C}, x.options());
+  auto rstd = at::empty({M}, acc_opts);
+  auto d = at::empty({M, K}, acc_opts);
+  auto act = at::empty({M, K}, acc_opts);
+  auto h_pre = at::empty({M, n}, acc_opts);
+  auto h_post = at::empty({M, n}, acc_opts);
+  auto h_res = at::empty({M, n, n}, acc_opts);
+  const int64_t steps = sinkhorn ? 2 * iters : 0;
+  auto sums = at::empty({tiles_of(M), steps * n, kTile}, acc_opts);
+  dispatch_streams(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    using lanes_t = acc_t[kTile];
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    const acc_t *ps = proj.data_ptr<acc_t>(), *bs = bias.data_ptr<acc_t>(), *gs = gate.data_ptr<acc_t>();
+    scalar_t* us = u.data_ptr<scalar_t>();
+    acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
+    acc_t *pre = h_pre.data_ptr<acc_t>(), *post = h_post.data_ptr<acc_t>(), *res = h_res.data_ptr<acc_t>();
+    acc_t* ss = sums.data_ptr<acc_t>();
+    at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * n * C) / kTile), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(C);
+      lanes_t z[kMaxColumns];  // the tile's logits (bias + d * gate), then its activations, column-major
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
+        for (int64_t t = 0; t < kTile; ++t) {
+          const int64_t m = m0 + t;
+          if (t >= count) {  // lanes past the last token: any finite logits
+            for (int64_t q = 0; q < K; ++q) z[q][t] = 0;
+            continue;
+          }
+          const scalar_t* xm = xs + m * n * C;
+          const acc_t r = acc_t(1) / std::sqrt(dot<acc_t>(xm, xm, n * C) / acc_t(n * C) + acc_t(eps));
+          rs[m] = r;
+          for (int64_t q = 0; q < K; ++q) {
+            const acc_t dq = ps[m * K + q] * r;
+            ds[m * K + q] = dq;
+            z[q][t] = bs[q] + dq * gs[q];
+          }
+        }
+        if (sinkhorn) {
+          for (int64_t j = 0; j < 2 * n; ++j)
+#pragma omp simd
+            for (int64_t t = 0; t < kTile; ++t) z[j][t] = acc_t(1) / (acc_t(1) + coef_exp(-z[j][t]));
+          sinkhorn_tile(z + 2 * n, reinterpret_cast<lanes_t*>(ss + tile * steps * n * kTile), n, iters, acc_t(tiny));
+        } else {
+          for (int64_t q = 0; q < K; ++q)
+            for (int64_t t = 0; t < count; ++t) z[q][t] = std::tanh(ds[(m0 + t) * K + q]);
+        }
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t m = m0 + t;
+          for (int64_t q = 0; q < K; ++q) as[m * K + q] = sinkhorn && q >= 2 * n ? acc_t(0) : z[q][t];
+          for (int64_t j = 0; j < n; ++j) {
+            if (sinkhorn) {
+              pre[m * n + j] = z[j][t];
+              post[m * n + j] = z[n + j][t] * acc_t(2);
+            } else {
+              pre[m * n + j] = bs[j] + z[j][t] * gs[j];
+              post[m * n + j] = bs[n + j] + z[n + j][t] * gs[n + j];
+            }
+          }
+          for (int64_t q = 2 * n; q < K; ++q)
+            res[m * n * n + q - 2 * n] = sinkhorn ? z[q][t] : bs[q] + z[q][t] * gs[q];
+          const scalar_t* xm = xs + m * n * C;
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t j = 0; j < n; ++j) axpy(row.data(), pre[m * n + j], xm + j * C, C);
+          store(us + m * C, row.data(), C);
+        }
+      }
+    });
+  });
+  return {u, rstd, d, act, h_pre, h_post, h_res, sums};
+}
+
+// The coefficients' backward, by tiles of tokens: from the gradients of u [M, C] (x's dtype),
+// of h_post [M, n] and of h_res [M, n, n] (each may be undefined) to g_proj = dL/d(v @ phi)
+// [M, K], the per-token factor of the rstd term [M], and the gradients of bias [K] and of
+// alpha [3] (summed over the tokens).
+std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& d,
+                                     const at::Tensor& act, const at::Tensor& gate, const at::Tensor& h_res,
+                                     const at::Tensor& sums, const c10::optional<at::Tensor>& g_u,
+                                     const c10::optional<at::Tensor>& g_post, const c10::optional<at::Tensor>& g_res,
+                                     bool sinkhorn, int64_t iters) {
+  check_streams(x);
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n;
+  const bool has_u = g_u.has_value() && g_u->defined();
+  const bool has_post = g_post.has_value() && g_post->defined();
+  const bool has_res = g_res.has_value() && g_res->defined();
+  auto acc_opts = d.options();
+  auto g_proj = at::empty({M, K}, acc_opts);
+  auto per_token = at::empty({M}, acc_opts);
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({threads, 2, K}, acc_opts);  // per thread: bias and alpha column sums
+  const int64_t steps = sinkhorn ? 2 * iters : 0;
+  dispatch_streams(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    using lanes_t = acc_t[kTile];
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    const scalar_t* gus = has_u ? g_u->data_ptr<scalar_t>() : nullptr;
+    const acc_t* gps = has_post ? g_post->data_ptr<acc_t>() : nullptr;
+    const acc_t* grs = has_res ? g_res->data_ptr<acc_t>() : nullptr;
+    const acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
+    const acc_t *gs = gate.data_ptr<acc_t>(), *hs = h_res.data_ptr<acc_t>(), *ss = sums.data_ptr<acc_t>();
+    acc_t *out = g_proj.data_ptr<acc_t>(), *pt = per_token.data_ptr<acc_t>(), *parts = partial.data_ptr<acc_t>();
+    at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(n * C + 4 * n * n * iters) / kTile),
+                     [&](int64_t begin, int64_t end) {
+      acc_t* bias_sums = parts + at::get_thread_num() * 2 * K;
+      acc_t* alpha_sums = bias_sums + K;
+      lanes_t cols[kMaxColumns];  // the tile's column gradients
+      lanes_t p[kMaxStreams * kMaxStreams];
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
+        for (int64_t t = 0; t < kTile; ++t) {
+          const int64_t m = m0 + t;
+          if (t >= count) {
+            for (int64_t q = 0; q < K; ++q) cols[q][t] = 0;
+            for (int64_t q = 0; q < n * n; ++q) p[q][t] = 0;
+            continue;
+          }
+          const scalar_t* xm = xs + m * n * C;
+          const acc_t* am = as + m * K;
+          for (int64_t j = 0; j < n; ++j) cols[j][t] = has_u ? dot<acc_t>(xm + j * C, gus + m * C, C) : acc_t(0);
+          for (int64_t i = 0; i < n; ++i) cols[n + i][t] = has_post ? gps[m * n + i] : acc_t(0);
+          for (int64_t q = 2 * n; q < K; ++q) cols[q][t] = has_res ? grs[m * n * n + q - 2 * n] : acc_t(0);
+          if (sinkhorn) {
+            for (int64_t i = 0; i < n; ++i) cols[n + i][t] *= acc_t(2);
+            for (int64_t j = 0; j < 2 * n; ++j) cols[j][t] *= am[j] * (acc_t(1) - am[j]);
+            for (int64_t q = 0; q < n * n; ++q) p[q][t] = hs[m * n * n + q];
+          }
+        }
+        if (sinkhorn && has_res)
+          sinkhorn_backward_tile(cols + 2 * n, p, reinterpret_cast<const lanes_t*>(ss + tile * steps * n * kTile), n,
+                                 iters);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t m = m0 + t;
+          const acc_t* dm = ds + m * K;
+          const acc_t* am = as + m * K;
+          const acc_t* alpha_factor = sinkhorn ? dm : am;  // d(h)/d(alpha) per column: d, or tanh(d)
+          const acc_t r = rs[m];
+          acc_t along_d = 0;
+          for (int64_t q = 0; q < K; ++q) {
+            const acc_t gq = cols[q][t];
+            bias_sums[q] += gq;
+            alpha_sums[q] += gq * alpha_factor[q];
+            acc_t g_d = gq * gs[q];
+            if (!sinkhorn) g_d *= acc_t(1) - am[q] * am[q];
+            along_d += g_d * dm[q];
+            out[m * K + q] = g_d * r;
+          }
+          pt[m] = along_d * r * r / -acc_t(n * C);
+        }
+      }
+    });
+  });
+  auto column_sums = partial.sum(0);  // [2, K]
+  auto g_bias = column_sums[0];
+  auto by_column = column_sums[1];
+  auto g_alpha = at::stack({by_column.slice(0, 0, n).sum(), by_column.slice(0, n, 2 * n).sum(),
+                            by_column.slice(0, 2 * n, K).sum()});
+  return {g_proj, per_token, g_bias, g_alpha};
+}
+
+// dL/dX = through_proj + X * per_token (the rstd term) + h_pre (x) g_u (the aggregate), in
+// x's dtype: through_proj = g_proj @ phi^T [M, nC] (accumulation dtype), g_u may be undefined.
+at::Tensor pre_backward_streams(const at::Tensor& x, const at::Tensor& through_proj, const at::Tensor& per_token,
+                                const at::Tensor& h_pre, const c10::optional<at::Tensor>& g_u) {
+  check_streams(x);
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
+  const bool has_u = g_u.has_value() && g_u->defined();
+  auto g_x = at::empty_like(x);
+  dispatch_streams(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    const scalar_t* gus = has_u ? g_u->data_ptr<scalar_t>() : nullptr;
+    const acc_t *tp = through_proj.data_ptr<acc_t>(), *pt = per_token.data_ptr<acc_t>(), *hp = h_pre.data_ptr<acc_t>();
+    scalar_t* out = g_x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, grain_for(n * C), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t base = (m * n + j) * C;
+          const acc_t scale = pt[m], h = hp[m * n + j];
+          stream_gradient_row(out + base, tp + base, xs + base, scale, h, has_u ? gus + m * C : nullptr, C);
+        }
+      }
+    });
+  });
+  return g_x;
+}
+
+// ----------------------------------------------------------------------------- post side
+
+// X_next = H_res @ X + H_post (x) y: x [M, n, C], y [M, C] (x's dtype), h_post [M, n],
+// h_res [M, n, n] (accumulation dtype) -> [M, n, C] (x's dtype).
+at::Tensor post_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post, const at::Tensor& h_res) {
+  check_streams(x);
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
+  auto out = at::empty_like(x);
+  dispatch_streams(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *xs = x.data_ptr<scalar_t>(), *ys = y.data_ptr<scalar_t>();
+    const acc_t *hp = h_post.data_ptr<acc_t>(), *hr = h_res.data_ptr<acc_t>();
+    scalar_t* os = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, grain_for(n * n * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(C);
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* xm = xs + m * n * C;
+        for (int64_t i = 0; i < n; ++i) {
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t j = 0; j < n; ++j) axpy(row.data(), hr[(m * n + i) * n + j], xm + j * C, C);
+          axpy(row.data(), hp[m * n + i], ys + m * C, C);
+          store(os + (m * n + i) * C, row.data(), C);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// The post side's backward from g = dL/dX_next [M, n, C] (x's dtype): dL/dX [M, n, C] and
+// dL/dy [M, C] (x's dtype), dL/dH_post [M, n] and dL/dH_res [M, n, n] (accumulation dtype);
+// a gradient that is not needed comes back undefined.
+std::vector<c10::optional<at::Tensor>> post_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& y,
+                                      const at::Tensor& h_post, const at::Tensor& h_res, bool need_x, bool need_y,
+                                      bool need_post, bool need_res) {
+  check_streams(x);
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
+  at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor g_y = need_y ? at::empty_like(y) : at::Tensor();
+  at::Tensor g_post = need_post ? at::empty_like(h_post) : at::Tensor();
+  at::Tensor g_res = need_res ? at::empty_like(h_res) : at::Tensor();
+  dispatch_streams(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *gs = g.data_ptr<scalar_t>(), *xs = x.data_ptr<scalar_t>(), *ys = y.data_ptr<scalar_t>();
+    const acc_t *hp = h_post.data_ptr<acc_t>(), *hr = h_res.data_ptr<acc_t>();
+    scalar_t* gx = need_x ? g_x.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gy = need_y ? g_y.data_ptr<scalar_t>() : nullptr;
+    acc_t* gp = need_post ? g_post.data_ptr<acc_t>() : nullptr;
+    acc_t* gr = need_res ? g_res.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, M, grain_for(3 * n * n * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(C);
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* gm = gs + m * n * C;
+        const scalar_t* xm = xs + m * n * C;
+        if (need_x) {
+          for (int64_t j = 0; j < n; ++j) {  // dL/dX[j] = sum_i H_res[i, j] g[i]
+            std::fill(row.begin(), row.end(), acc_t(0));
+            for (int64_t i = 0; i < n; ++i) axpy(row.data(), hr[(m * n + i) * n + j], gm + i * C, C);
+            store(gx + (m * n + j) * C, row.data(), C);
+          }
+        }
+        if (need_y) {  // dL/dy = sum_i H_post[i] g[i]
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t i = 0; i < n; ++i) axpy(row.data(), hp[m * n + i], gm + i * C, C);
+          store(gy + m * C, row.data(), C);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          if (need_post) gp[m * n + i] = dot<acc_t>(gm + i * C, ys + m * C, C);
+          if (need_res)
+            for (int64_t j = 0; j < n; ++j) gr[(m * n + i) * n + j] = dot<acc_t>(gm + i * C, xm + j * C, C);
+        }
+      }
+    });
+  });
+  auto maybe = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  return {maybe(g_x), maybe(g_y), maybe(g_post), maybe(g_res)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mhc_cpu, m) {
+  m.def("pre_forward(Tensor x, Tensor proj, Tensor bias, Tensor gate, bool sinkhorn, int iters, float eps, "
+        "float tiny) -> Tensor[]");
+  m.def("pre_backward(Tensor x, Tensor rstd, Tensor d, Tensor act, Tensor gate, Tensor h_res, Tensor sums, "
+        "Tensor? g_u, Tensor? g_post, Tensor? g_res, bool sinkhorn, int iters) -> Tensor[]");
+  m.def("pre_backward_streams(Tensor x, Tensor through_proj, Tensor per_token, Tensor h_pre, Tensor? g_u) -> Tensor");
+  m.def("post_forward(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor");
+  m.def("post_backward(Tensor g, Tensor x, Tensor y, Tensor h_post, Tensor h_res, bool need_x, bool need_y, "
+        "bool need_post, bool need_res) -> Tensor?[]");
+}
+
+TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
+  m.impl("pre_forward", &pre_forward);
+  m.impl("pre_backward", &pre_backward);
+  m.impl("pre_backward_streams", &pre_backward_streams);
+  m.impl("post_forward", &post_forward);
+  m.impl("post_backward", &post_backward);
+}
