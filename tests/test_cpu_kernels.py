@@ -48,11 +48,14 @@ def test_the_kernels_build_on_this_machine():
     assert not native.usable(x.to("meta")) and not native.usable(x.int())
 
 
-def _connection(ops, x, y, h_post, h_res, phi, bias, alpha, mode, grads_of):
-    """post then pre on random upstream gradients: outputs and the gradients of ``grads_of``."""
-    x_next = ops.mhc_post(x, y, h_post, h_res)
-    u, h_post2, h_res2 = ops.mhc_pre(x_next, phi, bias, alpha, mode=mode)
-    outs = (x_next, u, h_post2, h_res2)
+def _connection(ops, x, y, h_post, h_res, phi, bias, alpha, mode, grads_of, fused=False):
+    """post then pre (two ops, or ``mhc_post_pre``) on random upstream gradients: outputs and
+    the gradients of ``grads_of``."""
+    if fused:
+        outs = ops.mhc_post_pre(x, y, h_post, h_res, phi, bias, alpha, mode=mode)
+    else:
+        x_next = ops.mhc_post(x, y, h_post, h_res)
+        outs = (x_next, *ops.mhc_pre(x_next, phi, bias, alpha, mode=mode))
     gen = torch.Generator().manual_seed(7)
     loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outs)
     return outs, torch.autograd.grad(loss, grads_of)
@@ -61,7 +64,8 @@ def _connection(ops, x, y, h_post, h_res, phi, bias, alpha, mode, grads_of):
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("m,n,c", [(37, 4, 24), (16, 1, 8), (5, 6, 40), (1, 4, 64)])
-def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype, m, n, c, whole_tensor_ops):
+@pytest.mark.parametrize("fused", [False, True], ids=["post,pre", "post_pre"])
+def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype, m, n, c, fused, whole_tensor_ops):
     torch.manual_seed(0)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     phi, bias, alpha = (t.to(acc).requires_grad_() for t in _params(n, c))
@@ -70,7 +74,7 @@ def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype
     h_post = (torch.rand(m, n, dtype=acc) * 2).requires_grad_()
     h_res = torch.rand(m, n, n, dtype=acc).softmax(-1).requires_grad_()
     leaves = (x, y, h_post, h_res, phi, bias, alpha)
-    args = (x, y, h_post, h_res, phi, bias, alpha, mode, leaves)
+    args = (x, y, h_post, h_res, phi, bias, alpha, mode, leaves, fused)
 
     compiled = _connection(cpu, *args)
     whole_tensor_ops()
@@ -98,6 +102,19 @@ def test_compiled_sides_gradcheck(mode):
     assert torch.autograd.gradcheck(pre, (x, phi, bias, alpha))
     _, h_post, h_res = (t.detach().requires_grad_() for t in pre(x, phi, bias, alpha))
     assert torch.autograd.gradcheck(cpu.mhc_post, (x, y, h_post, h_res))
+
+
+def test_fused_side_gradcheck():
+    """The fused post + pre node's backward (X_next's own gradient added in the pre side's
+    pass) against finite differences."""
+    m, n, c = 19, 3, 4
+    phi, bias, alpha = (t.double().requires_grad_() for t in _params(n, c))
+    x = torch.randn(m, n, c, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(m, c, dtype=torch.float64, requires_grad=True)
+    h_post = torch.rand(m, n, dtype=torch.float64, requires_grad=True)
+    h_res = torch.rand(m, n, n, dtype=torch.float64, requires_grad=True)
+    fn = lambda *a: cpu.mhc_post_pre(*a, sinkhorn_iters=5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, y, h_post, h_res, phi, bias, alpha))
 
 
 def test_some_outputs_without_gradients(whole_tensor_ops):
@@ -157,7 +174,12 @@ def test_a_converted_model_trains_the_same_with_and_without_the_compiled_kernels
             losses.append(loss.item())
         return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    losses, params = train()
+    calls = []
+    real_ops = native.ops
+    with pytest.MonkeyPatch.context() as patch:  # count the compiled calls: the model runs them
+        patch.setattr(native, "ops", lambda: calls.append(1) or real_ops())
+        losses, params = train()
+    assert len(calls) > 0
     whole_tensor_ops()
     losses_whole, params_whole = train()
     assert losses == pytest.approx(losses_whole, rel=1e-5)

@@ -19,6 +19,11 @@ Coefficients are computed in float32 whatever the stream dtype (float64 for floa
 streams), with autocast off (the Triton kernels do the same). Results agree with the
 reference within float32 rounding (``tests/test_reference.py``). These functions are once
 differentiable.
+
+Where the compiled CPU kernels are built (:mod:`.native`) and the call is eager, the public
+functions here hand over to :mod:`.cpu_compiled`: the same math with each side's per-token
+work in one compiled pass, and the post + pre pair one autograd node. Under tracing
+(``torch.compile``, fake or meta tensors) the whole-tensor formulation below runs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ _TINY = reference._TINY
 
 
 AUTOCAST_DEVICES = ("cuda", "cpu", "xpu")  # the device types with an autocast state
+MODES = ("mhc", "hc")
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -163,10 +169,6 @@ class _PreSide(torch.autograd.Function):
                 mode: str, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         m, n, c = x.shape
         acc = _accumulation_dtype(x)
-        ctx.mode, ctx.n, ctx.iters = mode, n, iters
-        ctx.native = mode in ("mhc", "hc") and native.usable(x)
-        if ctx.native:
-            return _PreSide.native_forward(ctx, x, phi, bias, alpha, iters, eps)
         with _autocast_off(x.device):
             xf = x.to(acc)
             v = xf.reshape(m, n * c)
@@ -194,30 +196,13 @@ class _PreSide(torch.autograd.Function):
                 raise ValueError(f"mhc_pre: unknown mode {mode!r}; use 'mhc' or 'hc'")
             u = _aggregate(xf, h_pre)
             ctx.h_pre = h_pre  # a view of the saved s (mhc) or of the coefficients h (hc)
+        ctx.mode, ctx.n = mode, n
         return u.to(x.dtype), h_post, h_res
-
-    @staticmethod
-    def native_forward(ctx, x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, iters: int,
-                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """The forward with the per-token work in one compiled pass (:mod:`.native`); the
-        projection stays a ``torch.mm`` (what ``recompute="mhc"`` keeps)."""
-        m, n, c = x.shape
-        acc = _accumulation_dtype(x)
-        with _autocast_off(x.device):
-            x = x.contiguous()
-            proj = torch.mm(x.to(acc).view(m, n * c), phi.to(acc))  # [M, K]
-            gate = _gate_per_column(alpha.to(acc), n).contiguous()
-            u, rstd, d, act, h_pre, h_post, h_res, sums = native.ops().pre_forward(
-                x, proj, bias.to(acc).contiguous(), gate, ctx.mode == "mhc", iters, eps, _TINY)
-        ctx.save_for_backward(x, phi, rstd, d, gate, act, h_pre, h_res, sums)
-        return u, h_post, h_res
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_u: Optional[Tensor], g_post: Optional[Tensor],  # type: ignore[override]
                  g_res: Optional[Tensor]):
-        if ctx.native:
-            return _PreSide.native_backward(ctx, g_u, g_post, g_res)
         x, phi, rstd, d, gate, *rest = ctx.saved_tensors
         n, h_pre = ctx.n, ctx.h_pre
         m, _, c = x.shape
@@ -261,25 +246,6 @@ class _PreSide(torch.autograd.Function):
             g_v = g_v.to(x.dtype)
         return g_v, g_phi, g_bias, g_alpha, None, None, None
 
-    @staticmethod
-    def native_backward(ctx, g_u: Optional[Tensor], g_post: Optional[Tensor], g_res: Optional[Tensor]):
-        """The backward of :meth:`native_forward`: two compiled passes around the two products."""
-        x, phi, rstd, d, gate, act, h_pre, h_res, sums = ctx.saved_tensors
-        m, n, c = x.shape
-        acc = d.dtype
-        contiguous = lambda g, dtype: None if g is None else g.to(dtype).contiguous()  # noqa: E731
-        g_u = contiguous(g_u, x.dtype)
-        g_proj, per_token, g_bias, g_alpha = native.ops().pre_backward(
-            x, rstd, d, act, gate, h_res, sums, g_u, contiguous(g_post, acc), contiguous(g_res, acc),
-            ctx.mode == "mhc", ctx.iters)
-        v = x.to(acc).view(m, n * c)
-        g_phi = torch.mm(v.t(), g_proj).to(phi.dtype) if ctx.needs_input_grad[1] else None
-        g_x = None
-        if ctx.needs_input_grad[0]:
-            through_proj = torch.mm(g_proj, phi.to(acc).t())  # [M, nC]
-            g_x = native.ops().pre_backward_streams(x, through_proj, per_token, h_pre, g_u)
-        return g_x, g_phi, g_bias, g_alpha, None, None, None
-
 
 def mhc_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
     """``u = H_pre @ X``: ``[M, n, C], [M, n] -> [M, C]`` in ``x.dtype`` (what the pre side computes)."""
@@ -290,6 +256,8 @@ def mhc_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
 def mhc_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, mode: str = "mhc",
             sinkhorn_iters: int = 20, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`mhc_compile.ops.reference.mhc_pre`."""
+    if mode in MODES and native.usable(x):
+        return cpu_compiled.mhc_pre(x, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps)
     return _PreSide.apply(x, phi, bias, alpha, mode, sinkhorn_iters, eps)
 
 
@@ -302,15 +270,10 @@ class _PostSide(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:  # type: ignore[override]
         acc = _accumulation_dtype(x)
-        ctx.native = native.usable(x)
         with _autocast_off(x.device):
+            xf, yf = x.to(acc), y.to(acc)
             h_post, h_res = h_post.to(acc), h_res.to(acc)
-            if ctx.native:  # one compiled pass, in x's dtype where y has it too (else in acc)
-                work = x.dtype if y.dtype == x.dtype else acc
-                h_post, h_res = h_post.contiguous(), h_res.contiguous()
-                out = native.ops().post_forward(x.to(work).contiguous(), y.to(work).contiguous(), h_post, h_res)
-            else:
-                out = torch.baddbmm(h_post.unsqueeze(-1) * y.to(acc).unsqueeze(1), h_res, x.to(acc))
+            out = torch.baddbmm(h_post.unsqueeze(-1) * yf.unsqueeze(1), h_res, xf)
         ctx.save_for_backward(x, y, h_post, h_res)
         return out.to(x.dtype)
 
@@ -318,15 +281,8 @@ class _PostSide(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, y, h_post, h_res = ctx.saved_tensors
-        need_x, need_y, need_post, need_res = ctx.needs_input_grad
-        if ctx.native:
-            work = x.dtype if y.dtype == x.dtype else h_res.dtype
-            g_x, g_y, g_post, g_res = native.ops().post_backward(
-                grad.to(work).contiguous(), x.to(work).contiguous(), y.to(work).contiguous(), h_post, h_res,
-                need_x, need_y, need_post, need_res)
-            return (None if g_x is None else g_x.to(x.dtype), None if g_y is None else g_y.to(y.dtype),
-                    g_post, g_res)
         g = grad.to(h_res.dtype)
+        need_x, need_y, need_post, need_res = ctx.needs_input_grad
         g_x = torch.bmm(h_res.transpose(1, 2), g).to(x.dtype) if need_x else None
         g_y = _aggregate(g, h_post).to(y.dtype) if need_y else None
         g_post = torch.bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1) if need_post else None
@@ -336,6 +292,8 @@ class _PostSide(torch.autograd.Function):
 
 def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """Same contract as :func:`mhc_compile.ops.reference.mhc_post`."""
+    if native.usable(x):
+        return cpu_compiled.mhc_post(x, y, h_post, h_res)
     return _PostSide.apply(x, y, h_post, h_res)
 
 
@@ -344,10 +302,15 @@ def mhc_post_pre(
     *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as :func:`mhc_compile.ops.reference.mhc_post_pre`."""
+    if mode in MODES and native.usable(x):
+        return cpu_compiled.mhc_post_pre(x, y, h_post, h_res, phi, bias, alpha, mode=mode,
+                                         sinkhorn_iters=sinkhorn_iters, eps=eps)
     x_next = mhc_post(x, y, h_post, h_res)
     u, h_post2, h_res2 = mhc_pre(x_next, phi, bias, alpha, mode=mode,
                                  sinkhorn_iters=sinkhorn_iters, eps=eps)
     return x_next, u, h_post2, h_res2
 
+
+from . import cpu_compiled  # noqa: E402 (it builds on the helpers above)
 
 __all__ = ["sinkhorn_knopp", "mhc_aggregate", "mhc_pre", "mhc_post", "mhc_post_pre"]

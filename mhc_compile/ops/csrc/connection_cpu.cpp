@@ -164,17 +164,25 @@ void sinkhorn_backward_tile(acc_t (*g)[kTile], acc_t (*p)[kTile], const acc_t (*
   }
 }
 
-// out = through_proj + x * scale (+ h * g_u where given), one stream row of C channels.
+// out = through_proj + x * scale (+ h * g_u) (+ more), one stream row of C channels; g_u and
+// more may be null.
 template <typename scalar_t, typename acc_t>
 inline void stream_gradient_row(scalar_t* out, const acc_t* through_proj, const scalar_t* x, acc_t scale, acc_t h,
-                                const scalar_t* g_u, int64_t C) {
-  if (g_u) {
+                                const scalar_t* g_u, const scalar_t* more, int64_t C) {
+  auto base = [&](int64_t c) { return through_proj[c] + static_cast<acc_t>(x[c]) * scale; };
+  if (g_u && more) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c)
-      out[c] = static_cast<scalar_t>(through_proj[c] + static_cast<acc_t>(x[c]) * scale + h * static_cast<acc_t>(g_u[c]));
+      out[c] = static_cast<scalar_t>(base(c) + h * static_cast<acc_t>(g_u[c]) + static_cast<acc_t>(more[c]));
+  } else if (g_u) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(base(c) + h * static_cast<acc_t>(g_u[c]));
+  } else if (more) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(base(c) + static_cast<acc_t>(more[c]));
   } else {
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(through_proj[c] + static_cast<acc_t>(x[c]) * scale);
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(base(c));
   }
 }
 
@@ -379,27 +387,31 @@ std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd
   return {g_proj, per_token, g_bias, g_alpha};
 }
 
-// dL/dX = through_proj + X * per_token (the rstd term) + h_pre (x) g_u (the aggregate), in
-// x's dtype: through_proj = g_proj @ phi^T [M, nC] (accumulation dtype), g_u may be undefined.
+// dL/dX = through_proj + X * per_token (the rstd term) + h_pre (x) g_u (the aggregate) + more
+// (a gradient of X from elsewhere: the fused post + pre side's X_next output), in x's dtype:
+// through_proj = g_proj @ phi^T [M, nC] (accumulation dtype); g_u and more may be undefined.
 at::Tensor pre_backward_streams(const at::Tensor& x, const at::Tensor& through_proj, const at::Tensor& per_token,
-                                const at::Tensor& h_pre, const c10::optional<at::Tensor>& g_u) {
+                                const at::Tensor& h_pre, const c10::optional<at::Tensor>& g_u,
+                                const c10::optional<at::Tensor>& more) {
   check_streams(x);
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
   const bool has_u = g_u.has_value() && g_u->defined();
+  const bool has_more = more.has_value() && more->defined();
   auto g_x = at::empty_like(x);
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xs = x.data_ptr<scalar_t>();
     const scalar_t* gus = has_u ? g_u->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mores = has_more ? more->data_ptr<scalar_t>() : nullptr;
     const acc_t *tp = through_proj.data_ptr<acc_t>(), *pt = per_token.data_ptr<acc_t>(), *hp = h_pre.data_ptr<acc_t>();
     scalar_t* out = g_x.data_ptr<scalar_t>();
     at::parallel_for(0, M, grain_for(n * C), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         for (int64_t j = 0; j < n; ++j) {
           const int64_t base = (m * n + j) * C;
-          const acc_t scale = pt[m], h = hp[m * n + j];
-          stream_gradient_row(out + base, tp + base, xs + base, scale, h, has_u ? gus + m * C : nullptr, C);
+          stream_gradient_row(out + base, tp + base, xs + base, pt[m], hp[m * n + j], has_u ? gus + m * C : nullptr,
+                              has_more ? mores + base : nullptr, C);
         }
       }
     });
@@ -494,7 +506,8 @@ TORCH_LIBRARY(mhc_cpu, m) {
         "float tiny) -> Tensor[]");
   m.def("pre_backward(Tensor x, Tensor rstd, Tensor d, Tensor act, Tensor gate, Tensor h_res, Tensor sums, "
         "Tensor? g_u, Tensor? g_post, Tensor? g_res, bool sinkhorn, int iters) -> Tensor[]");
-  m.def("pre_backward_streams(Tensor x, Tensor through_proj, Tensor per_token, Tensor h_pre, Tensor? g_u) -> Tensor");
+  m.def("pre_backward_streams(Tensor x, Tensor through_proj, Tensor per_token, Tensor h_pre, Tensor? g_u, "
+        "Tensor? more) -> Tensor");
   m.def("post_forward(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor");
   m.def("post_backward(Tensor g, Tensor x, Tensor y, Tensor h_post, Tensor h_res, bool need_x, bool need_y, "
         "bool need_post, bool need_res) -> Tensor?[]");
