@@ -6,8 +6,7 @@ and without their compiled kernels (``ops/csrc``, ``MHC_CPU_KERNELS``), in one p
 The demo's byte-level GPT (``mhc_compile.demo.TinyGPT``: 8 blocks, width 64, batch 12 x 64
 tokens) and its AdamW step. Each configuration is built once; then ``--rounds`` rounds
 time ``--steps`` steps of every configuration in turn (after ``--warmup`` steps each), so
-that a slow spell of the machine falls on all of them; freed memory stays in the process, as
-in the demo (``demo.keep_freed_memory``). Reported: the median step and its
+that a slow spell of the machine falls on all of them. Reported: the median step and its
 split into forward, backward and optimiser step (medians), and the time inside the
 connection ops (``ops/cpu.py``, ``ops/cpu_compiled.py``; perf_counter around each call,
 forward and backward). ``--kernels``: each compiled kernel's time per call inside the mHC
@@ -29,7 +28,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 from mhc_compile.api import mhc_compile  # noqa: E402
-from mhc_compile.demo import TinyGPT, keep_freed_memory  # noqa: E402
+from mhc_compile.demo import TinyGPT  # noqa: E402
 from mhc_compile.ops import cpu, cpu_compiled, native  # noqa: E402
 
 CONFIGS = (  # name, mode, compiled CPU kernels
@@ -175,7 +174,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory()  # as the demo does: the configurations' order does not change their times
     if not native.available():
         print("the compiled CPU kernels are not built here: their rows are the whole-tensor ops", file=sys.stderr)
 
@@ -206,7 +204,7 @@ def main(argv=None) -> int:
     table = tabulate(rows, headers=headers, tablefmt="github")
     command = "python benchmarks/cpu_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Command: `{command.strip()}`\n\n"
-            f"torch {torch.__version__}, {args.threads} threads, freed memory kept (glibc mallopt): {kept}, CPU capability "
+            f"torch {torch.__version__}, {args.threads} threads, CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}; width {args.width}, depth {args.depth}, n = {args.n}, "
             f"batch {args.batch} x {args.seq_len} tokens; medians of {args.rounds} rounds x {args.steps} steps.\n\n"
             f"{table}\n")

@@ -221,29 +221,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="mhc-demo.png", help="where to write the plot")
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's allocator keep freed memory in the process (Linux; False elsewhere).
-
-    The demo trains three models one after another in one process. With glibc's default
-    thresholds the heap the first run leaves behind is handed back to the system and the
-    next runs' large tensors page-fault it in again, at every step: the later runs' CPU steps
-    then time page faults (up to 1.3x slower by run order alone). Keeping freed memory
-    (``mallopt``: no trimming, the largest allowed mmap threshold) makes each run's ms/step
-    independent of the order. The same advice holds for CPU training in general, where
-    jemalloc or tcmalloc are the usual cure.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):  # another C library (musl) or none
-        return False
-
-
 def _prepare_cpu_kernels() -> None:
     """Build (first run: about 20 s) or load the compiled CPU connection kernels, saying so."""
     from .ops import native
@@ -262,7 +239,6 @@ def run(args: argparse.Namespace) -> list[RunResult]:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.device == "cpu":
-        keep_freed_memory()
         _prepare_cpu_kernels()
     data = stdlib_corpus(args.corpus_bytes)
     split = int(0.9 * data.numel())
@@ -302,5 +278,4 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["TinyGPT", "stdlib_corpus", "sample_batch", "save_figure", "keep_freed_memory", "run", "main",
-           "add_arguments"]
+__all__ = ["TinyGPT", "stdlib_corpus", "sample_batch", "save_figure", "run", "main", "add_arguments"]
