@@ -10,6 +10,7 @@ float64 also against finite differences.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -227,3 +228,13 @@ def test_torch_compile_sees_the_whole_tensor_formulation():
     assert not any("mhc_cpu" in t for t in targets)
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-5
+
+
+def test_ninja_from_the_ninja_package_when_path_lacks_it(monkeypatch):
+    """In a virtual environment that is not activated, the ninja package's binary is not on PATH."""
+    import ninja
+
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    native._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import warnings
 from typing import Optional
 
@@ -54,12 +55,26 @@ def _capability() -> str:
         return "DEFAULT"
 
 
+def _put_ninja_on_path() -> None:
+    """PyTorch's builder runs ``ninja`` from PATH; the ``ninja`` package installs it next to the
+    interpreter's scripts, which are not on PATH in a virtual environment that is not activated."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
     """Build and load the extension once; None on success, else why it failed."""
     capability = _capability()
     try:
         from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
 
         cpp_extension.load(
             name=f"mhc_compile_connection_cpu_{capability.lower()}",
