@@ -9,6 +9,7 @@ float64 also against finite differences.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -202,6 +203,7 @@ def test_a_failed_build_warns_once_and_the_ops_still_compute(monkeypatch, tmp_pa
     monkeypatch.setattr(native, "SOURCE", str(tmp_path / "missing.cpp"))
     monkeypatch.setattr(native, "_load", native._load.__wrapped__)  # uncached: builds again
     monkeypatch.setattr(native, "_capability", lambda: "TEST_MISSING")
+    monkeypatch.setattr(native, "_WARNED", [])
     with pytest.warns(RuntimeWarning, match="could not be built.*MHC_CPU_KERNELS=0"):
         assert not native.available()
     phi, bias, alpha = _params(4, 8)
@@ -238,3 +240,108 @@ def test_ninja_from_the_ninja_package_when_path_lacks_it(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     native._put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_a_warnings_filter_that_raises_does_not_break_the_fallback(monkeypatch, tmp_path):
+    """Under ``-W error`` the failed build's warning raises once; later calls take the whole-tensor ops."""
+    monkeypatch.setattr(native, "SOURCE", str(tmp_path / "missing.cpp"))
+    monkeypatch.setattr(native, "_load", functools.lru_cache(maxsize=None)(native._load.__wrapped__))
+    monkeypatch.setattr(native, "_capability", lambda: "TEST_MISSING")
+    monkeypatch.setattr(native, "_WARNED", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning, match="could not be built"):
+            native.available()
+        assert not native.available()  # no second warning, no second build
+    assert native._load.cache_info().misses == 1
+
+
+def test_compile_errors_are_reported_by_their_first_error_line(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(native, "SOURCE", str(broken))
+    monkeypatch.setattr(native, "_capability", lambda: "TEST_BROKEN")
+    reason = native._load.__wrapped__()
+    assert "error:" in reason and len(reason) < 400 and "\\n" not in reason
+
+
+def test_operands_that_broadcast_take_the_whole_tensor_ops(whole_tensor_ops):
+    """The kernels read whole operands: a broadcasting y or H_post goes to the whole-tensor ops, and
+    the kernels themselves refuse a wrong shape instead of reading past it."""
+    torch.manual_seed(3)
+    x, y = torch.randn(40, 4, 8), torch.randn(40, 8)
+    h_post, h_res = torch.rand(40, 4) * 2, torch.rand(40, 4, 4).softmax(-1)
+    for args in ((x, y[:1], h_post, h_res), (x, y, h_post[:, :1], h_res)):
+        got, want = cpu.mhc_post(*args), R.mhc_post(*args)
+        assert _rel(got, want) < 1e-6
+    with pytest.raises(RuntimeError, match="post_forward: h_post must be"):
+        native.ops().post_forward(x, y, h_post[:, :1].contiguous(), h_res)
+    phi, bias, alpha = _params(4, 8)
+    with pytest.raises(RuntimeError, match="pre_forward: bias must be"):
+        native.ops().pre_forward(x, torch.mm(x.view(40, -1), phi), bias[:-1].contiguous(),
+                                 torch.ones(24), True, 20, 1e-6, 1e-30)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_inside_autocast_keeps_float32(fused, whole_tensor_ops):
+    """A backward run inside ``torch.autocast("cpu", bfloat16)``: products stay float32."""
+    torch.manual_seed(4)
+    phi, bias, alpha = (t.requires_grad_() for t in _params(4, 16))
+    x = torch.randn(24, 4, 16, requires_grad=True)
+    y = torch.randn(24, 16, requires_grad=True)
+    h_post, h_res = torch.rand(24, 4, requires_grad=True), torch.rand(24, 4, 4, requires_grad=True)
+    leaves = (x, y, h_post, h_res, phi, bias, alpha)
+
+    def grads(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, outs = _connection(cpu, *leaves, "mhc", leaves, fused)
+        return outs
+
+    outside = grads(False)
+    for got, want in zip(grads(True), outside):
+        assert got.dtype == want.dtype and _rel(got, want) < 1e-6
+    whole_tensor_ops()
+    for got, want in zip(grads(True), outside):
+        assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("gap", [80.0, 90.0, 100.0, 103.0, 110.0])
+def test_logits_far_below_the_row_maximum(gap, whole_tensor_ops):
+    """exp of a logit 88-104 below its row's maximum is subnormal, and Sinkhorn scales such a column
+    back up to order 1: the compiled exp keeps subnormals as torch does."""
+    x = torch.randn(3, 4, 8)
+    phi = torch.zeros(32, 24)
+    bias = torch.zeros(24)
+    bias[8:] = torch.tensor([[-gap, 0.0, 0.0, 0.0]] * 4).flatten()
+    alpha = torch.ones(3)
+    got = cpu.mhc_pre(x, phi, bias, alpha)[2]
+    want = R.mhc_pre(x, phi, bias, alpha)[2]
+    whole_tensor_ops()
+    same_math = cpu.mhc_pre(x, phi, bias, alpha)[2]
+    assert _rel(got, want) < 1e-5 and _rel(got, same_math) < 1e-5
+
+
+def test_fused_side_used_only_through_x_next_gives_no_coefficient_gradients():
+    """Only X_next used downstream: phi, bias and alpha get None, as with two separate ops."""
+    phi, bias, alpha = (t.requires_grad_() for t in _params(4, 8))
+    x = torch.randn(10, 4, 8, requires_grad=True)
+    y, h_post, h_res = torch.randn(10, 8), torch.rand(10, 4), torch.rand(10, 4, 4)
+    x_next = cpu.mhc_post_pre(x, y, h_post, h_res, phi, bias, alpha)[0]
+    g_x, g_phi, g_bias, g_alpha = torch.autograd.grad(x_next.sum(), (x, phi, bias, alpha), allow_unused=True)
+    assert g_phi is None and g_bias is None and g_alpha is None
+    assert _rel(g_x, torch.autograd.grad(R.mhc_post(x, y, h_post, h_res).sum(), x)[0]) < 1e-6
+
+
+def test_an_in_place_change_of_the_returned_h_res_leaves_the_backward_intact():
+    phi, bias, alpha = (t.requires_grad_() for t in _params(4, 8))
+    x = torch.randn(10, 4, 8, requires_grad=True)
+    u, h_post, h_res = cpu.mhc_pre(x, phi, bias, alpha)
+    expected = torch.autograd.grad((u.sum() + h_res.sum()), phi, retain_graph=True)[0]
+    h_res.mul_(1.0)  # the caller's own copy
+    assert torch.equal(torch.autograd.grad((u.sum() + h_res.sum()), phi)[0], expected)
+
+
+def test_sinkhorn_iterations_must_be_positive():
+    phi, bias, alpha = _params(4, 8)
+    with pytest.raises(ValueError, match="sinkhorn_iters must be a positive int"):
+        cpu.mhc_pre(torch.randn(5, 4, 8), phi, bias, alpha, sinkhorn_iters=0)

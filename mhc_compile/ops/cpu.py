@@ -29,6 +29,7 @@ work in one compiled pass, and the post + pre pair one autograd node. Under trac
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -49,6 +50,17 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def backward_without_autocast(backward):
+    """A Function's ``backward`` run with autocast off on the gradients' device: a backward
+    called inside an autocast region would otherwise run its products in the autocast dtype."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+        with _autocast_off(device):
+            return backward(ctx, *grads)
+    return run
 
 
 def _rstd(v: Tensor, eps: float) -> Tensor:
@@ -200,6 +212,7 @@ class _PreSide(torch.autograd.Function):
         return u.to(x.dtype), h_post, h_res
 
     @staticmethod
+    @backward_without_autocast
     @once_differentiable
     def backward(ctx, g_u: Optional[Tensor], g_post: Optional[Tensor],  # type: ignore[override]
                  g_res: Optional[Tensor]):
@@ -247,6 +260,24 @@ class _PreSide(torch.autograd.Function):
         return g_v, g_phi, g_bias, g_alpha, None, None, None
 
 
+def _check_iterations(mode: str, iters: int) -> None:
+    if mode == "mhc" and (not isinstance(iters, int) or iters < 1):
+        raise ValueError(f"mhc_pre: sinkhorn_iters must be a positive int, got {iters!r}")
+
+
+def _exact_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor) -> bool:
+    """The compiled kernels read whole operands: phi ``[nC, K]``, bias ``[K]``, alpha ``[3]``."""
+    _, n, c = x.shape
+    k = n * n + 2 * n
+    return tuple(phi.shape) == (n * c, k) and tuple(bias.shape) == (k,) and tuple(alpha.shape) == (3,)
+
+
+def _exact_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> bool:
+    """y ``[M, C]``, H_post ``[M, n]``, H_res ``[M, n, n]`` exactly (no broadcasting)."""
+    m, n, c = x.shape
+    return tuple(y.shape) == (m, c) and tuple(h_post.shape) == (m, n) and tuple(h_res.shape) == (m, n, n)
+
+
 def mhc_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
     """``u = H_pre @ X``: ``[M, n, C], [M, n] -> [M, C]`` in ``x.dtype`` (what the pre side computes)."""
     acc = _accumulation_dtype(x)
@@ -256,7 +287,8 @@ def mhc_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
 def mhc_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, *, mode: str = "mhc",
             sinkhorn_iters: int = 20, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """Same contract as :func:`mhc_compile.ops.reference.mhc_pre`."""
-    if mode in MODES and native.usable(x):
+    _check_iterations(mode, sinkhorn_iters)
+    if mode in MODES and native.usable(x) and _exact_pre(x, phi, bias, alpha):
         return cpu_compiled.mhc_pre(x, phi, bias, alpha, mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps)
     return _PreSide.apply(x, phi, bias, alpha, mode, sinkhorn_iters, eps)
 
@@ -278,6 +310,7 @@ class _PostSide(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @backward_without_autocast
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, y, h_post, h_res = ctx.saved_tensors
@@ -292,7 +325,7 @@ class _PostSide(torch.autograd.Function):
 
 def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """Same contract as :func:`mhc_compile.ops.reference.mhc_post`."""
-    if native.usable(x):
+    if native.usable(x) and _exact_post(x, y, h_post, h_res):
         return cpu_compiled.mhc_post(x, y, h_post, h_res)
     return _PostSide.apply(x, y, h_post, h_res)
 
@@ -302,7 +335,8 @@ def mhc_post_pre(
     *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as :func:`mhc_compile.ops.reference.mhc_post_pre`."""
-    if mode in MODES and native.usable(x):
+    _check_iterations(mode, sinkhorn_iters)
+    if mode in MODES and native.usable(x) and _exact_post(x, y, h_post, h_res) and _exact_pre(x, phi, bias, alpha):
         return cpu_compiled.mhc_post_pre(x, y, h_post, h_res, phi, bias, alpha, mode=mode,
                                          sinkhorn_iters=sinkhorn_iters, eps=eps)
     x_next = mhc_post(x, y, h_post, h_res)

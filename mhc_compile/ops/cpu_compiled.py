@@ -41,13 +41,16 @@ def _pre_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str,
     gate = cpu._gate_per_column(alpha.to(acc), n).contiguous()
     u, rstd, d, act, h_pre, h_post, h_res, sums = native.ops().pre_forward(
         x, proj, bias.to(acc).contiguous(), gate, mode == "mhc", iters, eps, cpu._TINY)
-    return (u, h_post, h_res), (x, phi, rstd, d, gate, act, h_pre, h_res, sums)
+    # the caller gets its own H_res: the saved one must not change under an in-place op on the output
+    return (u, h_post, h_res.clone()), (x, phi, rstd, d, gate, act, h_pre, h_res, sums)
 
 
 def _pre_backward(saved: tuple, mode: str, iters: int, g_u: Optional[Tensor], g_post: Optional[Tensor],
                   g_res: Optional[Tensor], need_x: bool, need_phi: bool,
                   g_x_more: Optional[Tensor] = None) -> tuple:
     """``(dX, dphi, dbias, dalpha)``; ``g_x_more``: a gradient of X from elsewhere, added to dX."""
+    if g_u is None and g_post is None and g_res is None:  # only X_next (fused) is used downstream
+        return g_x_more if need_x else None, None, None, None
     x, phi, rstd, d, gate, act, h_pre, h_res, sums = saved
     m, n, c = x.shape
     acc = d.dtype
@@ -94,10 +97,12 @@ class _PreSide(torch.autograd.Function):
         with cpu._autocast_off(x.device):
             outs, saved = _pre_forward(x, phi, bias, alpha, mode, iters, eps)
         ctx.save_for_backward(*saved)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zeros to read)
         ctx.mode, ctx.iters = mode, iters
         return outs
 
     @staticmethod
+    @cpu.backward_without_autocast
     @once_differentiable
     def backward(ctx, g_u, g_post, g_res):  # type: ignore[override]
         need_x, need_phi = ctx.needs_input_grad[:2]
@@ -117,6 +122,7 @@ class _PostSide(torch.autograd.Function):
         return out
 
     @staticmethod
+    @cpu.backward_without_autocast
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         return _post_backward(grad, ctx.saved_tensors, ctx.needs_input_grad, *ctx.dtypes)
@@ -132,10 +138,12 @@ class _PostPreSide(torch.autograd.Function):
             x_next, post_saved = _post_forward(x, y, h_post, h_res)
             outs, pre_saved = _pre_forward(x_next, phi, bias, alpha, mode, iters, eps)
         ctx.save_for_backward(*post_saved, *pre_saved)
+        ctx.set_materialize_grads(False)  # X_next alone used downstream: no pre-side gradients at all
         ctx.mode, ctx.iters, ctx.dtypes = mode, iters, (x.dtype, y.dtype)
         return (x_next, *outs)
 
     @staticmethod
+    @cpu.backward_without_autocast
     @once_differentiable
     def backward(ctx, g_x_next, g_u, g_post, g_res):  # type: ignore[override]
         saved = ctx.saved_tensors
@@ -144,7 +152,7 @@ class _PostPreSide(torch.autograd.Function):
             saved[4:], ctx.mode, ctx.iters, g_u, g_post, g_res, any(post_needs), ctx.needs_input_grad[4],
             g_x_more=g_x_next)
         post_grads = (None,) * 4
-        if any(post_needs):
+        if any(post_needs) and g_mid is not None:  # None: no output had a gradient
             post_grads = _post_backward(g_mid, saved[:4], post_needs, *ctx.dtypes)
         return (*post_grads, g_phi, g_bias, g_alpha, None, None, None)
 

@@ -20,6 +20,8 @@ import functools
 import logging
 import os
 import shutil
+import sys
+import threading
 import warnings
 from typing import Optional
 
@@ -67,15 +69,19 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+_BUILD_LOCK = threading.Lock()
+_WARNED: list[bool] = []  # one warning per process
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
-    """Build and load the extension once; None on success, else why it failed."""
+    """Build and load the extension once (callers hold ``_BUILD_LOCK``); None on success,
+    else why it failed."""
     capability = _capability()
     try:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-
         cpp_extension.load(
             name=f"mhc_compile_connection_cpu_{capability.lower()}",
             sources=[SOURCE],
@@ -86,32 +92,54 @@ def _load() -> Optional[str]:
         )
         torch.ops.mhc_cpu.pre_forward  # noqa: B018 (the ops are registered)
     except Exception as error:  # noqa: BLE001 (any build failure means the slower path)
-        reason = _first_error_line(error)
-        warnings.warn(
-            f"mhc_compile: the compiled CPU connection kernels could not be built ({reason}); the CPU "
-            f"ops run their whole-tensor formulation (same results, slower). Install a C++ compiler and "
-            f"ninja (pip install ninja) to build them, or set {ENV_SWITCH}=0 to skip them without this "
-            f"warning.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return reason
+        return _first_error_line(error)
     return None
 
 
 def _first_error_line(error: Exception) -> str:
-    """The compiler's first ``error:`` line where there is one, else the exception's last line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """The compiler's first ``error:`` line where there is one, else the exception's first line."""
+    text = [str(error)]
     chain = error.__cause__ or error.__context__
-    if chain is not None and getattr(chain, "output", None):
-        lines = [line.strip() for line in str(chain.output).splitlines() if "error" in line] + lines
+    output = getattr(chain, "output", None)
+    if output:
+        text.insert(0, output.decode(errors="replace") if isinstance(output, bytes) else str(output))
+    lines = [line.strip() for block in text for line in block.splitlines() if line.strip()]
     found = [line for line in lines if "error:" in line]
-    return f"{type(error).__name__}: {(found or lines or [''])[0]}"
+    return f"{type(error).__name__}: {(found or lines or [''])[0][:300]}"
+
+
+def _caller_stacklevel() -> int:
+    """The stack level of the first frame outside this package and torch (for the warning)."""
+    frame, level = sys._getframe(1), 1
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(package) or name.startswith(torch_dir)):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def available() -> bool:
-    """True when the compiled kernels are switched on and built (builds them on first call)."""
-    return enabled() and _load() is None
+    """True when the compiled kernels are switched on and built (builds them on first call;
+    a failed build warns once, then the CPU ops run their whole-tensor formulation)."""
+    if not enabled():
+        return False
+    with _BUILD_LOCK:
+        reason = _load()
+        if reason is None or _WARNED:
+            return reason is None
+        _WARNED.append(True)  # before warning: a warnings filter that raises must not repeat it
+    warnings.warn(
+        f"mhc_compile: the compiled CPU connection kernels could not be built ({reason}); the CPU "
+        f"ops run their whole-tensor formulation (same results, slower). Install a C++ compiler and "
+        f"ninja (pip install ninja) to build them, or set {ENV_SWITCH}=0 to skip them without this "
+        f"warning.",
+        RuntimeWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+    return False
 
 
 def usable(x: Tensor) -> bool:

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -56,20 +57,23 @@ inline void store(out_t* out, const acc_t* row, int64_t len) {
 }
 
 // exp for the coefficient math: float takes a polynomial that the compiler vectorises
-// (Cephes' expf: within 2 ulp; arguments below -87.3, whose exp is below float's
-// smallest normal, give 0, and those above 88 are clamped there: the sigmoid and the
-// Sinkhorn shift never need more); double takes std::exp.
+// (Cephes' expf: within 2 ulp, subnormal results included, 2^k applied in two halves so that
+// neither factor leaves the normal range); double takes std::exp.
 inline float coef_exp(float x) {
-  const bool underflow = x < -87.3365f;
-  x = std::min(std::max(x, -87.3365f), 88.0f);
+  const bool zero = x < -104.0f;        // exp below half the smallest subnormal
+  const bool infinite = x > 88.7228391f;  // exp above float's largest finite value
+  x = std::min(std::max(x, -104.0f), 88.0f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float shifted = x * 1.44269504088896341f + shifter;
-  const float k = shifted - shifter;  // round(x / ln 2)
+  const float k = shifted - shifter;  // round(x / ln 2), in [-150, 127]
   int32_t k_bits;
   std::memcpy(&k_bits, &shifted, sizeof(k_bits));
-  const int32_t scale_bits = (k_bits - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const int32_t k_int = k_bits - 0x4B400000;
+  const int32_t half = k_int >> 1;
+  const int32_t first_bits = (half + 127) << 23, second_bits = (k_int - half + 127) << 23;
+  float first, second;
+  std::memcpy(&first, &first_bits, sizeof(first));
+  std::memcpy(&second, &second_bits, sizeof(second));
   const float r = x - k * 0.693359375f - k * -2.12194440e-4f;  // x - k ln 2, in two parts
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
@@ -78,7 +82,8 @@ inline float coef_exp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  return underflow ? 0.0f : y * scale;
+  const float result = (y * first) * second;
+  return zero ? 0.0f : (infinite ? std::numeric_limits<float>::infinity() : result);
 }
 inline double coef_exp(double x) { return std::exp(x); }
 
@@ -209,6 +214,18 @@ void check_streams(const at::Tensor& x) {
   TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= kMaxStreams, "mhc_cpu: n must be 1 to ", kMaxStreams);
 }
 
+// A contiguous CPU tensor of exactly `shape` and dtype `type` (the kernels read raw pointers).
+void check_operand(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType type) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == type &&
+                  t.sizes() == shape,
+              "mhc_cpu: ", name, " must be a contiguous CPU ", type, " tensor of shape ", shape, ", got ",
+              t.defined() ? t.sizes() : at::IntArrayRef{}, " ", t.defined() ? t.scalar_type() : type);
+}
+
+void check_optional(const c10::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, at::ScalarType type) {
+  if (t.has_value() && t->defined()) check_operand(*t, name, shape, type);
+}
+
 // ------------------------------------------------------------------------------ pre side
 
 // x [M, n, C], proj = v @ phi [M, K] (v = x as [M, nC] in the accumulation dtype), bias and
@@ -222,8 +239,10 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& proj,
   check_streams(x);
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n;
   const auto acc_type = accumulation_type(x.scalar_type());
-  TORCH_CHECK(proj.scalar_type() == acc_type && proj.is_contiguous() && proj.size(0) == M && proj.size(1) == K,
-              "mhc_cpu.pre_forward: proj must be [M, n^2 + 2n] in the accumulation dtype");
+  TORCH_CHECK(iters >= 0, "mhc_cpu.pre_forward: iters must be >= 0, got ", iters);
+  check_operand(proj, "pre_forward: proj", {M, K}, acc_type);
+  check_operand(bias, "pre_forward: bias", {K}, acc_type);
+  check_operand(gate, "pre_forward: gate", {K}, acc_type);
   auto acc_opts = proj.options();
   auto u = at::empty({M, C}, x.options());
   auto rstd = at::empty({M}, acc_opts);
@@ -312,6 +331,17 @@ std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd
   const bool has_u = g_u.has_value() && g_u->defined();
   const bool has_post = g_post.has_value() && g_post->defined();
   const bool has_res = g_res.has_value() && g_res->defined();
+  const auto acc_type = accumulation_type(x.scalar_type());
+  const int64_t steps_expected = sinkhorn ? 2 * iters : 0;
+  check_operand(rstd, "pre_backward: rstd", {M}, acc_type);
+  check_operand(d, "pre_backward: d", {M, K}, acc_type);
+  check_operand(act, "pre_backward: act", {M, K}, acc_type);
+  check_operand(gate, "pre_backward: gate", {K}, acc_type);
+  check_operand(h_res, "pre_backward: h_res", {M, n, n}, acc_type);
+  check_operand(sums, "pre_backward: sums", {tiles_of(M), steps_expected * n, kTile}, acc_type);
+  check_optional(g_u, "pre_backward: g_u", {M, C}, x.scalar_type());
+  check_optional(g_post, "pre_backward: g_post", {M, n}, acc_type);
+  check_optional(g_res, "pre_backward: g_res", {M, n, n}, acc_type);
   auto acc_opts = d.options();
   auto g_proj = at::empty({M, K}, acc_opts);
   auto per_token = at::empty({M}, acc_opts);
@@ -397,6 +427,12 @@ at::Tensor pre_backward_streams(const at::Tensor& x, const at::Tensor& through_p
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
   const bool has_u = g_u.has_value() && g_u->defined();
   const bool has_more = more.has_value() && more->defined();
+  const auto acc_type = accumulation_type(x.scalar_type());
+  check_operand(through_proj, "pre_backward_streams: through_proj", {M, n * C}, acc_type);
+  check_operand(per_token, "pre_backward_streams: per_token", {M}, acc_type);
+  check_operand(h_pre, "pre_backward_streams: h_pre", {M, n}, acc_type);
+  check_optional(g_u, "pre_backward_streams: g_u", {M, C}, x.scalar_type());
+  check_optional(more, "pre_backward_streams: more", {M, n, C}, x.scalar_type());
   auto g_x = at::empty_like(x);
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -426,6 +462,10 @@ at::Tensor pre_backward_streams(const at::Tensor& x, const at::Tensor& through_p
 at::Tensor post_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h_post, const at::Tensor& h_res) {
   check_streams(x);
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
+  const auto acc_type = accumulation_type(x.scalar_type());
+  check_operand(y, "post_forward: y", {M, C}, x.scalar_type());
+  check_operand(h_post, "post_forward: h_post", {M, n}, acc_type);
+  check_operand(h_res, "post_forward: h_res", {M, n, n}, acc_type);
   auto out = at::empty_like(x);
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -457,6 +497,11 @@ std::vector<c10::optional<at::Tensor>> post_backward(const at::Tensor& g, const 
                                       bool need_post, bool need_res) {
   check_streams(x);
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
+  const auto acc_type = accumulation_type(x.scalar_type());
+  check_operand(g, "post_backward: g", {M, n, C}, x.scalar_type());
+  check_operand(y, "post_backward: y", {M, C}, x.scalar_type());
+  check_operand(h_post, "post_backward: h_post", {M, n}, acc_type);
+  check_operand(h_res, "post_backward: h_res", {M, n, n}, acc_type);
   at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
   at::Tensor g_y = need_y ? at::empty_like(y) : at::Tensor();
   at::Tensor g_post = need_post ? at::empty_like(h_post) : at::Tensor();
