@@ -92,20 +92,6 @@ def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype
         assert _rel(got, ref) < max(tol, 1e-5), (name, _rel(got, ref))
 
 
-@pytest.mark.parametrize("mode", ["mhc", "hc"])
-def test_compiled_sides_gradcheck(mode):
-    """The compiled backward against finite differences, in float64 (19 tokens: a partial tile)."""
-    assert native.available()
-    m, n, c = 19, 3, 4
-    phi, bias, alpha = (t.double().requires_grad_() for t in _params(n, c))
-    x = torch.randn(m, n, c, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(m, c, dtype=torch.float64, requires_grad=True)
-    pre = lambda *a: cpu.mhc_pre(*a, mode=mode, sinkhorn_iters=5)  # noqa: E731
-    assert torch.autograd.gradcheck(pre, (x, phi, bias, alpha))
-    _, h_post, h_res = (t.detach().requires_grad_() for t in pre(x, phi, bias, alpha))
-    assert torch.autograd.gradcheck(cpu.mhc_post, (x, y, h_post, h_res))
-
-
 def test_fused_side_gradcheck():
     """The fused post + pre node's backward (X_next's own gradient added in the pre side's
     pass) against finite differences."""

@@ -235,12 +235,18 @@ def test_cpu_ops_match_the_reference_values_and_grads(mode, dtype):
 
 
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
-def test_cpu_connection_sides_gradcheck(mode):
+@pytest.mark.parametrize("compiled", [False, True], ids=["whole-tensor", "compiled"])
+def test_cpu_connection_sides_gradcheck(mode, compiled, monkeypatch):
     """Each CPU side is one autograd node with a hand-written backward: check it against
-    finite differences in float64 (the CPU ops accumulate in float64 for float64 streams)."""
-    from mhc_compile.ops import cpu
+    finite differences in float64 (the CPU ops accumulate in float64 for float64 streams), in
+    the whole-tensor formulation and through the compiled kernels (19 tokens: a partial tile)."""
+    from mhc_compile.ops import cpu, native
 
-    m, n, c = 5, 3, 4
+    if compiled:
+        assert native.available()
+    else:
+        monkeypatch.setattr(native, "usable", lambda x: False)
+    m, n, c = 19 if compiled else 5, 3, 4
     phi, bias, alpha = (t.requires_grad_() for t in _params(n, c))
     x = torch.randn(m, n, c, dtype=torch.float64, requires_grad=True)
     y = torch.randn(m, c, dtype=torch.float64, requires_grad=True)
