@@ -17,7 +17,6 @@ warning).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import sys
@@ -27,8 +26,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-logger = logging.getLogger("mhc_compile")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "connection_cpu.cpp")
 MAX_STREAMS = 16  # kMaxStreams of the source: per-token scratch on the stack
