@@ -65,7 +65,7 @@ def _connection(ops, x, y, h_post, h_res, phi, bias, alpha, mode, grads_of, fuse
 
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("m,n,c", [(37, 4, 24), (16, 1, 8), (5, 6, 40), (1, 4, 64)])
+@pytest.mark.parametrize("m,n,c", [(37, 4, 24), (16, 1, 8), (5, 6, 40), (1, 4, 64), (37, 2, 128)])
 @pytest.mark.parametrize("fused", [False, True], ids=["post,pre", "post_pre"])
 def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype, m, n, c, fused, whole_tensor_ops):
     torch.manual_seed(0)
@@ -85,7 +85,9 @@ def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype
     reference = whole if dtype == torch.float64 else _connection(R, *args)
 
     names = ("x_next", "u", "h_post", "h_res", *(f"d{name}" for name in ("x", "y", "h_post", "h_res", "phi", "bias", "alpha")))
-    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    # float32: the kernels sum the projection in another order than torch.mm; dalpha, a sum of
+    # signed terms over every token and column, shows it most (2.8e-6 at 37 x 2 x 128)
+    tol = {torch.float64: 1e-12, torch.float32: 5e-6, torch.bfloat16: 1e-2}[dtype]
     for name, got, same_math, ref in zip(names, sum(compiled, ()), sum(whole, ()), sum(reference, ())):
         assert got.dtype == same_math.dtype and got.shape == same_math.shape, name
         assert _rel(got, same_math) < tol, (name, _rel(got, same_math))
@@ -264,7 +266,7 @@ def test_operands_that_broadcast_take_the_whole_tensor_ops(whole_tensor_ops):
         native.ops().post_forward(x, y, h_post[:, :1].contiguous(), h_res)
     phi, bias, alpha = _params(4, 8)
     with pytest.raises(RuntimeError, match="pre_forward: bias must be"):
-        native.ops().pre_forward(x, torch.mm(x.view(40, -1), phi), bias[:-1].contiguous(),
+        native.ops().pre_forward(x, phi, bias[:-1].contiguous(),
                                  torch.ones(24), True, 20, 1e-6, 1e-30)
 
 

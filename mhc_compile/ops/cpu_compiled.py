@@ -3,8 +3,9 @@
 Same functions and contracts as :mod:`mhc_compile.ops.reference` (as :mod:`.cpu`, which
 calls these where :func:`.native.usable` holds). Each side is one autograd node whose
 per-token work (the coefficient activations, Sinkhorn-Knopp and its backward, the
-aggregate, the stream mix) is one compiled pass; the projection and its two backward
-products stay ``torch.mm`` (what ``recompute="mhc"`` keeps). The fused post + pre side is
+aggregate, the stream mix, the projection onto ``phi`` and its two backward products) is
+one compiled pass per side and direction, on tiles of tokens that stay in the L1 cache. The
+fused post + pre side is
 one node too: its backward adds ``X_next``'s own gradient in the pass that computes the pre
 side's ``dX`` and hands the sum to the post side's backward, with no separate add.
 
@@ -34,13 +35,12 @@ def _contiguous(g: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def _pre_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str, iters: int,
                  eps: float) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
     """``(u [M, C] x.dtype, h_post [M, n], h_res [M, n, n])`` and the tensors its backward reads."""
-    m, n, c = x.shape
+    n = x.shape[1]
     acc = cpu._accumulation_dtype(x)
     x = x.contiguous()
-    proj = torch.mm(x.to(acc).view(m, n * c), phi.to(acc))  # [M, K]
     gate = cpu._gate_per_column(alpha.to(acc), n).contiguous()
     u, rstd, d, act, h_pre, h_post, h_res, sums = native.ops().pre_forward(
-        x, proj, bias.to(acc).contiguous(), gate, mode == "mhc", iters, eps, cpu._TINY)
+        x, phi.to(acc).contiguous(), bias.to(acc).contiguous(), gate, mode == "mhc", iters, eps, cpu._TINY)
     # the caller gets its own H_res: the saved one must not change under an in-place op on the output
     return (u, h_post, h_res.clone()), (x, phi, rstd, d, gate, act, h_pre, h_res, sums)
 
@@ -52,19 +52,17 @@ def _pre_backward(saved: tuple, mode: str, iters: int, g_u: Optional[Tensor], g_
     if g_u is None and g_post is None and g_res is None:  # only X_next (fused) is used downstream
         return g_x_more if need_x else None, None, None, None
     x, phi, rstd, d, gate, act, h_pre, h_res, sums = saved
-    m, n, c = x.shape
     acc = d.dtype
     g_u = _contiguous(g_u, x.dtype)
     g_proj, per_token, g_bias, g_alpha = native.ops().pre_backward(
         x, rstd, d, act, gate, h_res, sums, g_u, _contiguous(g_post, acc), _contiguous(g_res, acc),
         mode == "mhc", iters)
-    g_phi = torch.mm(x.to(acc).view(m, n * c).t(), g_proj).to(phi.dtype) if need_phi else None
-    g_x = None
-    if need_x:
-        through_proj = torch.mm(g_proj, phi.to(acc).t())  # [M, nC]
-        g_x = native.ops().pre_backward_streams(x, through_proj, per_token, h_pre, g_u,
-                                                _contiguous(g_x_more, x.dtype))
-    return g_x, g_phi, g_bias, g_alpha
+    if not (need_x or need_phi):
+        return None, None, g_bias, g_alpha
+    g_x, g_phi = native.ops().pre_backward_streams(
+        x, g_proj, phi.to(acc).t().contiguous(), per_token, h_pre, g_u, _contiguous(g_x_more, x.dtype),
+        need_x, need_phi)
+    return g_x, None if g_phi is None else g_phi.to(phi.dtype), g_bias, g_alpha
 
 
 def _post_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor, tuple]:

@@ -1,16 +1,16 @@
 // The connection sides of mHC / HC on the CPU, one pass over the tokens each.
 //
 // Built on first use by mhc_compile/ops/native.py (torch.utils.cpp_extension) and called
-// from the autograd Functions of mhc_compile/ops/cpu.py, which keep the matrix products
-// (torch.mm, so that selective checkpointing can keep them) and call these for everything
-// that is per token: the coefficient activations, Sinkhorn-Knopp and its backward, the
-// aggregate and the stream mix. Same math and the same float32 (float64 for float64
-// streams) accumulation as the whole-tensor ops of cpu.py; the formulas are those of
-// docs/design.md section 4.
+// from the autograd Functions of mhc_compile/ops/cpu_compiled.py. Each pass does all the
+// per-token work of its side on tiles of tokens that stay in the L1 cache: the projection
+// onto phi and its two backward products, the coefficient activations, Sinkhorn-Knopp and
+// its backward, the aggregate and the stream mix. Same math and the same float32 (float64
+// for float64 streams) accumulation as the whole-tensor ops of cpu.py; the formulas are
+// those of docs/design.md section 4.
 //
 // Shapes (M tokens, n streams, C channels, K = n^2 + 2n projection columns):
-//   x [M, n, C] stream dtype; proj, d [M, K], rstd [M], h_pre, h_post [M, n], h_res [M, n, n] in the
-//   accumulation dtype (float32, or float64 for float64 streams).
+//   x [M, n, C] stream dtype; phi [nC, K], phi_t [K, nC], d, g_proj [M, K], rstd [M], h_pre,
+//   h_post [M, n], h_res [M, n, n] in the accumulation dtype (float32, or float64 for float64 streams).
 // Every tensor argument is contiguous (the Python side makes it so).
 
 #include <ATen/ATen.h>
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -169,27 +170,136 @@ void sinkhorn_backward_tile(acc_t (*g)[kTile], acc_t (*p)[kTile], const acc_t (*
   }
 }
 
-// out = through_proj + x * scale (+ h * g_u) (+ more), one stream row of C channels; g_u and
-// more may be null.
-template <typename scalar_t, typename acc_t>
-inline void stream_gradient_row(scalar_t* out, const acc_t* through_proj, const scalar_t* x, acc_t scale, acc_t h,
-                                const scalar_t* g_u, const scalar_t* more, int64_t C) {
-  auto base = [&](int64_t c) { return through_proj[c] + static_cast<acc_t>(x[c]) * scale; };
-  if (g_u && more) {
+// The projection of a tile of tokens: z[q][t] = sum_k x[t * len + k] * w[k * K + q] for the
+// first `count` tokens of the tile (rows of x `len` long, x's dtype; w [len, K]), 0 in the
+// lanes past them. Four tokens at a time, each row of K columns in vector lanes.
+template <typename acc_t, typename scalar_t>
+void project_tile(acc_t (*z)[kTile], const scalar_t* x, int64_t count, int64_t len, const acc_t* w, int64_t K) {
+  acc_t rows[4][kMaxColumns];
+  for (int64_t t0 = 0; t0 < kTile; t0 += 4) {
+    for (auto& row : rows) std::fill(row, row + K, acc_t(0));
+    if (t0 < count) {
+      const int64_t used = std::min<int64_t>(4, count - t0);
+      const scalar_t* x0 = x + t0 * len;
+      const scalar_t* x1 = used > 1 ? x0 + len : x0;  // a repeated row for lanes past count: discarded
+      const scalar_t* x2 = used > 2 ? x0 + 2 * len : x0;
+      const scalar_t* x3 = used > 3 ? x0 + 3 * len : x0;
+      for (int64_t k = 0; k < len; ++k) {
+        const acc_t* wk = w + k * K;
+        const acc_t v0 = x0[k], v1 = x1[k], v2 = x2[k], v3 = x3[k];
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c)
-      out[c] = static_cast<scalar_t>(base(c) + h * static_cast<acc_t>(g_u[c]) + static_cast<acc_t>(more[c]));
-  } else if (g_u) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(base(c) + h * static_cast<acc_t>(g_u[c]));
-  } else if (more) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(base(c) + static_cast<acc_t>(more[c]));
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(base(c));
+        for (int64_t q = 0; q < K; ++q) {
+          rows[0][q] += v0 * wk[q];
+          rows[1][q] += v1 * wk[q];
+          rows[2][q] += v2 * wk[q];
+          rows[3][q] += v3 * wk[q];
+        }
+      }
+      for (int64_t tt = used; tt < 4; ++tt) std::fill(rows[tt], rows[tt] + K, acc_t(0));
+    }
+    for (int64_t q = 0; q < K; ++q)
+      for (int64_t tt = 0; tt < 4; ++tt) z[q][t0 + tt] = rows[tt][q];
   }
 }
+
+// The two backward products of the projection on a tile of `count` tokens, with float32
+// streams and a row length that is a multiple of 16 (64 for the second) in sixteen-lane
+// vectors held in registers; the generic loops of pre_backward_streams otherwise.
+#if defined(__GNUC__)
+#define MHC_FLOAT_VECTORS 1
+typedef float float16_v __attribute__((vector_size(64)));
+inline float16_v load16(const float* p) {
+  float16_v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, float16_v v) { std::memcpy(p, &v, sizeof(v)); }
+
+// sums [K, len] += g^T @ x: g [count, K], x [count, len] (len % 16 == 0); four columns at a time
+// (a remainder of K % 4 columns falls to the caller's loop: returns the first column left).
+inline int64_t phi_gradient_tile(float* sums, const float* x, const float* g, int64_t count, int64_t len, int64_t K) {
+  int64_t q = 0;
+  for (; q + 4 <= K; q += 4)
+    for (int64_t k = 0; k < len; k += 16) {
+      float* s0 = sums + q * len + k;
+      float16_v a0 = load16(s0), a1 = load16(s0 + len), a2 = load16(s0 + 2 * len), a3 = load16(s0 + 3 * len);
+      for (int64_t t = 0; t < count; ++t) {
+        const float16_v xv = load16(x + t * len + k);
+        const float* gt = g + t * K + q;
+        a0 += gt[0] * xv;
+        a1 += gt[1] * xv;
+        a2 += gt[2] * xv;
+        a3 += gt[3] * xv;
+      }
+      store16(s0, a0);
+      store16(s0 + len, a1);
+      store16(s0 + 2 * len, a2);
+      store16(s0 + 3 * len, a3);
+    }
+  return q;
+}
+
+// The projection of a tile (as project_tile) with float32 streams: w_padded [len, KP] is w with
+// its columns padded to KP (a multiple of 32); four tokens x 32 columns accumulate in eight
+// vector registers.
+inline void project_tile_float(float (*z)[kTile], const float* x, int64_t count, int64_t len,
+                               const float* w_padded, int64_t K, int64_t KP) {
+  for (int64_t t0 = 0; t0 < kTile; t0 += 4) {
+    if (t0 >= count) {
+      for (int64_t q = 0; q < K; ++q) std::fill(z[q] + t0, z[q] + t0 + 4, 0.0f);
+      continue;
+    }
+    const int64_t used = std::min<int64_t>(4, count - t0);
+    const float* x0 = x + t0 * len;
+    const float* x1 = used > 1 ? x0 + len : x0;  // a repeated row for lanes past count: discarded
+    const float* x2 = used > 2 ? x0 + 2 * len : x0;
+    const float* x3 = used > 3 ? x0 + 3 * len : x0;
+    for (int64_t g = 0; g < KP; g += 32) {
+      float16_v a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+      for (int64_t k = 0; k < len; ++k) {
+        const float16_v w0 = load16(w_padded + k * KP + g), w1 = load16(w_padded + k * KP + g + 16);
+        a00 += x0[k] * w0;
+        a01 += x0[k] * w1;
+        a10 += x1[k] * w0;
+        a11 += x1[k] * w1;
+        a20 += x2[k] * w0;
+        a21 += x2[k] * w1;
+        a30 += x3[k] * w0;
+        a31 += x3[k] * w1;
+      }
+      float rows[4][32];
+      store16(rows[0], a00);
+      store16(rows[0] + 16, a01);
+      store16(rows[1], a10);
+      store16(rows[1] + 16, a11);
+      store16(rows[2], a20);
+      store16(rows[2] + 16, a21);
+      store16(rows[3], a30);
+      store16(rows[3] + 16, a31);
+      for (int64_t q = g; q < std::min(K, g + 32); ++q)
+        for (int64_t tt = 0; tt < 4; ++tt) z[q][t0 + tt] = tt < used ? rows[tt][q - g] : 0.0f;
+    }
+  }
+}
+
+// out[0:64] += sum_q g[q] * wt[q * len : q * len + 64] for one token's g [K].
+inline void through_projection_64(float* out, const float* g, const float* wt, int64_t len, int64_t K) {
+  float16_v a0 = load16(out), a1 = load16(out + 16), a2 = load16(out + 32), a3 = load16(out + 48);
+  for (int64_t q = 0; q < K; ++q) {
+    const float* w = wt + q * len;
+    a0 += g[q] * load16(w);
+    a1 += g[q] * load16(w + 16);
+    a2 += g[q] * load16(w + 32);
+    a3 += g[q] * load16(w + 48);
+  }
+  store16(out, a0);
+  store16(out + 16, a1);
+  store16(out + 32, a2);
+  store16(out + 48, a3);
+}
+#else
+#define MHC_FLOAT_VECTORS 0
+#endif
 
 // f(scalar_t{}) for the stream dtype (float, double, bfloat16, half). A lambda, unlike the
 // body of AT_DISPATCH_*, is no macro argument, so the loops inside can carry pragmas.
@@ -228,22 +338,22 @@ void check_optional(const c10::optional<at::Tensor>& t, const char* name, at::In
 
 // ------------------------------------------------------------------------------ pre side
 
-// x [M, n, C], proj = v @ phi [M, K] (v = x as [M, nC] in the accumulation dtype), bias and
-// gate [K] -> u [M, C] (x's dtype), rstd [M], d = proj * rstd [M, K], act [M, K] (sigmoid of
+// x [M, n, C], phi [nC, K], bias and gate [K] -> u [M, C] (x's dtype), rstd [M],
+// d = (v @ phi) * rstd [M, K] (v = x as [M, nC] in the accumulation dtype), act [M, K] (sigmoid of
 // the pre/post columns for mHC, whose res columns are unused; tanh of every column for HC),
 // h_pre, h_post [M, n], h_res [M, n, n] and (mHC) the Sinkhorn sums, by tiles of kTile tokens
 // ([tiles, 2 * iters * n, kTile]: only pre_backward reads them).
-std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& proj, const at::Tensor& bias,
+std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& bias,
                                     const at::Tensor& gate, bool sinkhorn, int64_t iters, double eps,
                                     double tiny) {
   check_streams(x);
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n;
   const auto acc_type = accumulation_type(x.scalar_type());
   TORCH_CHECK(iters >= 0, "mhc_cpu.pre_forward: iters must be >= 0, got ", iters);
-  check_operand(proj, "pre_forward: proj", {M, K}, acc_type);
+  check_operand(phi, "pre_forward: phi", {n * C, K}, acc_type);
   check_operand(bias, "pre_forward: bias", {K}, acc_type);
   check_operand(gate, "pre_forward: gate", {K}, acc_type);
-  auto acc_opts = proj.options();
+  auto acc_opts = phi.options();
   auto u = at::empty({M, C}, x.options());
   auto rstd = at::empty({M}, acc_opts);
   auto d = at::empty({M, K}, acc_opts);
@@ -258,16 +368,33 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& proj,
     using acc_t = at::opmath_type<scalar_t>;
     using lanes_t = acc_t[kTile];
     const scalar_t* xs = x.data_ptr<scalar_t>();
-    const acc_t *ps = proj.data_ptr<acc_t>(), *bs = bias.data_ptr<acc_t>(), *gs = gate.data_ptr<acc_t>();
+    const acc_t *ws = phi.data_ptr<acc_t>(), *bs = bias.data_ptr<acc_t>(), *gs = gate.data_ptr<acc_t>();
     scalar_t* us = u.data_ptr<scalar_t>();
     acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
     acc_t *pre = h_pre.data_ptr<acc_t>(), *post = h_post.data_ptr<acc_t>(), *res = h_res.data_ptr<acc_t>();
     acc_t* ss = sums.data_ptr<acc_t>();
+    const int64_t K_padded = (K + 31) / 32 * 32;
+    std::vector<acc_t> w_padded;  // phi with its columns padded to K_padded, for the float path
+#if MHC_FLOAT_VECTORS
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      w_padded.assign(n * C * K_padded, 0.0f);
+      for (int64_t k = 0; k < n * C; ++k) std::copy(ws + k * K, ws + (k + 1) * K, w_padded.data() + k * K_padded);
+    }
+#endif
     at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * n * C) / kTile), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(C);
+      lanes_t proj[kMaxColumns];  // the tile's v @ phi, column-major
       lanes_t z[kMaxColumns];  // the tile's logits (bias + d * gate), then its activations, column-major
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
+        if (!w_padded.empty()) {
+#if MHC_FLOAT_VECTORS
+          if constexpr (std::is_same_v<scalar_t, float>)
+            project_tile_float(proj, xs + m0 * n * C, count, n * C, w_padded.data(), K, K_padded);
+#endif
+        } else {
+          project_tile(proj, xs + m0 * n * C, count, n * C, ws, K);
+        }
         for (int64_t t = 0; t < kTile; ++t) {
           const int64_t m = m0 + t;
           if (t >= count) {  // lanes past the last token: any finite logits
@@ -278,7 +405,7 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& proj,
           const acc_t r = acc_t(1) / std::sqrt(dot<acc_t>(xm, xm, n * C) / acc_t(n * C) + acc_t(eps));
           rs[m] = r;
           for (int64_t q = 0; q < K; ++q) {
-            const acc_t dq = ps[m * K + q] * r;
+            const acc_t dq = proj[q][t] * r;
             ds[m * K + q] = dq;
             z[q][t] = bs[q] + dq * gs[q];
           }
@@ -417,42 +544,96 @@ std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd
   return {g_proj, per_token, g_bias, g_alpha};
 }
 
-// dL/dX = through_proj + X * per_token (the rstd term) + h_pre (x) g_u (the aggregate) + more
-// (a gradient of X from elsewhere: the fused post + pre side's X_next output), in x's dtype:
-// through_proj = g_proj @ phi^T [M, nC] (accumulation dtype); g_u and more may be undefined.
-at::Tensor pre_backward_streams(const at::Tensor& x, const at::Tensor& through_proj, const at::Tensor& per_token,
-                                const at::Tensor& h_pre, const c10::optional<at::Tensor>& g_u,
-                                const c10::optional<at::Tensor>& more) {
+// The pass over the streams that ends the pre side's backward, by tiles of tokens, from
+// g_proj = dL/d(v @ phi) [M, K] and phi_t = phi^T [K, nC] (accumulation dtype):
+//   dL/dX = g_proj @ phi^T + X * per_token (the rstd term) + h_pre (x) g_u (the aggregate)
+//           + more (a gradient of X from elsewhere: the fused post + pre side's X_next output),
+//   in x's dtype [M, n, C]; g_u and more may be undefined;
+//   dL/dphi = v^T @ g_proj [nC, K] (accumulation dtype), summed per thread and then over them.
+// Either comes back undefined where its need_* is false.
+std::vector<c10::optional<at::Tensor>> pre_backward_streams(
+    const at::Tensor& x, const at::Tensor& g_proj, const at::Tensor& phi_t, const at::Tensor& per_token,
+    const at::Tensor& h_pre, const c10::optional<at::Tensor>& g_u, const c10::optional<at::Tensor>& more,
+    bool need_x, bool need_phi) {
   check_streams(x);
-  const int64_t M = x.size(0), n = x.size(1), C = x.size(2);
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n, len = n * C;
   const bool has_u = g_u.has_value() && g_u->defined();
   const bool has_more = more.has_value() && more->defined();
   const auto acc_type = accumulation_type(x.scalar_type());
-  check_operand(through_proj, "pre_backward_streams: through_proj", {M, n * C}, acc_type);
+  check_operand(g_proj, "pre_backward_streams: g_proj", {M, K}, acc_type);
+  check_operand(phi_t, "pre_backward_streams: phi_t", {K, len}, acc_type);
   check_operand(per_token, "pre_backward_streams: per_token", {M}, acc_type);
   check_operand(h_pre, "pre_backward_streams: h_pre", {M, n}, acc_type);
   check_optional(g_u, "pre_backward_streams: g_u", {M, C}, x.scalar_type());
   check_optional(more, "pre_backward_streams: more", {M, n, C}, x.scalar_type());
-  auto g_x = at::empty_like(x);
+  at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial = need_phi ? at::zeros({threads, K, len}, g_proj.options()) : at::Tensor();  // dphi^T per thread
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr int64_t kBlock = 64;  // channels per accumulator block
     const scalar_t* xs = x.data_ptr<scalar_t>();
     const scalar_t* gus = has_u ? g_u->data_ptr<scalar_t>() : nullptr;
     const scalar_t* mores = has_more ? more->data_ptr<scalar_t>() : nullptr;
-    const acc_t *tp = through_proj.data_ptr<acc_t>(), *pt = per_token.data_ptr<acc_t>(), *hp = h_pre.data_ptr<acc_t>();
-    scalar_t* out = g_x.data_ptr<scalar_t>();
-    at::parallel_for(0, M, grain_for(n * C), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t base = (m * n + j) * C;
-          stream_gradient_row(out + base, tp + base, xs + base, pt[m], hp[m * n + j], has_u ? gus + m * C : nullptr,
-                              has_more ? mores + base : nullptr, C);
+    const acc_t *gp = g_proj.data_ptr<acc_t>(), *wt = phi_t.data_ptr<acc_t>();
+    const acc_t *pt = per_token.data_ptr<acc_t>(), *hp = h_pre.data_ptr<acc_t>();
+    scalar_t* out = need_x ? g_x.data_ptr<scalar_t>() : nullptr;
+    acc_t* parts = need_phi ? partial.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * K * len) / kTile), [&](int64_t begin, int64_t end) {
+      acc_t* phi_sums = need_phi ? parts + at::get_thread_num() * K * len : nullptr;
+      acc_t block[kBlock];
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
+        if (need_phi) {  // dphi^T[q, k] += sum over the tile's tokens of g_proj[m, q] * v[m, k]
+          int64_t q = 0;
+#if MHC_FLOAT_VECTORS
+          if constexpr (std::is_same_v<scalar_t, float>)
+            if (len % 16 == 0) q = phi_gradient_tile(phi_sums, xs + m0 * len, gp + m0 * K, count, len, K);
+#endif
+          for (; q < K; ++q)
+            for (int64_t k0 = 0; k0 < len; k0 += kBlock) {
+              const int64_t width = std::min(kBlock, len - k0);
+              acc_t* sums = phi_sums + q * len + k0;
+              std::copy(sums, sums + width, block);
+              for (int64_t t = 0; t < count; ++t)
+                axpy(block, gp[(m0 + t) * K + q], xs + (m0 + t) * len + k0, width);
+              std::copy(block, block + width, sums);
+            }
+        }
+        if (!need_x) continue;
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t m = m0 + t;
+          const acc_t* gm = gp + m * K;
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t h = hp[m * n + j];
+            for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+              const int64_t width = std::min(kBlock, C - c0), base = (m * n + j) * C + c0;
+              const scalar_t* xr = xs + base;
+#pragma omp simd
+              for (int64_t c = 0; c < width; ++c) block[c] = static_cast<acc_t>(xr[c]) * pt[m];
+              if (has_u) axpy(block, h, gus + m * C + c0, width);
+              if (has_more) axpy(block, acc_t(1), mores + base, width);
+              bool done = false;
+#if MHC_FLOAT_VECTORS
+              if constexpr (std::is_same_v<acc_t, float>)
+                if (width == kBlock) {
+                  through_projection_64(block, gm, wt + j * C + c0, len, K);
+                  done = true;
+                }
+#endif
+              if (!done)
+                for (int64_t q = 0; q < K; ++q) axpy(block, gm[q], wt + q * len + j * C + c0, width);
+              store(out + base, block, width);
+            }
+          }
         }
       }
     });
   });
-  return g_x;
+  at::Tensor g_phi = need_phi ? partial.sum(0).t() : at::Tensor();  // [nC, K]
+  auto maybe = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  return {maybe(g_x), maybe(g_phi)};
 }
 
 // ----------------------------------------------------------------------------- post side
@@ -547,12 +728,12 @@ std::vector<c10::optional<at::Tensor>> post_backward(const at::Tensor& g, const 
 }  // namespace
 
 TORCH_LIBRARY(mhc_cpu, m) {
-  m.def("pre_forward(Tensor x, Tensor proj, Tensor bias, Tensor gate, bool sinkhorn, int iters, float eps, "
+  m.def("pre_forward(Tensor x, Tensor phi, Tensor bias, Tensor gate, bool sinkhorn, int iters, float eps, "
         "float tiny) -> Tensor[]");
   m.def("pre_backward(Tensor x, Tensor rstd, Tensor d, Tensor act, Tensor gate, Tensor h_res, Tensor sums, "
         "Tensor? g_u, Tensor? g_post, Tensor? g_res, bool sinkhorn, int iters) -> Tensor[]");
-  m.def("pre_backward_streams(Tensor x, Tensor through_proj, Tensor per_token, Tensor h_pre, Tensor? g_u, "
-        "Tensor? more) -> Tensor");
+  m.def("pre_backward_streams(Tensor x, Tensor g_proj, Tensor phi_t, Tensor per_token, Tensor h_pre, "
+        "Tensor? g_u, Tensor? more, bool need_x, bool need_phi) -> Tensor?[]");
   m.def("post_forward(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor");
   m.def("post_backward(Tensor g, Tensor x, Tensor y, Tensor h_post, Tensor h_res, bool need_x, bool need_y, "
         "bool need_post, bool need_res) -> Tensor?[]");
