@@ -202,11 +202,12 @@ void project_tile(acc_t (*z)[kTile], const scalar_t* x, int64_t count, int64_t l
   }
 }
 
-// The two backward products of the projection on a tile of `count` tokens, with float32
-// streams and a row length that is a multiple of 16 (64 for the second) in sixteen-lane
-// vectors held in registers; the generic loops of pre_backward_streams otherwise.
+// The projection and its two backward products with float32 accumulation, in sixteen-lane
+// vectors held in registers (GCC and Clang vector types); project_tile and the plain loops of
+// pre_backward_streams otherwise. kFloatVectors<T>: whether the accumulation type T takes them.
 #if defined(__GNUC__)
-#define MHC_FLOAT_VECTORS 1
+template <typename T>
+constexpr bool kFloatVectors = std::is_same_v<T, float>;
 typedef float float16_v __attribute__((vector_size(64)));
 inline float16_v load16(const float* p) {
   float16_v v;
@@ -298,7 +299,8 @@ inline void through_projection_64(float* out, const float* g, const float* wt, i
   store16(out + 48, a3);
 }
 #else
-#define MHC_FLOAT_VECTORS 0
+template <typename T>
+constexpr bool kFloatVectors = false;  // the calls below them are discarded statements then
 #endif
 
 // f(scalar_t{}) for the stream dtype (float, double, bfloat16, half). A lambda, unlike the
@@ -373,28 +375,23 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
     acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
     acc_t *pre = h_pre.data_ptr<acc_t>(), *post = h_post.data_ptr<acc_t>(), *res = h_res.data_ptr<acc_t>();
     acc_t* ss = sums.data_ptr<acc_t>();
+    constexpr bool vectors = kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>;
     const int64_t K_padded = (K + 31) / 32 * 32;
-    std::vector<acc_t> w_padded;  // phi with its columns padded to K_padded, for the float path
-#if MHC_FLOAT_VECTORS
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      w_padded.assign(n * C * K_padded, 0.0f);
+    std::vector<acc_t> w_padded;  // phi with its columns padded to K_padded, for project_tile_float
+    if constexpr (vectors) {
+      w_padded.assign(n * C * K_padded, acc_t(0));
       for (int64_t k = 0; k < n * C; ++k) std::copy(ws + k * K, ws + (k + 1) * K, w_padded.data() + k * K_padded);
     }
-#endif
     at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * n * C) / kTile), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(C);
       lanes_t proj[kMaxColumns];  // the tile's v @ phi, column-major
       lanes_t z[kMaxColumns];  // the tile's logits (bias + d * gate), then its activations, column-major
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
-        if (!w_padded.empty()) {
-#if MHC_FLOAT_VECTORS
-          if constexpr (std::is_same_v<scalar_t, float>)
-            project_tile_float(proj, xs + m0 * n * C, count, n * C, w_padded.data(), K, K_padded);
-#endif
-        } else {
+        if constexpr (vectors)
+          project_tile_float(proj, xs + m0 * n * C, count, n * C, w_padded.data(), K, K_padded);
+        else
           project_tile(proj, xs + m0 * n * C, count, n * C, ws, K);
-        }
         for (int64_t t = 0; t < kTile; ++t) {
           const int64_t m = m0 + t;
           if (t >= count) {  // lanes past the last token: any finite logits
@@ -587,10 +584,8 @@ std::vector<c10::optional<at::Tensor>> pre_backward_streams(
         const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
         if (need_phi) {  // dphi^T[q, k] += sum over the tile's tokens of g_proj[m, q] * v[m, k]
           int64_t q = 0;
-#if MHC_FLOAT_VECTORS
-          if constexpr (std::is_same_v<scalar_t, float>)
+          if constexpr (kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>)
             if (len % 16 == 0) q = phi_gradient_tile(phi_sums, xs + m0 * len, gp + m0 * K, count, len, K);
-#endif
           for (; q < K; ++q)
             for (int64_t k0 = 0; k0 < len; k0 += kBlock) {
               const int64_t width = std::min(kBlock, len - k0);
@@ -614,16 +609,12 @@ std::vector<c10::optional<at::Tensor>> pre_backward_streams(
               for (int64_t c = 0; c < width; ++c) block[c] = static_cast<acc_t>(xr[c]) * pt[m];
               if (has_u) axpy(block, h, gus + m * C + c0, width);
               if (has_more) axpy(block, acc_t(1), mores + base, width);
-              bool done = false;
-#if MHC_FLOAT_VECTORS
-              if constexpr (std::is_same_v<acc_t, float>)
-                if (width == kBlock) {
-                  through_projection_64(block, gm, wt + j * C + c0, len, K);
-                  done = true;
-                }
-#endif
-              if (!done)
-                for (int64_t q = 0; q < K; ++q) axpy(block, gm[q], wt + q * len + j * C + c0, width);
+              const acc_t* wj = wt + j * C + c0;  // phi^T's columns of this block, row q at wj + q * len
+              if (kFloatVectors<acc_t> && width == kBlock) {
+                if constexpr (kFloatVectors<acc_t>) through_projection_64(block, gm, wj, len, K);
+              } else {
+                for (int64_t q = 0; q < K; ++q) axpy(block, gm[q], wj + q * len, width);
+              }
               store(out + base, block, width);
             }
           }
