@@ -118,17 +118,25 @@ def kernel_rows(m, c, bw, only=None):
         # (the float32 partial projections, S * 48 * 4 bytes per token, are left out)
         "post+pre fwd": (lambda: torch.ops.mhc_compile.post_pre_fwd(xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6),
                          (3 * nc + 2 * c) * e, (2 * nc + 2 * c) * e),
-        # dH_pre partials: du, X_next; gradient pass: du, X_next, g_next, writes g;
-        # post backward: g, X, y, writes dX, dy
+        # dH_pre partials: du, X_next; gradient pass: du, X_next, g_next, writes g; dphi's
+        # matmul: X_next; post backward: g, X, y, writes dX, dy
         "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
-            (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+            (8 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+        # X_next not kept (recompute_streams, the default in converted models): the dH_pre
+        # launch reads X and y instead of X_next and writes X_next for the launches after it
+        "post+pre bwd, X_next recomputed": (lambda: torch.ops.mhc_compile.post_pre_bwd(
+            xd, u, h_post, h_res, None, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
+            (9 * nc + 5 * c) * e, (4 * nc + 3 * c) * e),
+        # the post after it, x recomputed on chip from the fused op's inputs: X and y read instead of x
+        "post bwd, x recomputed": (lambda: torch.ops.mhc_compile.post_bwd(
+            None, u, h_post2, h_res, g, False, xd, u, h_post, h_res), (3 * nc + 3 * c) * e, (3 * nc + 3 * c) * e),
         # deterministic=True: the post backward's channel sums as ordered partials, no atomics
         "post bwd, deterministic": (lambda: torch.ops.mhc_compile.post_bwd(xd, u, h_post, h_res, g, True),
                                     (3 * nc + 2 * c) * e, (3 * nc + 2 * c) * e),
         "post+pre bwd, deterministic": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20, True),
-            (7 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+            (8 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -233,19 +241,22 @@ def token_sweep_rows(token_counts, c, bw):
     return rows
 
 
-def two_connections(impl, fused, **kw):
+def two_connections(impl, fused, recompute=False, **kw):
     """pre(1) -> branch -> post(1) -> pre(2) -> branch -> post(2): a transformer block's
     attention -> MLP path with identity branches; the middle pair fused or not; ``kw``
-    (``deterministic=True``) goes to the post sides."""
+    (``deterministic=True``) goes to the post sides. ``recompute`` (fused only): the
+    stream between the connections is not kept, as ``recompute_streams`` marks it."""
 
     def run(x, phi, bias, alpha):
         u, h_post, h_res = impl.mhc_pre(x, phi, bias, alpha)
         if fused:
-            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha, **kw)
+            extra = {"keep_next": False} if recompute else {}
+            x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, u, h_post, h_res, phi, bias, alpha, **kw, **extra)
         else:
             x2 = impl.mhc_post(x, u, h_post, h_res, **kw)
             u2, h_post2, h_res2 = impl.mhc_pre(x2, phi, bias, alpha)
-        return impl.mhc_post(x2, u2, h_post2, h_res2, **kw)
+        source = {"source": (x, u, h_post, h_res)} if recompute else {}
+        return impl.mhc_post(x2, u2, h_post2, h_res2, **kw, **source)
 
     return run
 
@@ -256,6 +267,7 @@ def block_rows(m, c, bw, with_reference=True):
     impls.update({
         "kernels, post and pre separate": two_connections(library, False),
         "kernels, post+pre fused": two_connections(library, True),
+        "kernels, post+pre fused, inner stream recomputed": two_connections(library, True, recompute=True),
         "kernels, post+pre fused, deterministic": two_connections(library, True, deterministic=True),
     })
     rows = []

@@ -6,7 +6,8 @@ Forward + backward + AdamW step under bf16 autocast, ``triton.testing.do_bench``
 and peak memory, for: the plain residual model (eager, compiled), mHC with the reference
 ops (eager, compiled) and mHC with the fused kernels, compiled: the defaults (under autocast
 the streams are bf16, post+pre fused), post and pre as separate kernels, float32 streams
-(``stream_dtype=torch.float32``), ``recompute="mhc"`` and ``deterministic=True``.
+(``stream_dtype=torch.float32``), ``recompute="mhc"``, ``deterministic=True`` and
+``recompute_streams=False`` (each layer's inner stream state stored, not recomputed).
 "Compiled" is regional: ``block.compile()`` on every decoder layer (identical layers
 share one graph).
 """
@@ -35,6 +36,7 @@ VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not convert
     ("mhc, float32 streams", "compiled", {"stream_dtype": torch.float32}),
     ("mhc, recompute", "compiled", {"recompute": "mhc"}),
     ("mhc, deterministic", "compiled", {"deterministic": True}),
+    ("mhc, inner streams stored", "compiled", {"recompute_streams": False}),
 ]
 
 

@@ -364,6 +364,7 @@ def mhc_compile(
     channel_dim: Optional[int] = None,
     rms_eps: float = 1e-6,
     fuse_adjacent: bool = True,
+    recompute_streams: bool = True,
     stream_dtype: Optional[torch.dtype] = None,
     recompute: Optional[str] = None,
     deterministic: bool = False,
@@ -386,6 +387,9 @@ def mhc_compile(
             run the first's post and the second's pre as one fused op, and let a pre side
             compute the Llama-style RMSNorm that follows it in no-grad decode calls (on by
             default; ``False`` keeps them separate).
+        recompute_streams: with ``fuse_adjacent``, the backward recomputes the stream state
+            between a block's two connections instead of storing it (on by default: one
+            n-stream tensor less stored per block, see :class:`MHCConfig`).
         stream_dtype: dtype of the n streams; ``None`` (default): the autocast dtype for a
             float32 residual under autocast, the residual's dtype otherwise;
             ``torch.float32`` keeps float32 streams under autocast.
@@ -413,7 +417,8 @@ def mhc_compile(
     options = dict(
         n_streams=n_streams, mode=mode, init=init, backend=backend,
         sinkhorn_iters=sinkhorn_iters, collapse=collapse, channel_dim=channel_dim, rms_eps=rms_eps,
-        fuse_adjacent=fuse_adjacent, stream_dtype=stream_dtype, recompute=recompute,
+        fuse_adjacent=fuse_adjacent, recompute_streams=recompute_streams, stream_dtype=stream_dtype,
+        recompute=recompute,
         deterministic=deterministic,
     )
     if disabled():

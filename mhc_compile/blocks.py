@@ -23,6 +23,7 @@ from .ops import functional
 from .passes.find_residuals import CutAdd, ResidualAdd, find_residual_adds
 from .passes.fuse import fuse_post_pre
 from .passes.norm import fuse_pre_norms
+from .passes.streams import recompute_inner_streams
 from .passes.layout import channel_axis
 from .passes.rewrite import RewriteResult, StreamPlan, inline_identities, rewrite_block
 
@@ -223,6 +224,8 @@ def build_variant(block: nn.Module, analysis: BlockAnalysis, config: MHCConfig, 
     if config.fuse_adjacent:
         fuse_post_pre(gm)
         fuse_pre_norms(gm)
+        if config.recompute_streams:
+            recompute_inner_streams(gm)
     return Variant(shared_function(type(gm).forward), tuple(values_sig.dynamic), passthrough,
                    a.output_type)  # the forward is shared by equal blocks: compiled once
 

@@ -40,6 +40,11 @@ class MHCConfig:
             ``benchmarks/results/kernels-h100.md``), and hand each pre side the Llama-style
             RMSNorm that follows it, which the kernels then compute in the pre side's own
             launch in no-grad decode calls, eager or compiled (:mod:`mhc_compile.passes.norm`).
+        recompute_streams: with ``fuse_adjacent``, the kernels' backward recomputes the
+            stream state between a block's two connections from the block's input stream and
+            the first branch's output instead of storing it (on by default: one ``[..., n, C]``
+            tensor less stored per block; the backward reads one branch output more), see
+            :mod:`mhc_compile.passes.streams`. ``False`` stores it.
         stream_dtype: dtype of the n-stream tensor. ``None`` (default): the autocast dtype
             when a float32 residual runs under autocast (bf16 streams move half the bytes;
             Hugging Face models keep a float32 residual under autocast), else the dtype of
@@ -62,6 +67,7 @@ class MHCConfig:
     rms_eps: float = 1e-6
     channel_dim: Optional[int] = None
     fuse_adjacent: bool = True
+    recompute_streams: bool = True
     stream_dtype: Optional[torch.dtype] = None
     recompute: Optional[str] = None
     deterministic: bool = False
@@ -90,6 +96,8 @@ class MHCConfig:
                 f"stream_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                 f"got {self.stream_dtype!r}"
             )
+        if not isinstance(self.recompute_streams, bool):
+            raise MHCConfigError(f"recompute_streams must be True or False, got {self.recompute_streams!r}")
         if not isinstance(self.deterministic, bool):
             raise MHCConfigError(f"deterministic must be True or False, got {self.deterministic!r}")
         if self.recompute not in RECOMPUTES:

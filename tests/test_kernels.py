@@ -218,7 +218,9 @@ class _OpRecorder(TorchDispatchMode):
 
     def deterministic_flags(self) -> list[bool]:
         """The ``deterministic`` argument of each ``post_bwd`` / ``post_pre_bwd`` call."""
-        return [a[-1] is True for name, a in zip(self.calls, self.args) if name in ("post_bwd", "post_pre_bwd")]
+        index = {"post_bwd": 5, "post_pre_bwd": 18}  # the dispatcher drops trailing arguments at their defaults
+        return [len(a) > index[name] and a[index[name]] is True
+                for name, a in zip(self.calls, self.args) if name in index]
 
 
 class _Passthrough(TorchDispatchMode):

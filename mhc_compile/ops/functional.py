@@ -163,14 +163,24 @@ def mhc_post(
     channel_dim: int,
     backend: str,
     deterministic: bool = False,
+    source: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
 ) -> Tensor:
     """Post side of one connection: ``X_next = H_res X + H_post^T y`` in the stream layout.
 
     ``deterministic``: the kernels' backward gives bitwise-reproducible gradients (the
-    reference ops are as deterministic as PyTorch's own)."""
+    reference ops are as deterministic as PyTorch's own). ``source``: ``(x_prev, y_prev,
+    H_post_prev, H_res_prev)`` where ``x`` is the ``X_next`` of ``mhc_post_pre(x_prev,
+    y_prev, H_post_prev, H_res_prev, ..., keep_next=False)`` (layouts as there): the
+    kernels' backward then recomputes ``x`` from those instead of keeping it
+    (:mod:`mhc_compile.passes.streams`); the other backends keep ``x``."""
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
-    out = _impl("mhc_post", backend, tokens, deterministic=deterministic)(tokens, y_tokens, h_post, h_res)
+    options = {"deterministic": deterministic}
+    if source is not None:
+        x_prev, y_prev, h_post_prev, h_res_prev = source
+        options["source"] = (streams_to_tokens(x_prev, channel_dim), single_to_tokens(y_prev, channel_dim),
+                             h_post_prev, h_res_prev)
+    out = _impl("mhc_post", backend, tokens, **options)(tokens, y_tokens, h_post, h_res)
     return tokens_to_streams(out, x, channel_dim)
 
 
@@ -190,12 +200,15 @@ def mhc_post_pre(
     backend: str,
     deterministic: bool = False,
     norm: Optional[nn.Module] = None,
+    keep_next: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Post of one connection fused with the pre of the next (one kernel on the GPU).
 
     Same results as ``mhc_post`` then ``mhc_pre``: returns ``X_next`` in the stream layout,
     the next connection's ``u`` in the single-stream layout, its ``H_post [M, n]`` and
     ``H_res [M, n, n]``. ``norm``: as in :func:`mhc_pre`, on the next connection's ``u``.
+    ``keep_next=False``: the kernels' backward recomputes ``X_next`` instead of keeping it
+    (see ``mhc_post``'s ``source``).
     """
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
@@ -204,7 +217,8 @@ def mhc_post_pre(
             tokens, y_tokens, h_post, h_res, phi, bias, alpha, norm.weight, rms_norm_eps(norm),
             mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps)
     else:
-        x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens, deterministic=deterministic)(
+        x_next, u, h_post2, h_res2 = _impl("mhc_post_pre", backend, tokens, deterministic=deterministic,
+                                           keep_next=keep_next)(
             tokens, y_tokens, h_post, h_res, phi, bias, alpha,
             mode=mode, sinkhorn_iters=sinkhorn_iters, eps=eps,
         )

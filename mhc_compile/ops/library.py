@@ -404,16 +404,20 @@ if KERNELS_AVAILABLE:
     def _coefficient_backward(
         x: Tensor, du: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
         q: Tensor, rstd: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
+        source: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Launches 1 and 2 of a pre backward over streams ``x [M, n, C]``: ``dproj [M, W]``,
-        ``dz [M, n^2 + 2n]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32)."""
+        ``dz [M, n^2 + 2n]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32).
+        ``source``: ``(x_prev, y, H_post, H_res)`` of the post whose output ``x`` is, which
+        was not kept: launch 1 recomputes ``x`` from them into the (empty) ``x``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         t = _tiles(x, c, DH_TILES, "proj")
         per, splits = _splits(x, c, t.channels, blocks=_cdiv(m, t.tokens))
         part = x.new_empty(splits, m, lay.np, dtype=torch.float32)
         launch(kernels._dh_pre_kernel, (_cdiv(m, t.tokens), splits),
-            x, du, part, m, c, per, N=n, NP=lay.np, **t.launch(),
+            x, du, part, *(source or (x, du, x, x)), m, c, per, N=n, NP=lay.np, NPAD=lay.npad,
+            SOURCE=source is not None, **t.launch(),
         )
         dproj = x.new_zeros(m, lay.w, dtype=torch.float32)  # zero past nc: one dot in dx
         dz = x.new_empty(m, lay.nc, dtype=torch.float32)
@@ -432,14 +436,15 @@ if KERNELS_AVAILABLE:
     def _pre_side_backward(
         x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
         q: Tensor, rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
-        g_in: Tensor | None = None,
+        g_in: Tensor | None = None, source: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """A pre backward over streams ``x [M, n, C]``: ``dx`` (plus ``g_in``, the gradient
-        from the streams' other users, when given), ``dproj``, ``dz``, ``dalpha``."""
+        from the streams' other users, when given), ``dproj``, ``dz``, ``dalpha``.
+        ``source``: as in :func:`_coefficient_backward` (``x`` is filled there)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         dot = _dot_mode(x)
         dproj, dz, dalpha, coef = _coefficient_backward(
-            x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters)
+            x, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc, iters, source)
         dx = torch.empty_like(x)
         _poisoned(dx)
         t = _tiles(x, c, DX_TILES, "dx")
@@ -476,9 +481,15 @@ if KERNELS_AVAILABLE:
         ``dphi = vec(x)^T dproj``), ``dz [M, W]`` (summed: ``dbias``), ``dalpha [M, 3]``."""
         return _pre_side_backward(x, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters)
 
-    def _post_fwd_impl(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, deterministic: bool = False) -> Tensor:
+    def _post_fwd_impl(
+        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, deterministic: bool = False,
+        x_src: Tensor | None = None, y_src: Tensor | None = None, h_post_src: Tensor | None = None,
+        h_res_src: Tensor | None = None,
+    ) -> Tensor:
         """``X_next [M, n, C] = H_res @ x + H_post^T y``; ``deterministic`` only picks the
-        backward's reduction (see :func:`post_bwd`)."""
+        backward's reduction (see :func:`post_bwd`). ``x_src``...``h_res_src``: the inputs of
+        the fused post whose output ``x`` is (``mhc_post(..., source=)``); not read here, kept
+        for the backward in ``x``'s place."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         out = torch.empty_like(x)
         _poisoned(out)
@@ -490,13 +501,17 @@ if KERNELS_AVAILABLE:
         return out
 
     def _post_backward_launch(
-        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool
+        x: Tensor | None, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool,
+        source: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The post backward kernel: ``dx``, ``dy``, ``dH_post``, ``dH_res`` from ``grad [M, n, C]``.
 
         The channel sums of ``dH_post``/``dH_res`` use float32 atomics, or, when
         ``deterministic``, per-range partial sums (ranges of DETERMINISTIC_POST_CHANNELS)
-        added in a fixed order: bitwise identical run to run."""
+        added in a fixed order: bitwise identical run to run. ``source``: ``(x_prev, y_prev,
+        H_post_prev, H_res_prev)``, the inputs of the post whose output ``x`` is (then
+        ``None``): the kernel recomputes ``x`` on chip instead of reading it."""
+        x = grad if x is None else x  # with a source only its shape and dtype are used
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
@@ -512,33 +527,38 @@ if KERNELS_AVAILABLE:
             dh_post = x.new_zeros(m, n, dtype=torch.float32)  # accumulated with atomics
             dh_res = x.new_zeros(m, n, n, dtype=torch.float32)
         launch(kernels._post_bwd_kernel, (_cdiv(m, t.tokens), splits),
-            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, m, c, per,
-            N=n, NPAD=layout(n).npad, ATOMIC=not deterministic, **t.launch(),
+            x, y, h_post, h_res, grad, dx, dy, dh_post, dh_res, *(source or (x, y, h_post, h_res)), m, c, per,
+            N=n, NPAD=layout(n).npad, ATOMIC=not deterministic, SOURCE=source is not None, **t.launch(),
         )
         if deterministic:
             dh_post, dh_res = dh_post.sum(0), dh_res.sum(0)  # torch's reductions use no atomics
         return dx, dy, dh_post, dh_res
 
     def _post_bwd_impl(
-        x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool = False
+        x: Tensor | None, y: Tensor, h_post: Tensor, h_res: Tensor, grad: Tensor, deterministic: bool = False,
+        x_src: Tensor | None = None, y_src: Tensor | None = None, h_post_src: Tensor | None = None,
+        h_res_src: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`post_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` (bitwise
-        reproducible where ``deterministic``)."""
-        return _post_backward_launch(x, y, h_post, h_res, grad, deterministic)
+        reproducible where ``deterministic``); ``x`` is ``None`` where the source (``x_src``
+        ...) was kept instead."""
+        source = None if x_src is None else (x_src, y_src, h_post_src, h_res_src)
+        return _post_backward_launch(x, y, h_post, h_res, grad, deterministic, source)
 
     def _post_pre_fwd_impl(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
-        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False,
+        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False, keep_next: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Post of one connection fused with the pre of the next: ``x [M, n, C]``, ``y [M, C]``,
         ``H_post, H_res`` of the first -> ``X_next [M, n, C]`` and :func:`pre_fwd`'s outputs
-        for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``)."""
+        for the second (``u``, ``H_pre``, ``H_post``, ``H_res``, ``q``, ``rstd``).
+        ``keep_next=False``: the backward does not keep ``X_next`` but recomputes it."""
         return _post_pre_forward(x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, eps)
 
     def _post_pre_forward(
         x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, phi: Tensor, bias: Tensor,
-        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False, reuse: bool = False,
-        norm: tuple[Tensor, float] | None = None,
+        alpha: Tensor, hc: bool, iters: int, eps: float, deterministic: bool = False, keep_next: bool = True,
+        reuse: bool = False, norm: tuple[Tensor, float] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:func:`_post_pre_fwd_impl`; ``reuse`` and ``norm``: as in :func:`_pre_forward`."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
@@ -554,18 +574,23 @@ if KERNELS_AVAILABLE:
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps, reuse, norm))
 
     def _post_pre_bwd_impl(
-        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor, g_next: Tensor,
+        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, x_next: Tensor | None, g_next: Tensor,
         phi: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor, q: Tensor,
         rstd: Tensor, du: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
         deterministic: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Gradients of :func:`post_pre_fwd`: ``dx``, ``dy``, ``dH_post``, ``dH_res`` of the
-        post side and ``dproj``, ``dz``, ``dalpha`` of the pre side (as :func:`pre_bwd`);
-        ``g_next`` is the gradient reaching ``X_next`` from its other users."""
+        post side and ``dphi [n*C, n^2 + 2n]``, ``dbias``, ``dalpha`` of the pre side (float32);
+        ``g_next`` is the gradient reaching ``X_next`` from its other users. ``x_next=None``
+        (not kept): the first launch recomputes it from ``x``, ``y``, ``H_post``, ``H_res``."""
+        source = None
+        if x_next is None:
+            x_next, source = torch.empty_like(x), (x, y, h_post0, h_res0)
         g, dproj, dz, dalpha = _pre_side_backward(  # g: X_next's whole gradient, g_next included
-            x_next, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters, g_in=g_next)
+            x_next, phi, bias, alpha, h_pre, h_post, q, rstd, du, dh_post, dh_res, hc, iters, g_in=g_next,
+            source=source)
         dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g, deterministic)
-        return dx, dy, dh_post0, dh_res0, dproj, dz, dalpha
+        return dx, dy, dh_post0, dh_res0, *_pre_param_grads(x_next, dproj, dz, dalpha)
 
     def _pre_grads_in(x, h_post, du, dh_post, dh_res):
         """Zeros for the pre-side gradients autograd passes as ``None``; float32, contiguous."""
@@ -587,22 +612,22 @@ if KERNELS_AVAILABLE:
         return dphi, dz.sum(0), dalpha.sum(0)
 
     def _post_pre_setup(ctx, inputs, output) -> None:
-        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _, deterministic = inputs
+        x, y, h_post0, h_res0, phi, bias, alpha, hc, iters, _, deterministic, keep_next = inputs
         x_next, _, h_pre, h_post, _, q, rstd = output
-        ctx.save_for_backward(x, y, h_post0, h_res0, x_next, phi, bias, alpha, h_pre, h_post, q, rstd)
+        ctx.save_for_backward(x, y, h_post0, h_res0, x_next if keep_next else None, phi, bias, alpha,
+                              h_pre, h_post, q, rstd)
         ctx.hc, ctx.iters, ctx.deterministic = hc, iters, deterministic
         ctx.mark_non_differentiable(h_pre, q, rstd)
 
     def _post_pre_backward(ctx, g_next, du, _dh_pre, dh_post, dh_res, _dq, _drstd):
         x, y, h_post0, h_res0, x_next, phi, bias, alpha, h_pre, h_post, q, rstd = ctx.saved_tensors
         du, dh_post, dh_res = _pre_grads_in(x, h_post, du, dh_post, dh_res)
-        g_next = torch.zeros_like(x_next) if g_next is None else g_next.contiguous()
-        dx, dy, dh_post0, dh_res0, dproj, dz, dalpha = torch.ops.mhc_compile.post_pre_bwd(
+        g_next = torch.zeros_like(x) if g_next is None else g_next.contiguous()
+        grads = torch.ops.mhc_compile.post_pre_bwd(
             x, y, h_post0, h_res0, x_next, g_next, phi, bias, alpha, h_pre, h_post, q, rstd,
             du, dh_post, dh_res, ctx.hc, ctx.iters, ctx.deterministic,
-        )
-        dphi, dbias, dalpha = _pre_param_grads(x_next, dproj, dz, dalpha)
-        return dx, dy, dh_post0, dh_res0, dphi, dbias, dalpha, None, None, None, None
+        )  # dx, dy, dH_post, dH_res, dphi, dbias, dalpha
+        return *grads, None, None, None, None, None
 
     def _pre_setup(ctx, inputs, output) -> None:
         x, phi, bias, alpha, hc, iters, _ = inputs
@@ -620,12 +645,14 @@ if KERNELS_AVAILABLE:
         return (dx, *_pre_param_grads(x, dproj, dz, dalpha), None, None, None)
 
     def _post_setup(ctx, inputs, output) -> None:
-        *tensors, ctx.deterministic = inputs
-        ctx.save_for_backward(*tensors)
+        x, y, h_post, h_res, ctx.deterministic, *source = inputs
+        # with a source (the fused post that produced x): keep it instead of x
+        ctx.save_for_backward(x if source[0] is None else None, y, h_post, h_res, *source)
 
     def _post_backward(ctx, grad):
-        x, y, h_post, h_res = ctx.saved_tensors
-        return (*torch.ops.mhc_compile.post_bwd(x, y, h_post, h_res, grad.contiguous(), ctx.deterministic), None)
+        grads = torch.ops.mhc_compile.post_bwd(*ctx.saved_tensors[:4], grad.contiguous(), ctx.deterministic,
+                                               *ctx.saved_tensors[4:])
+        return *grads, None, None, None, None, None
 
     pre_fwd = triton_op("mhc_compile::pre_fwd", mutates_args=())(_pre_fwd_impl)
     pre_bwd = triton_op("mhc_compile::pre_bwd", mutates_args=())(_pre_bwd_impl)
@@ -792,8 +819,14 @@ def _pre_inputs(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str, 
 def _post_pre_inputs(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
                      mode: str, iters: int, eps: float, deterministic: bool) -> tuple:
     """The inputs of ``post_pre_fwd`` (and of its body), as :func:`_pre_inputs`."""
-    return (x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
-            *_pre_inputs(x, phi, bias, alpha, mode, iters, eps)[1:], deterministic_wanted(deterministic))
+    return (*_post_inputs(x, y, h_post, h_res), *_pre_inputs(x, phi, bias, alpha, mode, iters, eps)[1:],
+            deterministic_wanted(deterministic))
+
+
+def _post_inputs(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A post side's tensors as its kernels take them: contiguous, ``y`` in ``x``'s dtype,
+    the coefficients float32."""
+    return x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous()
 
 
 def _check_pre(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str) -> None:
@@ -834,6 +867,7 @@ def _check_post_shapes(x: Tensor, y: Tensor) -> None:
 def mhc_post_pre(
     x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor,
     *, mode: str = "mhc", sinkhorn_iters: int = 20, eps: float = 1e-6, deterministic: bool = False,
+    keep_next: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused post of one connection and pre of the next, in one kernel.
 
@@ -841,27 +875,40 @@ def mhc_post_pre(
     connection; ``phi, bias, alpha`` of the second. Returns ``X_next [M, n, C]`` (dtype of
     ``x``) and the second connection's ``u [M, C]``, ``H_post [M, n]``, ``H_res [M, n, n]``:
     the same as :func:`mhc_post` followed by :func:`mhc_pre`. ``deterministic``: as in
-    :func:`mhc_post`.
+    :func:`mhc_post`. ``keep_next=False``: the backward does not keep ``X_next`` (one
+    ``[M, n, C]`` tensor less stored) but recomputes it from the inputs; meant for an
+    ``X_next`` whose only user is an :func:`mhc_post` given ``source=`` these inputs.
     """
     _check_post_pre(x, y, h_post, h_res, phi, bias, alpha, mode)
-    x_next, u, _, h_post2, h_res2, _, _ = _run(
-        "post_pre_fwd", *_post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, deterministic))
+    inputs = _post_pre_inputs(x, y, h_post, h_res, phi, bias, alpha, mode, sinkhorn_iters, eps, deterministic)
+    x_next, u, _, h_post2, h_res2, _, _ = _run("post_pre_fwd", *inputs, bool(keep_next))
     return x_next, u, h_post2, h_res2
 
 
-def mhc_post(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, deterministic: bool = False) -> Tensor:
+def mhc_post(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, *, deterministic: bool = False,
+    source: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
     """Fused post side: ``H_res @ x + H_post^T y``; ``[M, n, C]`` in ``x.dtype``.
 
     ``deterministic`` (or ``torch.use_deterministic_algorithms(True)``): the backward sums
     ``dH_post``/``dH_res`` over channels in a fixed order instead of with float32 atomics,
     so gradients are bitwise identical run to run. The other kernels are deterministic
     always (their split-K partial sums are added in a fixed order).
+
+    ``source``: ``(x_prev, y_prev, h_post_prev, h_res_prev)`` where ``x`` is the ``X_next``
+    of ``mhc_post_pre(x_prev, y_prev, h_post_prev, h_res_prev, ..., keep_next=False)``: the
+    backward keeps those (stored anyway) instead of ``x`` and recomputes ``x`` on chip.
     """
     _check_post(x, y, h_post, h_res)
-    return _run(
-        "post_fwd", x.contiguous(), y.to(x.dtype).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(),
-        deterministic_wanted(deterministic),
-    )
+    src = (None,) * 4
+    if source is not None:
+        _check_post(*source)
+        if source[0].shape != x.shape or source[0].dtype != x.dtype:
+            raise KernelInputError(f"source streams must be like x {list(x.shape)}, {x.dtype}; "
+                                   f"got {list(source[0].shape)}, {source[0].dtype}")
+        src = _post_inputs(*source)
+    return _run("post_fwd", *_post_inputs(x, y, h_post, h_res), deterministic_wanted(deterministic), *src)
 
 
 def deterministic_wanted(deterministic: bool) -> bool:

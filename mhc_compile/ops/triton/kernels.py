@@ -205,6 +205,30 @@ def _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, C, N: tl.const
 
 
 @triton.jit
+def _load_mix_inputs(x_ptr, y_ptr, rm64, mmask, rc, cmask, C, N: tl.constexpr, NPAD: tl.constexpr):
+    """All input streams ``x [BM, NPAD, BC]`` and the branch output ``y [BM, BC]`` of a channel
+    chunk (float32, zero where masked): what :func:`_mixed_stream` mixes."""
+    ri = tl.arange(0, NPAD)
+    off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
+    x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & cmask[None, None, :], other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    return x3, y
+
+
+@triton.jit
+def _mixed_stream(x3, y, hpost_ptr, hres_ptr, rm64, mmask, i, N: tl.constexpr, NPAD: tl.constexpr):
+    """Stream ``i`` of ``X_{l+1} = H_res X_l + H_post^T y`` on a ``[BM, BC]`` tile (float32)
+    from :func:`_load_mix_inputs`. The fused post+pre forward and the backward kernels that
+    recompute ``X_{l+1}`` instead of reading it all take this one expression."""
+    ri = tl.arange(0, NPAD)
+    h_post = tl.load(hpost_ptr + rm64 * N + i, mask=mmask, other=0.0)
+    h_row = tl.load(hres_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :],
+                    mask=mmask[:, None] & (ri < N)[None, :], other=0.0)  # H[:, i, :]
+    return h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
+
+
+@triton.jit
 def _post_fwd_kernel(
     x_ptr, y_ptr, hpost_ptr, hres_ptr, out_ptr, M, C,
     N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
@@ -224,12 +248,14 @@ def _post_fwd_kernel(
 
 @triton.jit
 def _post_bwd_chunk(
-    x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr, rm64, mmask, rc, cmask, C,
-    N: tl.constexpr, NPAD: tl.constexpr, BM: tl.constexpr,
+    x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr, xs_ptr, ys_ptr, hps_ptr, hrs_ptr, rm64, mmask, rc,
+    cmask, C, N: tl.constexpr, NPAD: tl.constexpr, SOURCE: tl.constexpr, BM: tl.constexpr,
 ):
     """One ``[BM, BC]`` channel chunk of the post backward: stores ``dx`` and ``dy`` there and
     returns this chunk's parts of the channel sums ``dH_post [BM, NPAD]`` and ``dH_res [BM,
-    NPAD, NPAD]``."""
+    NPAD, NPAD]``. ``SOURCE``: ``x`` is not read but recomputed as :func:`_mixed_stream` of
+    ``xs, ys, hps, hrs`` (the inputs of the post that produced it; ``x_ptr`` then only gives
+    its dtype)."""
     ri = tl.arange(0, NPAD)
     K = N * C
     mi = mmask[:, None] & (ri < N)[None, :]
@@ -242,8 +268,14 @@ def _post_bwd_chunk(
     tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
     d_hpost = tl.sum(g * y[:, None, :], axis=2)
     d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+    if SOURCE:
+        x3, ys = _load_mix_inputs(xs_ptr, ys_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
     for j in tl.static_range(N):
-        xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        if SOURCE:  # rounded to the streams' dtype, as the forward stored it
+            xj = _mixed_stream(x3, ys, hps_ptr, hrs_ptr, rm64, mmask, j, N, NPAD).to(
+                x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
         h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, mask=mi, other=0.0)  # H[:, :, j]
         dxj = tl.sum(h_col[:, :, None] * g, axis=1)
         tl.store(dx_ptr + rm64[:, None] * K + j * C + rc[None, :], dxj.to(dx_ptr.dtype.element_ty), mask=mc)
@@ -254,15 +286,18 @@ def _post_bwd_chunk(
 
 @triton.jit
 def _post_bwd_kernel(
-    x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, M, C, CS,
-    N: tl.constexpr, NPAD: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    x_ptr, y_ptr, hpost_ptr, hres_ptr, g_ptr, dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr,
+    xs_ptr, ys_ptr, hps_ptr, hrs_ptr, M, C, CS,
+    N: tl.constexpr, NPAD: tl.constexpr, ATOMIC: tl.constexpr, SOURCE: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Grid (token blocks, channel ranges of ``CS``). The sums over C of ``dH_post`` and
     ``dH_res``: with ``ATOMIC`` (``CS == BC``: one chunk per program), float32 atomics into
     zeroed ``[M, n]``, ``[M, n, n]`` buffers (fast; the rounding depends on the order the
     programs run in); else a program walks its range in chunks of ``BC`` and stores its
     partial sums to ``[S, M, n]``, ``[S, M, n, n]``, which the caller adds in a fixed order
-    (bitwise reproducible)."""
+    (bitwise reproducible). ``SOURCE``: ``x`` recomputed from ``xs, ys, hps, hrs`` (see
+    :func:`_post_bwd_chunk`)."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     ri = tl.arange(0, NPAD)
     ivalid = ri < N
@@ -274,7 +309,8 @@ def _post_bwd_kernel(
     if ATOMIC:
         rc = c_lo + tl.arange(0, BC)
         d_hpost, d_hres = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
-                                          rm64, mmask, rc, rc < c_hi, C, N, NPAD, BM)
+                                          xs_ptr, ys_ptr, hps_ptr, hrs_ptr, rm64, mmask, rc, rc < c_hi, C,
+                                          N, NPAD, SOURCE, BM)
         tl.atomic_add(dhpost_ptr + post_off, d_hpost, mask=mi)
         tl.atomic_add(dhres_ptr + res_off, d_hres, mask=res_mask)
     else:
@@ -283,7 +319,8 @@ def _post_bwd_kernel(
         for c0 in range(c_lo, c_hi, BC):
             rc = c0 + tl.arange(0, BC)
             hp, hr = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
-                                     rm64, mmask, rc, rc < c_hi, C, N, NPAD, BM)
+                                     xs_ptr, ys_ptr, hps_ptr, hrs_ptr, rm64, mmask, rc, rc < c_hi, C,
+                                     N, NPAD, SOURCE, BM)
             d_hpost += hp
             d_hres += hr
         base = tl.program_id(1).to(tl.int64) * M
@@ -471,23 +508,15 @@ def _post_proj_kernel(
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
     K = N * C
-    ri = tl.arange(0, NPAD)
-    mi = mmask[:, None] & (ri < N)[None, :]
     acc = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
         cmask = rc < c_hi
         mc = mmask[:, None] & cmask[None, :]
-        off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
-        x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & (rc < c_hi)[None, None, :],
-                     other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        x3, y = _load_mix_inputs(x_ptr, y_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
         for i in tl.static_range(N):
-            h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
-            h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)  # H[:, i, :]
-            xi = h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
-            xo = xi.to(xn_ptr.dtype.element_ty)
+            xo = _mixed_stream(x3, y, hpost0_ptr, hres0_ptr, rm64, mmask, i, N, NPAD).to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
             acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, NC, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
@@ -649,19 +678,31 @@ def _aggregate_kernel(x_ptr, hpre_ptr, u_ptr, M, C, N: tl.constexpr, BM: tl.cons
 
 
 @triton.jit
-def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, M, C, CS,
-                   N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    """Partial ``dH_pre [S, M, NP]`` of one channel range: ``sum_c du[:, c] x[:, j, c]``."""
+def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, xs_ptr, ys_ptr, hps_ptr, hrs_ptr, M, C, CS,
+                   N: tl.constexpr, NP: tl.constexpr, NPAD: tl.constexpr, SOURCE: tl.constexpr,
+                   BM: tl.constexpr, BC: tl.constexpr):
+    """Partial ``dH_pre [S, M, NP]`` of one channel range: ``sum_c du[:, c] x[:, j, c]``.
+
+    ``SOURCE``: the streams ``x`` are the output of a post that was not kept: they are
+    recomputed as :func:`_mixed_stream` of ``xs, ys, hps, hrs`` (that post's inputs) and
+    stored to ``x_ptr`` for the launches that follow."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
     cp = tl.arange(0, NP)
     d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
-        mc = mmask[:, None] & (rc < c_hi)[None, :]
+        cmask = rc < c_hi
+        mc = mmask[:, None] & cmask[None, :]
         du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        if SOURCE:
+            x3, ys = _load_mix_inputs(xs_ptr, ys_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
         for j in tl.static_range(N):
-            xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0)
+            if SOURCE:
+                xj = _mixed_stream(x3, ys, hps_ptr, hrs_ptr, rm64, mmask, j, N, NPAD).to(x_ptr.dtype.element_ty)
+                tl.store(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], xj, mask=mc)
+            else:
+                xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0)
             d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj.to(tl.float32), axis=1)[:, None], 0.0)
     tl.store(part_ptr + (split * M + rm64)[:, None] * NP + cp[None, :], d_hpre, mask=mmask[:, None])
 
