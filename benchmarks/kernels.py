@@ -301,6 +301,11 @@ KNOBS = [
                          Tiles(64, 32, 4, 4), Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(128, 32, 4, 4),
                          Tiles(64, 32, 8, 4), Tiles(32, 32, 4, 4)], "post+pre fwd"),
     ("POST_PROJ_TILES.stages", [1, 2, 3, 4], "post+pre fwd"),
+    ("POST_SOURCE_TILES", [Tiles(4, 256, 4), Tiles(4, 256, 8), Tiles(8, 256, 8), Tiles(2, 256, 4), Tiles(4, 128, 4),
+                           Tiles(8, 128, 4), Tiles(4, 512, 8), Tiles(16, 64, 4), Tiles(8, 64, 4), Tiles(2, 512, 4)],
+     "post bwd, x recomputed"),
+    ("DH_SOURCE_TILES", [Tiles(16, 256, 4), Tiles(16, 128, 4), Tiles(32, 128, 8), Tiles(8, 256, 4), Tiles(16, 256, 8),
+                         Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(8, 128, 4)], "post+pre bwd, X_next recomputed"),
 ]
 
 

@@ -55,6 +55,10 @@ DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre part
 DX_TILES = Tiles(tokens=64, channels=64, warps=4)  # tl.dot needs >= 16 tokens; also the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
+# The backward launches that recompute X_{l+1} rather than read it (recompute_streams):
+# the post backward on chip, the fused op's dH_pre launch storing it for the launches after.
+POST_SOURCE_TILES = Tiles(tokens=4, channels=256, warps=4)
+DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/kernels.py --tune, H200: 1.90 vs 2.04 ms
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
@@ -412,7 +416,7 @@ if KERNELS_AVAILABLE:
         was not kept: launch 1 recomputes ``x`` from them into the (empty) ``x``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
-        t = _tiles(x, c, DH_TILES, "proj")
+        t = _tiles(x, c, DH_TILES if source is None else DH_SOURCE_TILES, "proj")
         per, splits = _splits(x, c, t.channels, blocks=_cdiv(m, t.tokens))
         part = x.new_empty(splits, m, lay.np, dtype=torch.float32)
         launch(kernels._dh_pre_kernel, (_cdiv(m, t.tokens), splits),
@@ -516,7 +520,7 @@ if KERNELS_AVAILABLE:
         dx = torch.empty_like(x)
         dy = torch.empty_like(y)
         _poisoned(dx, dy)
-        t = _tiles(x, c, POST_TILES, "post")
+        t = _tiles(x, c, POST_TILES if source is None else POST_SOURCE_TILES, "post")
         if deterministic:
             per, splits = _splits(x, c, t.channels, DETERMINISTIC_POST_CHANNELS)
             dh_post = x.new_empty(splits, m, n, dtype=torch.float32)
