@@ -172,14 +172,16 @@ def mhc_post(
     H_post_prev, H_res_prev)`` where ``x`` is the ``X_next`` of ``mhc_post_pre(x_prev,
     y_prev, H_post_prev, H_res_prev, ..., keep_next=False)`` (layouts as there): the
     kernels' backward then recomputes ``x`` from those instead of keeping it
-    (:mod:`mhc_compile.passes.streams`); the other backends keep ``x``."""
+    (:mod:`mhc_compile.passes.streams`); the other backends keep ``x``, and so do calls
+    that record no gradient or whose ``x_prev`` is not contiguous in the token view."""
     tokens = streams_to_tokens(x, channel_dim)
     y_tokens = single_to_tokens(y, channel_dim).to(x.dtype)
     options = {"deterministic": deterministic}
-    if source is not None:
+    if source is not None and torch.is_grad_enabled():  # no backward, nothing to keep: skip its host work
         x_prev, y_prev, h_post_prev, h_res_prev = source
-        options["source"] = (streams_to_tokens(x_prev, channel_dim), single_to_tokens(y_prev, channel_dim),
-                             h_post_prev, h_res_prev)
+        x_prev_tokens = streams_to_tokens(x_prev, channel_dim)
+        if x_prev_tokens.is_contiguous():  # else keeping it would mean a copy as large as x: keep x
+            options["source"] = (x_prev_tokens, single_to_tokens(y_prev, channel_dim), h_post_prev, h_res_prev)
     out = _impl("mhc_post", backend, tokens, **options)(tokens, y_tokens, h_post, h_res)
     return tokens_to_streams(out, x, channel_dim)
 
