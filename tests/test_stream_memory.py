@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhc_compile as mhc
-from mhc_compile.ops import functional, library
+from mhc_compile.ops import library
 
 pytestmark = pytest.mark.skipif(not library.KERNELS_AVAILABLE, reason="needs the triton package")
 
