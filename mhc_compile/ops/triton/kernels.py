@@ -187,18 +187,14 @@ def _stream_offsets(rm64, ri, rc, C, N: tl.constexpr):
 
 
 @triton.jit
-def _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, cmask, C, N: tl.constexpr, NPAD: tl.constexpr):
-    """``X_{l+1} = H_res X_l + H_post^T y`` for a chunk of all streams: ``[BM, NPAD, BC]``
-    float32, zero where masked (``cmask [BC]``: the chunk's live channels).
+def _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, C, N: tl.constexpr, NPAD: tl.constexpr):
+    """``H_res X + H_post^T y`` for a chunk of all streams: ``[BM, NPAD, BC]`` float32.
 
-    ``h_post [BM, NPAD]`` is loaded by the caller (zero in the padding). The terms are added
-    in one fixed order (``h_post y``, then stream 0, 1, ...): the post forward, the fused
-    post+pre forward and the backward kernels that recompute ``X_{l+1}`` instead of reading
-    it all take this one expression, so a recomputed stream equals the stored one.
+    ``h_post [BM, NPAD]`` is loaded by the caller (zero in the padding).
     """
     ri = tl.arange(0, NPAD)
     mi = mmask[:, None] & (ri < N)[None, :]
-    mc = mmask[:, None] & cmask[None, :]
+    mc = mmask[:, None] & (rc < C)[None, :]
     y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
     acc = h_post[:, :, None] * y[:, None, :]
     for k in tl.static_range(N):
@@ -209,18 +205,27 @@ def _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, cmask, C, N: t
 
 
 @triton.jit
-def _stream_of(x3, j, NPAD: tl.constexpr):
-    """Stream ``j [BM, BC]`` of a chunk of all streams ``x3 [BM, NPAD, BC]`` (exact: the
-    other streams enter as zeros)."""
+def _load_mix_inputs(x_ptr, y_ptr, rm64, mmask, rc, cmask, C, N: tl.constexpr, NPAD: tl.constexpr):
+    """All input streams ``x [BM, NPAD, BC]`` and the branch output ``y [BM, BC]`` of a channel
+    chunk (float32, zero where masked): what :func:`_mixed_stream` mixes."""
     ri = tl.arange(0, NPAD)
-    return tl.sum(tl.where(ri[None, :, None] == j, x3, 0.0), axis=1)
+    off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
+    x3 = tl.load(x_ptr + off3, mask=mmask[:, None, None] & smask3 & cmask[None, None, :], other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + rm64[:, None] * C + rc[None, :], mask=mmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    return x3, y
 
 
 @triton.jit
-def _coefficient_row(hpost_ptr, rm64, mmask, N: tl.constexpr, NPAD: tl.constexpr):
-    """``H_post [BM, NPAD]`` of a token block (zero in the padding)."""
+def _mixed_stream(x3, y, hpost_ptr, hres_ptr, rm64, mmask, i, N: tl.constexpr, NPAD: tl.constexpr):
+    """Stream ``i`` of ``X_{l+1} = H_res X_l + H_post^T y`` on a ``[BM, BC]`` tile (float32)
+    from :func:`_load_mix_inputs`. The fused post+pre forward and the backward kernels that
+    recompute ``X_{l+1}`` instead of reading it all take this one expression."""
     ri = tl.arange(0, NPAD)
-    return tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mmask[:, None] & (ri < N)[None, :], other=0.0)
+    h_post = tl.load(hpost_ptr + rm64 * N + i, mask=mmask, other=0.0)
+    h_row = tl.load(hres_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :],
+                    mask=mmask[:, None] & (ri < N)[None, :], other=0.0)  # H[:, i, :]
+    return h_post[:, None] * y + tl.sum(h_row[:, :, None] * x3, axis=1)
 
 
 @triton.jit
@@ -235,22 +240,22 @@ def _post_fwd_kernel(
     mmask = rm < M
     rc = pid_c * BC + tl.arange(0, BC)
     ri = tl.arange(0, NPAD)
-    acc = _mix_streams(x_ptr, y_ptr, _coefficient_row(hpost_ptr, rm64, mmask, N, NPAD), hres_ptr, rm64, mmask,
-                       rc, rc < C, C, N, NPAD)
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mmask[:, None] & (ri < N)[None, :], other=0.0)
+    acc = _mix_streams(x_ptr, y_ptr, h_post, hres_ptr, rm64, mmask, rc, C, N, NPAD)
     off, smask = _stream_offsets(rm64, ri, rc, C, N)
     tl.store(out_ptr + off, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None, None] & smask)
 
 
 @triton.jit
 def _post_bwd_chunk(
-    x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr, xs_ptr, ys_ptr, h_post_src, hrs_ptr, rm64, mmask, rc,
+    x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr, xs_ptr, ys_ptr, hps_ptr, hrs_ptr, rm64, mmask, rc,
     cmask, C, N: tl.constexpr, NPAD: tl.constexpr, SOURCE: tl.constexpr, BM: tl.constexpr,
 ):
     """One ``[BM, BC]`` channel chunk of the post backward: stores ``dx`` and ``dy`` there and
     returns this chunk's parts of the channel sums ``dH_post [BM, NPAD]`` and ``dH_res [BM,
-    NPAD, NPAD]``. ``SOURCE``: ``x`` is not read but recomputed as :func:`_mix_streams` of
-    ``xs, ys, h_post_src [BM, NPAD], hrs`` (the inputs of the post that produced it;
-    ``x_ptr`` then only gives its dtype)."""
+    NPAD, NPAD]``. ``SOURCE``: ``x`` is not read but recomputed as :func:`_mixed_stream` of
+    ``xs, ys, hps, hrs`` (the inputs of the post that produced it; ``x_ptr`` then only gives
+    its dtype)."""
     ri = tl.arange(0, NPAD)
     K = N * C
     mi = mmask[:, None] & (ri < N)[None, :]
@@ -263,12 +268,12 @@ def _post_bwd_chunk(
     tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
     d_hpost = tl.sum(g * y[:, None, :], axis=2)
     d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
-    if SOURCE:  # rounded to the streams' dtype, as the forward stored it
-        x3 = _mix_streams(xs_ptr, ys_ptr, h_post_src, hrs_ptr, rm64, mmask, rc, cmask, C, N, NPAD).to(
-            x_ptr.dtype.element_ty).to(tl.float32)
+    if SOURCE:
+        x3, ys = _load_mix_inputs(xs_ptr, ys_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
     for j in tl.static_range(N):
-        if SOURCE:
-            xj = _stream_of(x3, j, NPAD)
+        if SOURCE:  # rounded to the streams' dtype, as the forward stored it
+            xj = _mixed_stream(x3, ys, hps_ptr, hrs_ptr, rm64, mmask, j, N, NPAD).to(
+                x_ptr.dtype.element_ty).to(tl.float32)
         else:
             xj = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
         h_col = tl.load(hres_ptr + rm64[:, None] * (N * N) + ri[None, :] * N + j, mask=mi, other=0.0)  # H[:, :, j]
@@ -297,17 +302,14 @@ def _post_bwd_kernel(
     ri = tl.arange(0, NPAD)
     ivalid = ri < N
     mi = mmask[:, None] & ivalid[None, :]
-    h_post = _coefficient_row(hpost_ptr, rm64, mmask, N, NPAD)
-    h_post_src = h_post  # the source post's H_post, loaded once for all chunks
-    if SOURCE:
-        h_post_src = _coefficient_row(hps_ptr, rm64, mmask, N, NPAD)
+    h_post = tl.load(hpost_ptr + rm64[:, None] * N + ri[None, :], mask=mi, other=0.0)
     post_off = rm64[:, None] * N + ri[None, :]
     res_off = rm64[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
     res_mask = mmask[:, None, None] & ivalid[None, :, None] & ivalid[None, None, :]
     if ATOMIC:
         rc = c_lo + tl.arange(0, BC)
         d_hpost, d_hres = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
-                                          xs_ptr, ys_ptr, h_post_src, hrs_ptr, rm64, mmask, rc, rc < c_hi, C,
+                                          xs_ptr, ys_ptr, hps_ptr, hrs_ptr, rm64, mmask, rc, rc < c_hi, C,
                                           N, NPAD, SOURCE, BM)
         tl.atomic_add(dhpost_ptr + post_off, d_hpost, mask=mi)
         tl.atomic_add(dhres_ptr + res_off, d_hres, mask=res_mask)
@@ -317,7 +319,7 @@ def _post_bwd_kernel(
         for c0 in range(c_lo, c_hi, BC):
             rc = c0 + tl.arange(0, BC)
             hp, hr = _post_bwd_chunk(x_ptr, y_ptr, h_post, hres_ptr, g_ptr, dx_ptr, dy_ptr,
-                                     xs_ptr, ys_ptr, h_post_src, hrs_ptr, rm64, mmask, rc, rc < c_hi, C,
+                                     xs_ptr, ys_ptr, hps_ptr, hrs_ptr, rm64, mmask, rc, rc < c_hi, C,
                                      N, NPAD, SOURCE, BM)
             d_hpost += hp
             d_hres += hr
@@ -499,26 +501,24 @@ def _post_proj_kernel(
 ):
     """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles.
 
-    Per channel chunk, all streams of ``X_{l+1}`` (:func:`_mix_streams`, ``[BM, NPAD, BC]``)
-    are stored and, flattened to ``[BM, NPAD*BC]``, projected against ``phi``'s rows
-    ``i*C + c`` in one dot while on chip.
+    Per channel chunk, all input streams are loaded once as ``[BM, NPAD, BC]``; stream ``i``
+    of ``X_{l+1} = H_res X_l + H_post^T y`` is reduced from it as a ``[BM, BC]`` tile, stored,
+    and projected against ``phi``'s rows ``i*C + c`` while on chip.
     """
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
-    ri = tl.arange(0, NPAD)
-    h_post = _coefficient_row(hpost0_ptr, rm64, mmask, N, NPAD)
+    K = N * C
     acc = tl.zeros((BM, W), dtype=tl.float32)
     sumsq = tl.zeros((BM,), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
         cmask = rc < c_hi
-        xo = _mix_streams(x_ptr, y_ptr, h_post, hres0_ptr, rm64, mmask, rc, cmask, C, N, NPAD).to(xn_ptr.dtype.element_ty)
-        off, smask = _stream_offsets(rm64, ri, rc, C, N)
-        tl.store(xn_ptr + off, xo, mask=mmask[:, None, None] & smask)
-        k = (ri[:, None] * C + rc[None, :]).to(tl.int64)  # phi's rows of the chunk, stream-major
-        kmask = (ri < N)[:, None] & cmask[None, :]
-        acc, sumsq = _project(tl.reshape(xo, (BM, NPAD * BC)), phi_ptr, tl.reshape(k, (NPAD * BC,)),
-                              tl.reshape(kmask, (NPAD * BC,)), acc, sumsq, NC, W, DOT)
+        mc = mmask[:, None] & cmask[None, :]
+        x3, y = _load_mix_inputs(x_ptr, y_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
+        for i in tl.static_range(N):
+            xo = _mixed_stream(x3, y, hpost0_ptr, hres0_ptr, rm64, mmask, i, N, NPAD).to(xn_ptr.dtype.element_ty)
+            tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
+            acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, NC, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
@@ -684,32 +684,26 @@ def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, xs_ptr, ys_ptr, hps_ptr, hrs_ptr, M,
     """Partial ``dH_pre [S, M, NP]`` of one channel range: ``sum_c du[:, c] x[:, j, c]``.
 
     ``SOURCE``: the streams ``x`` are the output of a post that was not kept: they are
-    recomputed as :func:`_mix_streams` of ``xs, ys, hps, hrs`` (that post's inputs) and
+    recomputed as :func:`_mixed_stream` of ``xs, ys, hps, hrs`` (that post's inputs) and
     stored to ``x_ptr`` for the launches that follow."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
     cp = tl.arange(0, NP)
-    ri = tl.arange(0, NPAD)
     d_hpre = tl.zeros((BM, NP), dtype=tl.float32)
-    if SOURCE:
-        h_post_src = _coefficient_row(hps_ptr, rm64, mmask, N, NPAD)
     for c0 in range(c_lo, c_hi, BC):
         rc = c0 + tl.arange(0, BC)
         cmask = rc < c_hi
         mc = mmask[:, None] & cmask[None, :]
         du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
         if SOURCE:
-            x3 = _mix_streams(xs_ptr, ys_ptr, h_post_src, hrs_ptr, rm64, mmask, rc, cmask, C, N, NPAD).to(
-                x_ptr.dtype.element_ty)
-            off, smask = _stream_offsets(rm64, ri, rc, C, N)
-            tl.store(x_ptr + off, x3, mask=mmask[:, None, None] & smask)
-            x3 = x3.to(tl.float32)
+            x3, ys = _load_mix_inputs(xs_ptr, ys_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
         for j in tl.static_range(N):
             if SOURCE:
-                xj = _stream_of(x3, j, NPAD)
+                xj = _mixed_stream(x3, ys, hps_ptr, hrs_ptr, rm64, mmask, j, N, NPAD).to(x_ptr.dtype.element_ty)
+                tl.store(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], xj, mask=mc)
             else:
-                xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
-            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj, axis=1)[:, None], 0.0)
+                xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0)
+            d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj.to(tl.float32), axis=1)[:, None], 0.0)
     tl.store(part_ptr + (split * M + rm64)[:, None] * NP + cp[None, :], d_hpre, mask=mmask[:, None])
 
 
