@@ -296,6 +296,7 @@ KNOBS = [
                   Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 4), Tiles(64, 128, 8, 3), Tiles(128, 64, 8, 3),
                   Tiles(32, 128, 4, 3), Tiles(64, 32, 4, 4)], "pre bwd"),
     ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
+    ("PHI_T_BF16", [False, True], "pre bwd"),
     ("POST_PROJ_TILES", [Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 64, 8, 3), Tiles(64, 16, 4, 3),
                          Tiles(128, 64, 8, 2), Tiles(256, 32, 8, 2), Tiles(128, 16, 4, 3),
                          Tiles(64, 32, 4, 4), Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(128, 32, 4, 4),

@@ -517,6 +517,23 @@ def test_deterministic_grads_are_bitwise_identical_on_gpu(c, fused):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("m, c", [(16384, 4096), (1000, 1536), (7, 4096)])
+def test_dx_kernel_reads_phi_as_its_bf16_transpose_with_the_same_bits_on_gpu(m, c, fused, monkeypatch):
+    """bf16 streams: the dx kernel's bf16 dot reads ``phi`` through a bf16 transpose made per
+    call (``PHI_T_BF16``) instead of rounding float32 rows on chip: the same bits."""
+    inputs = _inputs(m, 4, c, torch.bfloat16)
+    monkeypatch.setattr(library, "PHI_T_BF16", False)
+    on_chip = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    monkeypatch.setattr(library, "PHI_T_BF16", True)
+    transposed = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    ref = _connection_grads(reference, inputs, "mhc", fused)
+    for name, a, b, r in zip(["dx", "dy", "dphi", "dbias", "dalpha"], transposed, on_chip, ref):
+        assert torch.equal(a, b), name
+        assert _rel(a, r) <= TOL[torch.bfloat16], name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 7, 64, 1000])
 def test_direct_launches_give_triton_launchers_bits_on_gpu(m, monkeypatch):
     """Eager calls launch a kernel's call form directly from its second launch on

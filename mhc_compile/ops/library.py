@@ -54,6 +54,7 @@ AGGREGATE_TILES = Tiles(tokens=8, channels=256, warps=8)
 DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre partials (no dot: few tokens)
 DX_TILES = Tiles(tokens=64, channels=64, warps=4)  # tl.dot needs >= 16 tokens; also the fused backward's gradient
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
+PHI_T_BF16 = True  # the dx kernel's bf16 dot reads a bf16 phi^T made per call (False: phi itself)
 POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # The backward launches that recompute X_{l+1} rather than read it (recompute_streams):
 # the post backward on chip, the fused op's dH_pre launch storing it for the launches after.
@@ -352,6 +353,16 @@ def _back_dot(dot: DotMode) -> DotMode:
     return {DotMode.SPLIT_B: DotMode.BF16}.get(dot, dot)
 
 
+def _phi_t_bf16(phi: Tensor, w: int) -> Tensor:
+    """``phi [K, NC]`` (float32) as the ``[W, K]`` bf16 transpose the dx kernel's one bf16
+    dot reads (rows past ``NC`` zero): the same rounding the dot applies on chip, loaded at
+    half the bytes and contiguous along the channels."""
+    k, nc = phi.shape
+    out = phi.new_zeros(w, k, dtype=torch.bfloat16)
+    out[:nc].copy_(phi.t())
+    return out
+
+
 if KERNELS_AVAILABLE:
 
     def _partials(x: Tensor, splits: int, reuse: bool) -> tuple[Tensor, Tensor]:
@@ -454,9 +465,11 @@ if KERNELS_AVAILABLE:
         t = _tiles(x, c, DX_TILES, "dx")
         per, splits = _splits(x, c, t.channels, DX_SPLIT_CHANNELS, blocks=_cdiv(m, t.tokens))
         lay = layout(n)
+        bdot = _back_dot(dot)
+        phi_t = bdot == DotMode.BF16 and PHI_T_BF16
         launch(kernels._pre_dx_kernel, (_cdiv(m, t.tokens), splits),
-            x, du, phi, h_pre, dproj, coef, x if g_in is None else g_in, dx, m, c, per,
-            N=n, NC=lay.nc, W=lay.w, BDOT=int(_back_dot(dot)), ACCUM=g_in is not None, **t.launch(),
+            x, du, _phi_t_bf16(phi, lay.w) if phi_t else phi, h_pre, dproj, coef, x if g_in is None else g_in, dx,
+            m, c, per, N=n, NC=lay.nc, W=lay.w, BDOT=int(bdot), ACCUM=g_in is not None, PHI_T=phi_t, **t.launch(),
         )
         return dx, dproj, dz, dalpha
 

@@ -731,15 +731,20 @@ def _pre_coef_bwd_kernel(
 
 
 @triton.jit
-def _stream_grad(xj, du, hj, coef, dproj, phi_ptr, k, kmask, NC: tl.constexpr, W: tl.constexpr,
-                 BDOT: tl.constexpr):
+def _stream_grad(xj, du, hj, coef, dproj, phi_ptr, k, kmask, K, NC: tl.constexpr, W: tl.constexpr,
+                 BDOT: tl.constexpr, PHI_T: tl.constexpr):
     """The pre side's gradient of stream ``j`` on a ``[BM, BC]`` tile:
-    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``phi [K, NC]`` is read transposed
-    (loaded as its contiguous rows ``[BC, W]``, zero past ``NC``, then transposed on chip)
-    and ``dproj [BM, W]`` is zero past ``NC``."""
+    ``H_pre[:, j] du + dproj @ phi[k, :]^T + coef x_j``; ``dproj [BM, W]`` is zero past
+    ``NC``. ``phi`` is either ``phi [K, NC]`` itself (float32, loaded as its rows ``[BC, W]``,
+    zero past ``NC``, then transposed on chip) or, with ``PHI_T``, its padded transpose
+    ``[W, K]`` in bf16 (rows past ``NC`` zero), whose ``[W, BC]`` tiles load contiguous and
+    at half the bytes: what a ``DOT_BF16`` dot rounds ``phi`` to anyway."""
     cw = tl.arange(0, W)
-    ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
-    pt = tl.trans(ph)  # [W, BC]
+    if PHI_T:
+        pt = tl.load(phi_ptr + cw[:, None] * K + k[None, :], mask=kmask[None, :], other=0.0)
+    else:
+        ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
+        pt = tl.trans(ph)  # [W, BC]
     return hj[:, None] * du + _split_dot(dproj, pt, BDOT) + coef[:, None] * xj
 
 
@@ -747,10 +752,11 @@ def _stream_grad(xj, du, hj, coef, dproj, phi_ptr, k, kmask, NC: tl.constexpr, W
 def _pre_dx_kernel(
     x_ptr, du_ptr, phi_ptr, hpre_ptr, dproj_ptr, coef_ptr, gin_ptr, dx_ptr, M, C, CS,
     N: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, BDOT: tl.constexpr, ACCUM: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr,
+    PHI_T: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Launch 3 of the pre backward: ``dx = H_pre^T du + dproj @ phi^T + coef * x``, plus
-    ``gin [M, n, C]`` (the gradient from the streams' other users) where ``ACCUM``.
+    ``gin [M, n, C]`` (the gradient from the streams' other users) where ``ACCUM``;
+    ``phi_ptr``: ``phi`` or, with ``PHI_T``, its bf16 transpose (see :func:`_stream_grad`).
 
     Grid (token blocks, channel ranges of ``CS``): a program loads its tokens' ``dproj``
     once and walks its channel range in chunks of ``BC``.
@@ -769,7 +775,8 @@ def _pre_dx_kernel(
             off = rm64[:, None] * K + j * C + rc[None, :]
             hj = tl.load(hpre_ptr + rm64 * N + j, mask=mmask, other=0.0)
             xj = tl.load(x_ptr + off, mask=mc, other=0.0).to(tl.float32)
-            dxj = _stream_grad(xj, du, hj, coef, dproj, phi_ptr, (j * C + rc).to(tl.int64), cmask, NC, W, BDOT)
+            dxj = _stream_grad(xj, du, hj, coef, dproj, phi_ptr, (j * C + rc).to(tl.int64), cmask, K, NC, W,
+                               BDOT, PHI_T)
             if ACCUM:
                 dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
