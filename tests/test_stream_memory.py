@@ -177,8 +177,11 @@ def test_validation_and_the_reference_backend_agree():
 @pytest.mark.gpu
 def test_compiled_training_step_peak_memory_drops_by_the_inner_streams_on_gpu():
     """A compiled bf16 training step of a Llama at 4 layers: the peak memory with the
-    inner streams recomputed is lower than with them stored, by at least three quarters of
-    one n-stream tensor per layer, and the losses agree."""
+    inner streams recomputed is lower than with them stored, and the losses agree. The
+    peak falls in the backward, where one layer's rebuilt ``X_mid`` is live (the fused
+    op's dH_pre launch writes it for its gradient pass): of the 4 streams no longer kept,
+    3 leave the peak (measured on an H200: 2.7 x 32 MiB), so the bound is three quarters
+    of one n-stream tensor for each layer but one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
@@ -204,5 +207,5 @@ def test_compiled_training_step_peak_memory_drops_by_the_inner_streams_on_gpu():
         torch.cuda.empty_cache()
         torch._dynamo.reset()
     stream_bytes = ids.numel() * 4 * cfg.hidden_size * 2  # [M, n, C] in bf16
-    assert peaks[False] - peaks[True] >= 0.75 * cfg.num_hidden_layers * stream_bytes, peaks
+    assert peaks[False] - peaks[True] >= 0.75 * (cfg.num_hidden_layers - 1) * stream_bytes, peaks
     assert abs(losses[True] - losses[False]) <= 1e-3 * abs(losses[False])
