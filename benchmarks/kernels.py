@@ -297,6 +297,8 @@ KNOBS = [
                   Tiles(32, 128, 4, 3), Tiles(64, 32, 4, 4)], "pre bwd"),
     ("DX_SPLIT_CHANNELS", [1024, 4096], "pre bwd"),
     ("PHI_T_BF16", [False, True], "pre bwd"),
+    ("PRE_PHI_PRESPLIT", [False, True], "pre fwd"),
+    ("POST_PRE_PHI_PRESPLIT", [False, True], "post+pre fwd"),
     ("POST_PROJ_TILES", [Tiles(64, 32, 4, 3), Tiles(128, 32, 8, 3), Tiles(64, 64, 8, 3), Tiles(64, 16, 4, 3),
                          Tiles(128, 64, 8, 2), Tiles(256, 32, 8, 2), Tiles(128, 16, 4, 3),
                          Tiles(64, 32, 4, 4), Tiles(64, 64, 4, 3), Tiles(32, 64, 4, 3), Tiles(128, 32, 4, 4),
@@ -313,8 +315,8 @@ KNOBS = [
 def get_knob(knob: str):
     """The current value of ``knob`` in ``ops.library``."""
     const, _, field = knob.partition(".")
-    value = getattr(library, const)
-    return getattr(value, field) if field else value
+    value = getattr(library, const, None)  # None: an older package without this knob
+    return getattr(value, field) if field and value is not None else value
 
 
 def set_knob(knob: str, value) -> None:

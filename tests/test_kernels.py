@@ -516,19 +516,48 @@ def test_deterministic_grads_are_bitwise_identical_on_gpu(c, fused):
         assert _rel(b, r) <= TOL[torch.bfloat16], name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_phi_split_kernel_gives_the_on_chip_hi_and_lo_parts(dtype):
+    """``_split_phi_kernel``: ``phi [K, NC]`` -> ``[2, K, W]`` hi and lo parts whose sum is
+    ``phi`` to about 2^-16, zero past ``NC`` (K not a multiple of the rows a program takes).
+    float16: exactly torch's rounding; bfloat16: within one unit of it (the interpreter
+    truncates to bfloat16 where a GPU rounds to nearest, as the on-chip split does there)."""
+    from mhc_compile.ops.triton import kernels
+    from mhc_compile.ops.triton.launch import launch
+
+    k, lay = 4 * 70 + 3, library.layout(4)
+    phi = torch.randn(k, lay.nc, generator=torch.Generator().manual_seed(0)).to(DEVICE) / 17
+    parts = torch.full((2, k, lay.w), float("nan"), dtype=dtype, device=DEVICE)
+    launch(kernels._split_phi_kernel, (triton_cdiv(k, 64),), phi, parts, k, NC=lay.nc, W=lay.w, BK=64)
+    hi, lo = parts[0, :, :lay.nc].float(), parts[1, :, :lay.nc].float()
+    if dtype == torch.float16 or DEVICE == "cuda":
+        assert torch.equal(hi, phi.to(dtype).float()) and torch.equal(lo, (phi - hi).to(dtype).float())
+    assert ((hi - phi.to(dtype).float()).abs() <= phi.abs() * 2.0 ** -7).all()
+    assert ((hi + lo - phi).abs() <= phi.abs() * 2.0 ** -14 + 2.0 ** -24).all()  # float16: lo may be subnormal
+    assert lo.any() and (lo.abs() <= phi.abs() * 2.0 ** -7).all()  # a real second part, below hi's last bit
+    assert not parts[:, :, lay.nc:].any()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("knob", ["PHI_T_BF16", "PRE_PHI_PRESPLIT", "POST_PRE_PHI_PRESPLIT"])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("m, c", [(16384, 4096), (1000, 1536), (7, 4096)])
-def test_dx_kernel_reads_phi_as_its_bf16_transpose_with_the_same_bits_on_gpu(m, c, fused, monkeypatch):
-    """bf16 streams: the dx kernel's bf16 dot reads ``phi`` through a bf16 transpose made per
-    call (``PHI_T_BF16``) instead of rounding float32 rows on chip: the same bits."""
+def test_phi_prepared_once_per_call_gives_the_same_bits_on_gpu(m, c, fused, knob, monkeypatch):
+    """bf16 streams: ``phi`` rounded once per call instead of in every token block, each
+    knob of ops/library.py on against off: the dx kernel's bf16 dot reading a bf16
+    transpose (``PHI_T_BF16``), the forward projections reading hi + lo parts split by one
+    launch (``PRE_PHI_PRESPLIT``, ``POST_PRE_PHI_PRESPLIT``). The same bits either way."""
     inputs = _inputs(m, 4, c, torch.bfloat16)
-    monkeypatch.setattr(library, "PHI_T_BF16", False)
+    monkeypatch.setattr(library, knob, False)
     on_chip = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
-    monkeypatch.setattr(library, "PHI_T_BF16", True)
-    transposed = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
+    monkeypatch.setattr(library, knob, True)
+    prepared = _connection_grads(library, inputs, "mhc", fused, deterministic=True)
     ref = _connection_grads(reference, inputs, "mhc", fused)
-    for name, a, b, r in zip(["dx", "dy", "dphi", "dbias", "dalpha"], transposed, on_chip, ref):
+    for name, a, b, r in zip(["dx", "dy", "dphi", "dbias", "dalpha"], prepared, on_chip, ref):
         assert torch.equal(a, b), name
         assert _rel(a, r) <= TOL[torch.bfloat16], name
 

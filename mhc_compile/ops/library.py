@@ -57,6 +57,11 @@ DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre part
 DX_TILES = Tiles(tokens=32, channels=128, warps=8)
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 PHI_T_BF16 = True  # the dx kernel's bf16 dot reads a bf16 phi^T made per call (False: phi itself)
+# the forward projections of 16-bit streams read phi split into hi + lo parts by one launch a call
+# (False: each token block splits float32 rows on chip); PHI_SPLIT_ROWS rows a program there
+PRE_PHI_PRESPLIT = True
+POST_PRE_PHI_PRESPLIT = True
+PHI_SPLIT_ROWS = 256
 POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # The backward launches that recompute X_{l+1} rather than read it (recompute_streams):
 # the post backward on chip, the fused op's dH_pre launch storing it for the launches after.
@@ -375,14 +380,29 @@ if KERNELS_AVAILABLE:
             return _scratch(x, "partials", ((splits, m, w), (splits, m)))
         return x.new_empty(splits, m, w, dtype=torch.float32), x.new_empty(splits, m, dtype=torch.float32)
 
+    def _projection_phi(x: Tensor, phi: Tensor, dot: DotMode, presplit: bool) -> tuple[Tensor, bool]:
+        """What a forward projection over ``x [M, n, C]`` reads for ``phi [nC, NC]``: with
+        ``presplit`` (and 16-bit streams, ``SPLIT_B``, not the decode tiles), the ``[2, nC, W]``
+        hi and lo parts from one small launch (``_split_phi_kernel``), whose rows the token
+        blocks load whole instead of each splitting float32 rows on chip; else ``phi``."""
+        if not presplit or dot != DotMode.SPLIT_B or few_tokens(x.shape[0]):
+            return phi, False
+        k, nc = phi.shape
+        w = layout(int(x.shape[1])).w
+        parts = phi.new_empty(2, k, w, dtype=x.dtype)
+        launch(kernels._split_phi_kernel, (_cdiv(k, PHI_SPLIT_ROWS),), phi, parts, k, NC=nc, W=w, BK=PHI_SPLIT_ROWS)
+        return parts, True
+
     def _pre_projection(x: Tensor, phi: Tensor, dot: DotMode, reuse: bool = False) -> tuple[Tensor, Tensor, int]:
         """Launch 1 of the pre forward: partial projections ``[S, M, W]``, ``sum(x^2) [S, M]``."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         t, per, splits = _projection_tiles(x, m, c, PROJ_TILES)
         part, sq = _partials(x, splits, reuse)
+        phi_arg, presplit = _projection_phi(x, phi, dot, PRE_PHI_PRESPLIT)
         launch(kernels._pre_proj_kernel, (_cdiv(m, t.tokens), splits),
-            x, phi, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
+            x, phi_arg, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
+            **({"PRESPLIT": True} if presplit else {}),
         )
         return part, sq, splits
 
@@ -586,9 +606,12 @@ if KERNELS_AVAILABLE:
         _poisoned(x_next)
         t, per, splits = _projection_tiles(x, m, c, POST_PROJ_TILES)
         part, sq = _partials(x, splits, reuse)
+        dot = _dot_mode(x)
+        phi_arg, presplit = _projection_phi(x, phi, dot, POST_PRE_PHI_PRESPLIT)
         launch(kernels._post_proj_kernel, (_cdiv(m, t.tokens), splits),
-            x, y, h_post0, h_res0, phi, x_next, part, sq, m, c, per,
-            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(_dot_mode(x)), **t.launch(),
+            x, y, h_post0, h_res0, phi_arg, x_next, part, sq, m, c, per,
+            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
+            **({"PRESPLIT": True} if presplit else {}),
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps, reuse, norm))
 

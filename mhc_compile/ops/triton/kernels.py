@@ -453,14 +453,38 @@ def _range_program(M, C, CS, BM: tl.constexpr):
 
 
 @triton.jit
-def _project(xt, phi_ptr, k, kmask, acc, sumsq, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr):
+def _project(xt, phi_ptr, k, kmask, acc, sumsq, K, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
+             PRESPLIT: tl.constexpr = False):
     """Add ``xt [BM, BC] @ phi[k, :]`` (rows ``k [BC]`` of ``phi [K, NC]``; one dot over all
     columns, zero past ``NC``) to ``acc [BM, W]`` and ``xt``'s row sums of squares to
-    ``sumsq [BM]``."""
+    ``sumsq [BM]``. ``PRESPLIT`` (``DOT_SPLIT_B`` only): ``phi_ptr`` is :func:`_split_phi_kernel`'s
+    ``[2, K, W]`` hi and lo parts in ``xt``'s dtype, whose rows load whole and contiguous;
+    the same two dots and bits as the split on chip."""
     cw = tl.arange(0, W)
-    ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
     xf = xt.to(tl.float32)
+    if PRESPLIT:
+        rows = k[:, None] * W + cw[None, :]
+        hi = tl.load(phi_ptr + rows, mask=kmask[:, None], other=0.0)
+        lo = tl.load(phi_ptr + K * W + rows, mask=kmask[:, None], other=0.0)
+        dot = tl.dot(xt, hi, out_dtype=tl.float32) + tl.dot(xt, lo, out_dtype=tl.float32)
+        return acc + dot, sumsq + tl.sum(xf * xf, axis=1)
+    ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
     return acc + _split_dot(xt, ph, DOT), sumsq + tl.sum(xf * xf, axis=1)
+
+
+@triton.jit
+def _split_phi_kernel(phi_ptr, out_ptr, K, NC: tl.constexpr, W: tl.constexpr, BK: tl.constexpr):
+    """``phi [K, NC]`` (float32) -> ``[2, K, W]``: its hi and lo parts in ``out``'s dtype,
+    as :func:`_split_dot`'s ``DOT_SPLIT_B`` rounds them on chip, zero past ``NC``."""
+    rk = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
+    cw = tl.arange(0, W)
+    kmask = rk < K
+    b = tl.load(phi_ptr + rk[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
+    b_hi = b.to(out_ptr.dtype.element_ty)
+    b_lo = (b - b_hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    rows = rk[:, None] * W + cw[None, :]
+    tl.store(out_ptr + rows, b_hi, mask=kmask[:, None])
+    tl.store(out_ptr + K * W + rows, b_lo, mask=kmask[:, None])
 
 
 @triton.jit
@@ -475,9 +499,10 @@ def _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W: tl
 def _pre_proj_kernel(
     x_ptr, phi_ptr, part_ptr, sq_ptr, M, C, CS,
     N: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, PRESPLIT: tl.constexpr = False,
 ):
-    """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels)."""
+    """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels);
+    ``PRESPLIT``: ``phi_ptr`` as in :func:`_project`."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
     K = N * C
@@ -489,7 +514,8 @@ def _pre_proj_kernel(
             cmask = rc < c_hi
             xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
                          mask=mmask[:, None] & cmask[None, :], other=0.0)
-            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, NC, W, DOT)
+            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, K, NC, W, DOT,
+                                      PRESPLIT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
@@ -497,9 +523,10 @@ def _pre_proj_kernel(
 def _post_proj_kernel(
     x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, xn_ptr, part_ptr, sq_ptr, M, C, CS,
     N: tl.constexpr, NPAD: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, PRESPLIT: tl.constexpr = False,
 ):
-    """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles.
+    """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles
+    (``PRESPLIT``: ``phi_ptr`` as in :func:`_project`).
 
     Per channel chunk, all input streams are loaded once as ``[BM, NPAD, BC]``; stream ``i``
     of ``X_{l+1} = H_res X_l + H_post^T y`` is reduced from it as a ``[BM, BC]`` tile, stored,
@@ -518,7 +545,8 @@ def _post_proj_kernel(
         for i in tl.static_range(N):
             xo = _mixed_stream(x3, y, hpost0_ptr, hres0_ptr, rm64, mmask, i, N, NPAD).to(xn_ptr.dtype.element_ty)
             tl.store(xn_ptr + rm64[:, None] * K + i * C + rc[None, :], xo, mask=mc)
-            acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, NC, W, DOT)
+            acc, sumsq = _project(xo, phi_ptr, (i * C + rc).to(tl.int64), cmask, acc, sumsq, K, NC, W, DOT,
+                                  PRESPLIT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
