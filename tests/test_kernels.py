@@ -543,14 +543,14 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("knob", ["PHI_T_BF16", "PRE_PHI_PRESPLIT", "POST_PRE_PHI_PRESPLIT"])
+@pytest.mark.parametrize("knob", ["PHI_T_BF16", "POST_PRE_PHI_PRESPLIT"])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("m, c", [(16384, 4096), (1000, 1536), (7, 4096)])
 def test_phi_prepared_once_per_call_gives_the_same_bits_on_gpu(m, c, fused, knob, monkeypatch):
     """bf16 streams: ``phi`` rounded once per call instead of in every token block, each
     knob of ops/library.py on against off: the dx kernel's bf16 dot reading a bf16
-    transpose (``PHI_T_BF16``), the forward projections reading hi + lo parts split by one
-    launch (``PRE_PHI_PRESPLIT``, ``POST_PRE_PHI_PRESPLIT``). The same bits either way."""
+    transpose (``PHI_T_BF16``), the fused post+pre projection reading hi + lo parts split
+    by one launch (``POST_PRE_PHI_PRESPLIT``). The same bits either way."""
     inputs = _inputs(m, 4, c, torch.bfloat16)
     monkeypatch.setattr(library, knob, False)
     on_chip = _connection_grads(library, inputs, "mhc", fused, deterministic=True)

@@ -47,7 +47,8 @@ MAX_STREAMS = 8
 # channel ranges of SPLIT_CHANNELS per stream) take many tokens per program to amortise
 # phi's L2 reads; streaming passes take few.
 PROJ_TILES = Tiles(tokens=256, channels=64, warps=4, stages=2)  # pre forward's projection
-POST_PROJ_TILES = Tiles(tokens=64, channels=32, warps=4, stages=3)  # fused post + next pre's projection
+# fused post + next pre's projection; --tune on an H200 with POST_PRE_PHI_PRESPLIT: 0.668 ms at C = 4096
+POST_PROJ_TILES = Tiles(tokens=32, channels=64, warps=4, stages=3)
 SPLIT_CHANNELS = 1024
 COEF_TILES = Tiles(tokens=64, channels=1, warps=4)  # per-token coefficient kernels (no channel axis)
 AGGREGATE_TILES = Tiles(tokens=8, channels=256, warps=8)
@@ -57,9 +58,8 @@ DH_TILES = Tiles(tokens=16, channels=256, warps=4)  # the backward's dH_pre part
 DX_TILES = Tiles(tokens=32, channels=128, warps=8)
 DX_SPLIT_CHANNELS = 4096  # channels per dx program: dproj is read once per range, not per chunk
 PHI_T_BF16 = True  # the dx kernel's bf16 dot reads a bf16 phi^T made per call (False: phi itself)
-# the forward projections of 16-bit streams read phi split into hi + lo parts by one launch a call
-# (False: each token block splits float32 rows on chip); PHI_SPLIT_ROWS rows a program there
-PRE_PHI_PRESPLIT = True
+# the fused post+pre projection of 16-bit streams reads phi split into hi + lo parts by one launch a
+# call (False: each token block splits float32 rows on chip); PHI_SPLIT_ROWS rows a program there
 POST_PRE_PHI_PRESPLIT = True
 PHI_SPLIT_ROWS = 256
 POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
@@ -380,12 +380,14 @@ if KERNELS_AVAILABLE:
             return _scratch(x, "partials", ((splits, m, w), (splits, m)))
         return x.new_empty(splits, m, w, dtype=torch.float32), x.new_empty(splits, m, dtype=torch.float32)
 
-    def _projection_phi(x: Tensor, phi: Tensor, dot: DotMode, presplit: bool) -> tuple[Tensor, bool]:
-        """What a forward projection over ``x [M, n, C]`` reads for ``phi [nC, NC]``: with
-        ``presplit`` (and 16-bit streams, ``SPLIT_B``, not the decode tiles), the ``[2, nC, W]``
-        hi and lo parts from one small launch (``_split_phi_kernel``), whose rows the token
-        blocks load whole instead of each splitting float32 rows on chip; else ``phi``."""
-        if not presplit or dot != DotMode.SPLIT_B or few_tokens(x.shape[0]):
+    def _projection_phi(x: Tensor, phi: Tensor, dot: DotMode) -> tuple[Tensor, bool]:
+        """What the fused post+pre projection over ``x [M, n, C]`` reads for ``phi [nC, NC]``:
+        with POST_PRE_PHI_PRESPLIT (and 16-bit streams, ``SPLIT_B``, not the decode tiles),
+        the ``[2, nC, W]`` hi and lo parts from one small launch (``_split_phi_kernel``),
+        whose rows its 32-token blocks load whole instead of each splitting float32 rows on
+        chip; else ``phi``. (The pre forward's 256-token blocks split few rows a token: no
+        gain there, measured.)"""
+        if not POST_PRE_PHI_PRESPLIT or dot != DotMode.SPLIT_B or few_tokens(x.shape[0]):
             return phi, False
         k, nc = phi.shape
         w = layout(int(x.shape[1])).w
@@ -399,10 +401,8 @@ if KERNELS_AVAILABLE:
         lay = layout(n)
         t, per, splits = _projection_tiles(x, m, c, PROJ_TILES)
         part, sq = _partials(x, splits, reuse)
-        phi_arg, presplit = _projection_phi(x, phi, dot, PRE_PHI_PRESPLIT)
         launch(kernels._pre_proj_kernel, (_cdiv(m, t.tokens), splits),
-            x, phi_arg, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
-            **({"PRESPLIT": True} if presplit else {}),
+            x, phi, part, sq, m, c, per, N=n, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
         )
         return part, sq, splits
 
@@ -607,11 +607,10 @@ if KERNELS_AVAILABLE:
         t, per, splits = _projection_tiles(x, m, c, POST_PROJ_TILES)
         part, sq = _partials(x, splits, reuse)
         dot = _dot_mode(x)
-        phi_arg, presplit = _projection_phi(x, phi, dot, POST_PRE_PHI_PRESPLIT)
-        launch(kernels._post_proj_kernel, (_cdiv(m, t.tokens), splits),
-            x, y, h_post0, h_res0, phi_arg, x_next, part, sq, m, c, per,
-            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(dot), **t.launch(),
-            **({"PRESPLIT": True} if presplit else {}),
+        phi_arg, presplit = _projection_phi(x, phi, dot)
+        launch(kernels._post_proj_kernel, (_cdiv(m, t.tokens), splits),  # every constexpr passed: Inductor
+            x, y, h_post0, h_res0, phi_arg, x_next, part, sq, m, c, per,  # drops a kernel's defaults
+            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(dot), PRESPLIT=presplit, **t.launch(),
         )
         return (x_next, *_finish_pre(x_next, part, sq, splits, bias, alpha, hc, iters, eps, reuse, norm))
 

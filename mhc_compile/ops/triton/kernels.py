@@ -499,10 +499,9 @@ def _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W: tl
 def _pre_proj_kernel(
     x_ptr, phi_ptr, part_ptr, sq_ptr, M, C, CS,
     N: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr, PRESPLIT: tl.constexpr = False,
+    BM: tl.constexpr, BC: tl.constexpr,
 ):
-    """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels);
-    ``PRESPLIT``: ``phi_ptr`` as in :func:`_project`."""
+    """Launch 1 of the pre forward: grid (token blocks, channel ranges of ``CS`` channels)."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
     K = N * C
@@ -514,8 +513,7 @@ def _pre_proj_kernel(
             cmask = rc < c_hi
             xt = tl.load(x_ptr + rm64[:, None] * K + j * C + rc[None, :],
                          mask=mmask[:, None] & cmask[None, :], other=0.0)
-            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, K, NC, W, DOT,
-                                      PRESPLIT)
+            acc, sumsq = _project(xt, phi_ptr, (j * C + rc).to(tl.int64), cmask, acc, sumsq, K, NC, W, DOT)
     _store_projection(part_ptr, sq_ptr, split, acc, sumsq, rm64, mmask, M, W)
 
 
@@ -523,7 +521,7 @@ def _pre_proj_kernel(
 def _post_proj_kernel(
     x_ptr, y_ptr, hpost0_ptr, hres0_ptr, phi_ptr, xn_ptr, part_ptr, sq_ptr, M, C, CS,
     N: tl.constexpr, NPAD: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
-    BM: tl.constexpr, BC: tl.constexpr, PRESPLIT: tl.constexpr = False,
+    BM: tl.constexpr, BC: tl.constexpr, PRESPLIT: tl.constexpr,
 ):
     """Post of connection l + launch 1 of connection l+1's pre, on 2-D output tiles
     (``PRESPLIT``: ``phi_ptr`` as in :func:`_project`).
