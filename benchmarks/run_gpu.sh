@@ -2,13 +2,13 @@
 # One call on the GPU machine: GPU tests, then the benchmarks; everything lands in $OUT.
 #   bash benchmarks/run_gpu.sh            (from the repository root)
 # MHC_TESTS: test files (default tests/test_kernels.py; empty: skip the tests)
-# MHC_KERNELS_ARGS: arguments of benchmarks/kernels.py ("skip": do not run it)
+# MHC_KERNELS_ARGS: arguments of benchmarks/mhc_kernels.py ("skip": do not run it)
 # MHC_TRAIN_ARGS: arguments of benchmarks/train_step.py ("skip": do not run it)
 # MHC_LOSS_ARGS, MHC_DECODE_ARGS, MHC_DECODE_OPS_ARGS: likewise for train_step.py --loss-check, decode.py
 #   and decode_ops.py (default: skip; "defaults": decode_ops.py's defaults)
 # MHC_STUDY_ARGS: arguments of benchmarks/study.py ("skip": do not run it; "defaults": its defaults);
 #   the results, the JSON and the figure land in $OUT (study-<gpu>.md, study-<gpu>.json, study.png)
-# MHC_BASELINE_ARGS: arguments of benchmarks/kernels.py run a second time, in this same call, against
+# MHC_BASELINE_ARGS: arguments of benchmarks/mhc_kernels.py run a second time, in this same call, against
 #   an older package in .whl/baseline.tar (made with `git archive <commit> mhc_compile -o .whl/baseline.tar`),
 #   so that kernel changes are compared on one machine in one run ("skip" or unset: not run)
 # MHC_BUNDLE=1: pack every result into $OUT/results.tgz (the GPU tool returns few files)
@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/local}"
 mkdir -p "$OUT"
 # optional wheels carried along (Liger-Kernel); TransformerEngine's wheel is not installed:
-# benchmarks/kernels.py reads its mHC files from .whl/ (the package would need TE's compiled core)
+# benchmarks/mhc_kernels.py reads its mHC files from .whl/ (the package would need TE's compiled core)
 wheels=$(ls .whl/*.whl 2>/dev/null | grep -v '/transformer_engine-')
 if [ -n "$wheels" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $wheels \
@@ -35,11 +35,11 @@ run_bench() {  # name, args, timeout
   timeout "$3" python3 "benchmarks/$1.py" --out "$OUT/$1.md" $2 > "$OUT/$1.log" 2>&1
   echo "== $1 (exit $?)"; tail -60 "$OUT/$1.log"
 }
-run_bench kernels "${MHC_KERNELS_ARGS:-}" "${MHC_KERNELS_TIMEOUT:-300}"
+run_bench mhc_kernels "${MHC_KERNELS_ARGS:-}" "${MHC_KERNELS_TIMEOUT:-300}"
 if [ "${MHC_BASELINE_ARGS:-skip}" != "skip" ] && [ -f .whl/baseline.tar ]; then
   base=$(mktemp -d) && tar xf .whl/baseline.tar -C "$base" && cp -r benchmarks "$base/" && cp -r .whl "$base/"
   (cd "$base" && PYTHONPATH="$base${PYTHONPATH#$PWD}" timeout "${MHC_BASELINE_TIMEOUT:-200}" \
-    python3 benchmarks/kernels.py --out "$OUT/kernels-baseline.md" $MHC_BASELINE_ARGS > "$OUT/kernels-baseline.log" 2>&1)
+    python3 benchmarks/mhc_kernels.py --out "$OUT/kernels-baseline.md" $MHC_BASELINE_ARGS > "$OUT/kernels-baseline.log" 2>&1)
   echo "== kernels, baseline package (exit $?)"; tail -40 "$OUT/kernels-baseline.log"
 fi
 run_bench train_step "${MHC_TRAIN_ARGS:-skip}" "${MHC_TRAIN_TIMEOUT:-400}"

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STREAMS = 8
-# Tiles on the GPU, from benchmarks/kernels.py --tune on an H100 (the two projections'
+# Tiles on the GPU, from benchmarks/mhc_kernels.py --tune on an H100 (the two projections'
 # retuned on an H200: 4 warps, and 64 tokens for the fused one). Projections (split-K over
 # channel ranges of SPLIT_CHANNELS per stream) take many tokens per program to amortise
 # phi's L2 reads; streaming passes take few.
@@ -66,7 +66,7 @@ POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # The backward launches that recompute X_{l+1} rather than read it (recompute_streams):
 # the post backward on chip, the fused op's dH_pre launch storing it for the launches after.
 POST_SOURCE_TILES = Tiles(tokens=4, channels=256, warps=4)
-DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/kernels.py --tune, H200: 1.90 vs 2.04 ms
+DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/mhc_kernels.py --tune, H200: 1.90 vs 2.04 ms
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles

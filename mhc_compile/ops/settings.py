@@ -1,6 +1,6 @@
 """Named kernel settings: how a projection dot is computed and how a kernel is tiled.
 
-Pure Python (no Triton import), so the tuner in ``benchmarks/kernels.py`` and the
+Pure Python (no Triton import), so the tuner in ``benchmarks/mhc_kernels.py`` and the
 registration in :mod:`mhc_compile.ops.library` can name them on any machine. The Triton
 kernels receive ``int(DotMode.X)`` as a ``tl.constexpr`` and compare it against the
 ``tl.constexpr`` mirrors in :mod:`mhc_compile.ops.triton.kernels`.

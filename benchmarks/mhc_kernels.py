@@ -4,7 +4,7 @@ mHC ops (read from its wheel in ``.whl/`` or ``--te-wheel``, see ``te_mhc.py``; 
 compute the same connection before they are timed), same run, same shapes. The
 ``deterministic`` rows time the post backward without atomics (``deterministic=True``).
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels-<gpu>.md
+    python benchmarks/mhc_kernels.py --out benchmarks/results/kernels-<gpu>.md
 
 Times are ``triton.testing`` medians (ms). Per-kernel rows time the op's launches replayed
 from a CUDA graph (``do_bench_cudagraph``: the GPU time, as inside a compiled model) and,
@@ -411,7 +411,7 @@ def main() -> None:
         rows = token_sweep_rows(args.token_sweep, args.sizes[0], bw)
         report("\n".join([
             f"# Fused kernels by token count on {torch.cuda.get_device_name()}", "",
-            f"Command: `python benchmarks/kernels.py --sizes {args.sizes[0]} --token-sweep "
+            f"Command: `python benchmarks/mhc_kernels.py --sizes {args.sizes[0]} --token-sweep "
             f"{' '.join(map(str, args.token_sweep))}`",
             f"torch {torch.__version__}, triton {triton.__version__}; n = {N}, bf16 streams; `ms`: the op's launches "
             f"replayed from a CUDA graph (GPU time), `ms, eager call`: plus the host's launch cost; do_bench "
@@ -458,7 +458,7 @@ def write_report(args, bw, kern, conn, block, tiles, te_checks, breakdown, te, f
     lines = [
         f"# mHC kernels on {gpu}",
         "",
-        f"Command: `python benchmarks/kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
+        f"Command: `python benchmarks/mhc_kernels.py --tokens {args.tokens} --sizes {' '.join(map(str, args.sizes))}"
         f"{' --tune' if args.tune else ''}{' --knobs ' + ' '.join(args.knobs) if args.knobs else ''}{' --ops-only' if args.ops_only else (' --kernels-only' if args.kernels_only else '')}"
         f"{' --without-reference' if args.without_reference else ''}{' --connections-only' if args.connections_only else ''}"
         f"{' --te-wheel ' + args.te_wheel if args.te_wheel else ''}`",
