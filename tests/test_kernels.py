@@ -528,7 +528,7 @@ def test_phi_split_kernel_gives_the_on_chip_hi_and_lo_parts(dtype):
     k, lay = 4 * 70 + 3, library.layout(4)
     phi = torch.randn(k, lay.nc, generator=torch.Generator().manual_seed(0)).to(DEVICE) / 17
     parts = torch.full((2, k, lay.w), float("nan"), dtype=dtype, device=DEVICE)
-    launch(kernels._split_phi_kernel, (triton_cdiv(k, 64),), phi, parts, k, NC=lay.nc, W=lay.w, BK=64)
+    launch(kernels._split_phi_kernel, (library._cdiv(k, 64),), phi, parts, k, NC=lay.nc, W=lay.w, BK=64)
     hi, lo = parts[0, :, :lay.nc].float(), parts[1, :, :lay.nc].float()
     if dtype == torch.float16 or DEVICE == "cuda":
         assert torch.equal(hi, phi.to(dtype).float()) and torch.equal(lo, (phi - hi).to(dtype).float())
@@ -536,10 +536,6 @@ def test_phi_split_kernel_gives_the_on_chip_hi_and_lo_parts(dtype):
     assert ((hi + lo - phi).abs() <= phi.abs() * 2.0 ** -14 + 2.0 ** -24).all()  # float16: lo may be subnormal
     assert lo.any() and (lo.abs() <= phi.abs() * 2.0 ** -7).all()  # a real second part, below hi's last bit
     assert not parts[:, :, lay.nc:].any()
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @pytest.mark.gpu

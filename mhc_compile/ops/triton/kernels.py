@@ -39,6 +39,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _lo_part(b, b_hi):
+    """The lo part of a hi + lo split of float32 ``b``: ``b - b_hi`` rounded to ``b_hi``'s
+    dtype (``b_hi``: ``b`` rounded to a 16-bit dtype)."""
+    return (b - b_hi.to(tl.float32)).to(b_hi.dtype)
+
+
+@triton.jit
+def _hi_lo_dot(a, b_hi, b_lo):
+    """``a @ (b_hi + b_lo)`` as two tensor-core dots with float32 results, hi first."""
+    return tl.dot(a, b_hi, out_dtype=tl.float32) + tl.dot(a, b_lo, out_dtype=tl.float32)
+
+
+@triton.jit
 def _split_dot(a, b, DOT: tl.constexpr):
     """``a @ b`` for a float32 ``b``, computed as :class:`~mhc_compile.ops.settings.DotMode`
     ``DOT`` says (float32-accurate but for ``DOT_BF16``). The split happens here, in
@@ -51,15 +64,11 @@ def _split_dot(a, b, DOT: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     if DOT == DOT_SPLIT_B:
         b_hi = b.to(a.dtype)
-        b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
-        return tl.dot(a, b_hi, out_dtype=tl.float32) + tl.dot(a, b_lo, out_dtype=tl.float32)
+        return _hi_lo_dot(a, b_hi, _lo_part(b, b_hi))
     a32 = a.to(tl.float32)  # DOT_SPLIT_AB
     a_hi = a32.to(tl.bfloat16)
-    a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
     b_hi = b.to(tl.bfloat16)
-    b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-    return (tl.dot(a_hi, b_hi, out_dtype=tl.float32) + tl.dot(a_hi, b_lo, out_dtype=tl.float32)
-            + tl.dot(a_lo, b_hi, out_dtype=tl.float32))
+    return _hi_lo_dot(a_hi, b_hi, _lo_part(b, b_hi)) + tl.dot(_lo_part(a32, a_hi), b_hi, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -461,15 +470,16 @@ def _project(xt, phi_ptr, k, kmask, acc, sumsq, K, NC: tl.constexpr, W: tl.const
     ``[2, K, W]`` hi and lo parts in ``xt``'s dtype, whose rows load whole and contiguous;
     the same two dots and bits as the split on chip."""
     cw = tl.arange(0, W)
-    xf = xt.to(tl.float32)
     if PRESPLIT:
         rows = k[:, None] * W + cw[None, :]
         hi = tl.load(phi_ptr + rows, mask=kmask[:, None], other=0.0)
         lo = tl.load(phi_ptr + K * W + rows, mask=kmask[:, None], other=0.0)
-        dot = tl.dot(xt, hi, out_dtype=tl.float32) + tl.dot(xt, lo, out_dtype=tl.float32)
-        return acc + dot, sumsq + tl.sum(xf * xf, axis=1)
-    ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
-    return acc + _split_dot(xt, ph, DOT), sumsq + tl.sum(xf * xf, axis=1)
+        dot = _hi_lo_dot(xt, hi, lo)
+    else:
+        ph = tl.load(phi_ptr + k[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
+        dot = _split_dot(xt, ph, DOT)
+    xf = xt.to(tl.float32)
+    return acc + dot, sumsq + tl.sum(xf * xf, axis=1)
 
 
 @triton.jit
@@ -481,10 +491,9 @@ def _split_phi_kernel(phi_ptr, out_ptr, K, NC: tl.constexpr, W: tl.constexpr, BK
     kmask = rk < K
     b = tl.load(phi_ptr + rk[:, None] * NC + cw[None, :], mask=kmask[:, None] & (cw < NC)[None, :], other=0.0)
     b_hi = b.to(out_ptr.dtype.element_ty)
-    b_lo = (b - b_hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
     rows = rk[:, None] * W + cw[None, :]
     tl.store(out_ptr + rows, b_hi, mask=kmask[:, None])
-    tl.store(out_ptr + K * W + rows, b_lo, mask=kmask[:, None])
+    tl.store(out_ptr + K * W + rows, _lo_part(b, b_hi), mask=kmask[:, None])
 
 
 @triton.jit
