@@ -10,12 +10,18 @@ the streams are bf16, post+pre fused), post and pre as separate kernels, float32
 ``recompute_streams=False`` (each layer's inner stream state stored, not recomputed).
 "Compiled" is regional: ``block.compile()`` on every decoder layer (identical layers
 share one graph).
+
+``--alternate ROUNDS`` builds the chosen variants at once and times them in turn, ROUNDS
+rounds (a 1 ms change in a ~190 ms step is below the spread between separate runs):
+
+    python benchmarks/train_step.py --hidden 4096 --layers 4 --rep 200 --only 1 4 9 --alternate 4
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 
 import torch
@@ -52,7 +58,9 @@ def build(args, options):
     return model
 
 
-def measure(args, name, how, options):
+def prepare(args, how, options):
+    """The model, built (and compiled per layer where ``how`` says so), and its training step
+    (forward + backward + fused AdamW under bf16 autocast), warmed up by three steps."""
     model = build(args, options)
     if how == "compiled":
         for layer in model.model.layers:
@@ -70,15 +78,96 @@ def measure(args, name, how, options):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return model, opt, step
+
+
+def step_peak_gib(step, resident: int) -> float:
+    """Peak memory of one ``step``, in GiB, counting ``resident`` bytes as the model's own
+    memory between steps (the rest allocated at the time belongs to other models)."""
+    torch.cuda.synchronize()
+    others = torch.cuda.memory_allocated() - resident
     torch.cuda.reset_peak_memory_stats()
     step()
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    ms = triton.testing.do_bench(step, warmup=1, rep=args.rep, return_mode="median")
-    del model, opt
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - others) / 2**30
+
+
+def release() -> None:
+    """Free what the last variant left (the caller drops its references first)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
+
+
+def measure(args, name, how, options):
+    before = torch.cuda.memory_allocated()
+    model, opt, step = prepare(args, how, options)
+    peak = step_peak_gib(step, torch.cuda.memory_allocated() - before)
+    ms = triton.testing.do_bench(step, warmup=1, rep=args.rep, return_mode="median")
+    del model, opt, step
+    release()
     return {"model": name, "mode": how, "step ms": round(ms, 1), "peak GiB": round(peak, 2)}
+
+
+def alternate_section(args, hidden: int) -> str:
+    """Every chosen variant built at once and timed in turn, ``--alternate`` rounds: a slow
+    spell of the machine falls on all of them. Per round the do_bench median of each; the
+    overhead of each mHC variant over the compiled residual model per round and over the
+    rounds' medians."""
+    width_args = argparse.Namespace(**{**vars(args), "hidden": hidden})
+    chosen = [(i, v) for i, v in enumerate(VARIANTS) if args.only is None or str(i) in args.only]
+    # the variants' layers share their forward's code objects: room for all of their graphs
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 16 * len(chosen)))
+    built, peaks = [], {}
+    for i, (name, how, options) in chosen:
+        before = torch.cuda.memory_allocated()
+        model, opt, step = prepare(width_args, how, options)
+        peaks[i] = step_peak_gib(step, torch.cuda.memory_allocated() - before)
+        built.append((i, f"{name} ({how})", step))
+        print(f"built {name} ({how}): peak {peaks[i]:.2f} GiB", flush=True)
+    times = {i: [] for i, _, _ in built}
+    for r in range(args.alternate):
+        for i, label, step in built:
+            times[i].append(triton.testing.do_bench(step, warmup=1, rep=args.rep, return_mode="median"))
+        print(f"round {r + 1}: " + ", ".join(f"{label} {times[i][-1]:.1f} ms" for i, label, _ in built), flush=True)
+    ref = next((i for i, (name, how, _) in chosen if name == "residual" and how == "compiled"), None)
+    rows = []
+    for i, label, _ in built:
+        row = {"model": label}
+        for r, ms in enumerate(times[i]):
+            row[f"round {r + 1} ms"] = round(ms, 1)
+            if ref is not None and i != ref:
+                row[f"round {r + 1} ms"] = f"{ms:.1f} ({100 * (ms / times[ref][r] - 1):+.1f}%)"
+        median = statistics.median(times[i])
+        row["median ms"] = round(median, 1)
+        row["peak GiB"] = round(peaks[i], 2)
+        if ref is not None:
+            row["vs compiled residual"] = f"{100 * (median / statistics.median(times[ref]) - 1):+.1f}%"
+            row["memory vs compiled residual"] = f"{100 * (peaks[i] / peaks[ref] - 1):+.1f}%"
+        rows.append(row)
+    del built
+    release()
+    return "\n".join([
+        f"# Training step on {torch.cuda.get_device_name()}, hidden {hidden}, variants alternating",
+        "",
+        f"Command: `python benchmarks/train_step.py {command_args(args)}`",
+        f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {hidden}, "
+        f"{args.layers} layers, {args.batch * args.seq} tokens per step, bf16 autocast, fused AdamW; all variants "
+        f"built at once, then {args.alternate} rounds timing each in turn (do_bench median of {args.rep} ms each); "
+        "per round, the overhead over the compiled residual model in that round; peak memory of one step "
+        "(the model's own memory between steps counted, the other models' not).",
+        "",
+        tabulate(rows, headers="keys", tablefmt="github"),
+        "",
+    ])
+
+
+def command_args(args) -> str:
+    return (f"--hidden {' '.join(map(str, args.hidden))} --layers {args.layers} --batch {args.batch} "
+            f"--seq {args.seq} --vocab {args.vocab} --rep {args.rep}"
+            f"{' --only ' + ' '.join(args.only) if args.only else ''}"
+            f"{f' --alternate {args.alternate}' if args.alternate else ''}")
 
 
 def loss_check(args) -> str:
@@ -145,6 +234,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rep", type=int, default=2000, help="do_bench budget in ms")
     parser.add_argument("--only", nargs="*", default=None, help="indices of VARIANTS to run")
+    parser.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                        help="build the chosen variants at once and time them in turn, ROUNDS rounds")
     parser.add_argument("--out", default=None)
     parser.add_argument("--loss-check", type=int, default=0, metavar="STEPS",
                         help="instead of timing: train a small model STEPS steps with bf16 and float32 streams")
@@ -155,7 +246,7 @@ def main() -> None:
         return
     sections = []
     for hidden in args.hidden:  # one table per width, written as each finishes
-        sections.append(width_section(args, hidden))
+        sections.append(alternate_section(args, hidden) if args.alternate else width_section(args, hidden))
         report("\n".join(sections), args.out)
 
 
@@ -187,9 +278,7 @@ def width_section(args, hidden: int) -> str:
     return "\n".join([
         f"# Training step on {torch.cuda.get_device_name()}, hidden {hidden}",
         "",
-        f"Command: `python benchmarks/train_step.py --hidden {' '.join(map(str, args.hidden))} "
-        f"--layers {args.layers} --batch {args.batch} --seq {args.seq} --vocab {args.vocab} --rep {args.rep}"
-        f"{' --only ' + ' '.join(args.only) if args.only else ''}`",
+        f"Command: `python benchmarks/train_step.py {command_args(args)}`",
         f"torch {torch.__version__}, triton {triton.__version__}; Llama-style, hidden {hidden}, "
         f"{args.layers} layers, {args.batch * args.seq} tokens per step, bf16 autocast, fused AdamW; "
         "forward + backward + optimizer step, do_bench median; peak memory of one step.",
