@@ -34,34 +34,31 @@ def _contiguous(g: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 def _pre_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str, iters: int,
                  eps: float) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
-    """``(u [M, C] x.dtype, h_post [M, n], h_res [M, n, n])`` and the tensors its backward reads."""
+    """``(u [M, C] x.dtype, h_post [M, n], h_res [M, n, n])`` and the tensors its backward reads
+    (not H_res: the backward recomputes Sinkhorn-Knopp from ``d``)."""
     n = x.shape[1]
     acc = cpu._accumulation_dtype(x)
     x = x.contiguous()
     gate = cpu._gate_per_column(alpha.to(acc), n).contiguous()
-    u, rstd, d, act, h_pre, h_post, h_res, sums = native.ops().pre_forward(
-        x, phi.to(acc).contiguous(), bias.to(acc).contiguous(), gate, mode == "mhc", iters, eps, cpu._TINY)
-    # the caller gets its own H_res: the saved one must not change under an in-place op on the output
-    return (u, h_post, h_res.clone()), (x, phi, rstd, d, gate, act, h_pre, h_res, sums)
+    bias = bias.to(acc).contiguous()
+    u, rstd, d, act, h_pre, h_post, h_res = native.ops().pre_forward(
+        x, phi.to(acc).contiguous(), bias, gate, mode == "mhc", iters, eps, cpu._TINY)
+    return (u, h_post, h_res), (x, phi, bias, gate, rstd, d, act, h_pre)
 
 
 def _pre_backward(saved: tuple, mode: str, iters: int, g_u: Optional[Tensor], g_post: Optional[Tensor],
                   g_res: Optional[Tensor], need_x: bool, need_phi: bool,
                   g_x_more: Optional[Tensor] = None) -> tuple:
-    """``(dX, dphi, dbias, dalpha)``; ``g_x_more``: a gradient of X from elsewhere, added to dX."""
+    """``(dX, dphi, dbias, dalpha)`` in one pass over the tokens; ``g_x_more``: a gradient of X
+    from elsewhere, added to dX."""
     if g_u is None and g_post is None and g_res is None:  # only X_next (fused) is used downstream
         return g_x_more if need_x else None, None, None, None
-    x, phi, rstd, d, gate, act, h_pre, h_res, sums = saved
+    x, phi, bias, gate, rstd, d, act, h_pre = saved
     acc = d.dtype
-    g_u = _contiguous(g_u, x.dtype)
-    g_proj, per_token, g_bias, g_alpha = native.ops().pre_backward(
-        x, rstd, d, act, gate, h_res, sums, g_u, _contiguous(g_post, acc), _contiguous(g_res, acc),
-        mode == "mhc", iters)
-    if not (need_x or need_phi):
-        return None, None, g_bias, g_alpha
-    g_x, g_phi = native.ops().pre_backward_streams(
-        x, g_proj, phi.to(acc).t().contiguous(), per_token, h_pre, g_u, _contiguous(g_x_more, x.dtype),
-        need_x, need_phi)
+    g_x, g_phi, g_bias, g_alpha = native.ops().pre_backward(
+        x, phi.to(acc).t().contiguous(), bias, gate, rstd, d, act, h_pre, _contiguous(g_u, x.dtype),
+        _contiguous(g_post, acc), _contiguous(g_res, acc), _contiguous(g_x_more, x.dtype) if need_x else None,
+        mode == "mhc", iters, cpu._TINY, need_x, need_phi)
     return g_x, None if g_phi is None else g_phi.to(phi.dtype), g_bias, g_alpha
 
 

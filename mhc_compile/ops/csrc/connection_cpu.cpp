@@ -343,8 +343,9 @@ void check_optional(const c10::optional<at::Tensor>& t, const char* name, at::In
 // x [M, n, C], phi [nC, K], bias and gate [K] -> u [M, C] (x's dtype), rstd [M],
 // d = (v @ phi) * rstd [M, K] (v = x as [M, nC] in the accumulation dtype), act [M, K] (sigmoid of
 // the pre/post columns for mHC, whose res columns are unused; tanh of every column for HC),
-// h_pre, h_post [M, n], h_res [M, n, n] and (mHC) the Sinkhorn sums, by tiles of kTile tokens
-// ([tiles, 2 * iters * n, kTile]: only pre_backward reads them).
+// h_pre, h_post [M, n], h_res [M, n, n], by tiles of kTile tokens. The Sinkhorn sums stay in the
+// tile's scratch: the backward recomputes them from d (pre_backward), which costs less than
+// writing and reading them (2 * iters * n floats a token, more than half the stream's bytes at n = 4).
 std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& bias,
                                     const at::Tensor& gate, bool sinkhorn, int64_t iters, double eps,
                                     double tiny) {
@@ -364,7 +365,6 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
   auto h_post = at::empty({M, n}, acc_opts);
   auto h_res = at::empty({M, n, n}, acc_opts);
   const int64_t steps = sinkhorn ? 2 * iters : 0;
-  auto sums = at::empty({tiles_of(M), steps * n, kTile}, acc_opts);
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -374,7 +374,6 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
     scalar_t* us = u.data_ptr<scalar_t>();
     acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
     acc_t *pre = h_pre.data_ptr<acc_t>(), *post = h_post.data_ptr<acc_t>(), *res = h_res.data_ptr<acc_t>();
-    acc_t* ss = sums.data_ptr<acc_t>();
     constexpr bool vectors = kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>;
     const int64_t K_padded = (K + 31) / 32 * 32;
     std::vector<acc_t> w_padded;  // phi with its columns padded to K_padded, for project_tile_float
@@ -384,6 +383,7 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
     }
     at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * n * C) / kTile), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(C);
+      std::vector<lanes_t> scratch(std::max<int64_t>(1, steps * n));  // the tile's Sinkhorn sums
       lanes_t proj[kMaxColumns];  // the tile's v @ phi, column-major
       lanes_t z[kMaxColumns];  // the tile's logits (bias + d * gate), then its activations, column-major
       for (int64_t tile = begin; tile < end; ++tile) {
@@ -411,7 +411,7 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
           for (int64_t j = 0; j < 2 * n; ++j)
 #pragma omp simd
             for (int64_t t = 0; t < kTile; ++t) z[j][t] = acc_t(1) / (acc_t(1) + coef_exp(-z[j][t]));
-          sinkhorn_tile(z + 2 * n, reinterpret_cast<lanes_t*>(ss + tile * steps * n * kTile), n, iters, acc_t(tiny));
+          sinkhorn_tile(z + 2 * n, scratch.data(), n, iters, acc_t(tiny));
         } else {
           for (int64_t q = 0; q < K; ++q)
             for (int64_t t = 0; t < count; ++t) z[q][t] = std::tanh(ds[(m0 + t) * K + q]);
@@ -438,62 +438,84 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
       }
     });
   });
-  return {u, rstd, d, act, h_pre, h_post, h_res, sums};
+  return {u, rstd, d, act, h_pre, h_post, h_res};
 }
 
-// The coefficients' backward, by tiles of tokens: from the gradients of u [M, C] (x's dtype),
-// of h_post [M, n] and of h_res [M, n, n] (each may be undefined) to g_proj = dL/d(v @ phi)
-// [M, K], the per-token factor of the rstd term [M], and the gradients of bias [K] and of
-// alpha [3] (summed over the tokens).
-std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& d,
-                                     const at::Tensor& act, const at::Tensor& gate, const at::Tensor& h_res,
-                                     const at::Tensor& sums, const c10::optional<at::Tensor>& g_u,
-                                     const c10::optional<at::Tensor>& g_post, const c10::optional<at::Tensor>& g_res,
-                                     bool sinkhorn, int64_t iters) {
+// The pre side's backward, one pass over tiles of kTile tokens. Per tile, from the gradients of
+// u [M, C] (x's dtype), of h_post [M, n] and of h_res [M, n, n] (each may be undefined):
+//   1. the coefficients' backward: the column gradients through the sigmoids (mHC) or tanh (HC)
+//      and through Sinkhorn-Knopp, whose iterations are recomputed from the saved d (the forward's
+//      own arithmetic: the same bits), to g_proj = dL/d(v @ phi) [kTile, K] and the per-token
+//      factor of the rstd term, both on the stack; the gradients of bias [K] and alpha [3] summed;
+//   2. while the tile of x is in the L1 cache:
+//      dL/dX = g_proj @ phi^T + X * per_token + h_pre (x) g_u + more (a gradient of X from
+//      elsewhere: the fused post + pre side's X_next output) [M, n, C] in x's dtype, and
+//      dL/dphi += v^T @ g_proj [nC, K] (accumulation dtype), summed per thread, then over them.
+// phi_t = phi^T [K, nC], bias and gate [K], d and act [M, K], rstd [M], h_pre [M, n] in the
+// accumulation dtype. dL/dX and dL/dphi come back undefined where need_x / need_phi is false.
+std::vector<c10::optional<at::Tensor>> pre_backward(
+    const at::Tensor& x, const at::Tensor& phi_t, const at::Tensor& bias, const at::Tensor& gate,
+    const at::Tensor& rstd, const at::Tensor& d, const at::Tensor& act, const at::Tensor& h_pre,
+    const c10::optional<at::Tensor>& g_u, const c10::optional<at::Tensor>& g_post,
+    const c10::optional<at::Tensor>& g_res, const c10::optional<at::Tensor>& more, bool sinkhorn, int64_t iters,
+    double tiny, bool need_x, bool need_phi) {
   check_streams(x);
-  const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n;
+  const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n, len = n * C;
   const bool has_u = g_u.has_value() && g_u->defined();
   const bool has_post = g_post.has_value() && g_post->defined();
   const bool has_res = g_res.has_value() && g_res->defined();
+  const bool has_more = more.has_value() && more->defined();
   const auto acc_type = accumulation_type(x.scalar_type());
-  const int64_t steps_expected = sinkhorn ? 2 * iters : 0;
+  TORCH_CHECK(iters >= 0, "mhc_cpu.pre_backward: iters must be >= 0, got ", iters);
+  check_operand(phi_t, "pre_backward: phi_t", {K, len}, acc_type);
+  check_operand(bias, "pre_backward: bias", {K}, acc_type);
+  check_operand(gate, "pre_backward: gate", {K}, acc_type);
   check_operand(rstd, "pre_backward: rstd", {M}, acc_type);
   check_operand(d, "pre_backward: d", {M, K}, acc_type);
   check_operand(act, "pre_backward: act", {M, K}, acc_type);
-  check_operand(gate, "pre_backward: gate", {K}, acc_type);
-  check_operand(h_res, "pre_backward: h_res", {M, n, n}, acc_type);
-  check_operand(sums, "pre_backward: sums", {tiles_of(M), steps_expected * n, kTile}, acc_type);
+  check_operand(h_pre, "pre_backward: h_pre", {M, n}, acc_type);
   check_optional(g_u, "pre_backward: g_u", {M, C}, x.scalar_type());
   check_optional(g_post, "pre_backward: g_post", {M, n}, acc_type);
   check_optional(g_res, "pre_backward: g_res", {M, n, n}, acc_type);
+  check_optional(more, "pre_backward: more", {M, n, C}, x.scalar_type());
   auto acc_opts = d.options();
-  auto g_proj = at::empty({M, K}, acc_opts);
-  auto per_token = at::empty({M}, acc_opts);
   const int64_t threads = at::get_num_threads();
   auto partial = at::zeros({threads, 2, K}, acc_opts);  // per thread: bias and alpha column sums
+  at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor phi_partial = need_phi ? at::zeros({threads, K, len}, acc_opts) : at::Tensor();  // dphi^T per thread
   const int64_t steps = sinkhorn ? 2 * iters : 0;
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     using lanes_t = acc_t[kTile];
+    constexpr int64_t kBlock = 64;  // channels per accumulator block
     const scalar_t* xs = x.data_ptr<scalar_t>();
     const scalar_t* gus = has_u ? g_u->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* mores = has_more ? more->data_ptr<scalar_t>() : nullptr;
     const acc_t* gps = has_post ? g_post->data_ptr<acc_t>() : nullptr;
     const acc_t* grs = has_res ? g_res->data_ptr<acc_t>() : nullptr;
+    const acc_t *wt = phi_t.data_ptr<acc_t>(), *bs = bias.data_ptr<acc_t>(), *gs = gate.data_ptr<acc_t>();
     const acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
-    const acc_t *gs = gate.data_ptr<acc_t>(), *hs = h_res.data_ptr<acc_t>(), *ss = sums.data_ptr<acc_t>();
-    acc_t *out = g_proj.data_ptr<acc_t>(), *pt = per_token.data_ptr<acc_t>(), *parts = partial.data_ptr<acc_t>();
-    at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(n * C + 4 * n * n * iters) / kTile),
+    const acc_t* hp = h_pre.data_ptr<acc_t>();
+    acc_t* parts = partial.data_ptr<acc_t>();
+    scalar_t* out = need_x ? g_x.data_ptr<scalar_t>() : nullptr;
+    acc_t* phi_parts = need_phi ? phi_partial.data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * K * len + 4 * n * n * iters) / kTile),
                      [&](int64_t begin, int64_t end) {
       acc_t* bias_sums = parts + at::get_thread_num() * 2 * K;
       acc_t* alpha_sums = bias_sums + K;
+      acc_t* phi_sums = need_phi ? phi_parts + at::get_thread_num() * K * len : nullptr;
+      std::vector<lanes_t> sums(std::max<int64_t>(1, steps * n));  // the tile's recomputed Sinkhorn sums
       lanes_t cols[kMaxColumns];  // the tile's column gradients
-      lanes_t p[kMaxStreams * kMaxStreams];
+      lanes_t p[kMaxStreams * kMaxStreams];  // its logits, then its doubly stochastic matrices
+      acc_t g_proj[kTile * kMaxColumns];  // token-major [kTile, K]
+      acc_t per_token[kTile];
+      acc_t block[kBlock];
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
         for (int64_t t = 0; t < kTile; ++t) {
           const int64_t m = m0 + t;
-          if (t >= count) {
+          if (t >= count) {  // lanes past the last token: zero gradients, logits as the forward's
             for (int64_t q = 0; q < K; ++q) cols[q][t] = 0;
             for (int64_t q = 0; q < n * n; ++q) p[q][t] = 0;
             continue;
@@ -506,12 +528,13 @@ std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd
           if (sinkhorn) {
             for (int64_t i = 0; i < n; ++i) cols[n + i][t] *= acc_t(2);
             for (int64_t j = 0; j < 2 * n; ++j) cols[j][t] *= am[j] * (acc_t(1) - am[j]);
-            for (int64_t q = 0; q < n * n; ++q) p[q][t] = hs[m * n * n + q];
+            for (int64_t q = 2 * n; q < K; ++q) p[q - 2 * n][t] = bs[q] + ds[m * K + q] * gs[q];
           }
         }
-        if (sinkhorn && has_res)
-          sinkhorn_backward_tile(cols + 2 * n, p, reinterpret_cast<const lanes_t*>(ss + tile * steps * n * kTile), n,
-                                 iters);
+        if (sinkhorn && has_res) {
+          sinkhorn_tile(p, sums.data(), n, iters, acc_t(tiny));
+          sinkhorn_backward_tile(cols + 2 * n, p, sums.data(), n, iters);
+        }
         for (int64_t t = 0; t < count; ++t) {
           const int64_t m = m0 + t;
           const acc_t* dm = ds + m * K;
@@ -526,87 +549,34 @@ std::vector<at::Tensor> pre_backward(const at::Tensor& x, const at::Tensor& rstd
             acc_t g_d = gq * gs[q];
             if (!sinkhorn) g_d *= acc_t(1) - am[q] * am[q];
             along_d += g_d * dm[q];
-            out[m * K + q] = g_d * r;
+            g_proj[t * K + q] = g_d * r;
           }
-          pt[m] = along_d * r * r / -acc_t(n * C);
+          per_token[t] = along_d * r * r / -acc_t(n * C);
         }
-      }
-    });
-  });
-  auto column_sums = partial.sum(0);  // [2, K]
-  auto g_bias = column_sums[0];
-  auto by_column = column_sums[1];
-  auto g_alpha = at::stack({by_column.slice(0, 0, n).sum(), by_column.slice(0, n, 2 * n).sum(),
-                            by_column.slice(0, 2 * n, K).sum()});
-  return {g_proj, per_token, g_bias, g_alpha};
-}
-
-// The pass over the streams that ends the pre side's backward, by tiles of tokens, from
-// g_proj = dL/d(v @ phi) [M, K] and phi_t = phi^T [K, nC] (accumulation dtype):
-//   dL/dX = g_proj @ phi^T + X * per_token (the rstd term) + h_pre (x) g_u (the aggregate)
-//           + more (a gradient of X from elsewhere: the fused post + pre side's X_next output),
-//   in x's dtype [M, n, C]; g_u and more may be undefined;
-//   dL/dphi = v^T @ g_proj [nC, K] (accumulation dtype), summed per thread and then over them.
-// Either comes back undefined where its need_* is false.
-std::vector<c10::optional<at::Tensor>> pre_backward_streams(
-    const at::Tensor& x, const at::Tensor& g_proj, const at::Tensor& phi_t, const at::Tensor& per_token,
-    const at::Tensor& h_pre, const c10::optional<at::Tensor>& g_u, const c10::optional<at::Tensor>& more,
-    bool need_x, bool need_phi) {
-  check_streams(x);
-  const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n, len = n * C;
-  const bool has_u = g_u.has_value() && g_u->defined();
-  const bool has_more = more.has_value() && more->defined();
-  const auto acc_type = accumulation_type(x.scalar_type());
-  check_operand(g_proj, "pre_backward_streams: g_proj", {M, K}, acc_type);
-  check_operand(phi_t, "pre_backward_streams: phi_t", {K, len}, acc_type);
-  check_operand(per_token, "pre_backward_streams: per_token", {M}, acc_type);
-  check_operand(h_pre, "pre_backward_streams: h_pre", {M, n}, acc_type);
-  check_optional(g_u, "pre_backward_streams: g_u", {M, C}, x.scalar_type());
-  check_optional(more, "pre_backward_streams: more", {M, n, C}, x.scalar_type());
-  at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
-  const int64_t threads = at::get_num_threads();
-  at::Tensor partial = need_phi ? at::zeros({threads, K, len}, g_proj.options()) : at::Tensor();  // dphi^T per thread
-  dispatch_streams(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t kBlock = 64;  // channels per accumulator block
-    const scalar_t* xs = x.data_ptr<scalar_t>();
-    const scalar_t* gus = has_u ? g_u->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* mores = has_more ? more->data_ptr<scalar_t>() : nullptr;
-    const acc_t *gp = g_proj.data_ptr<acc_t>(), *wt = phi_t.data_ptr<acc_t>();
-    const acc_t *pt = per_token.data_ptr<acc_t>(), *hp = h_pre.data_ptr<acc_t>();
-    scalar_t* out = need_x ? g_x.data_ptr<scalar_t>() : nullptr;
-    acc_t* parts = need_phi ? partial.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * K * len) / kTile), [&](int64_t begin, int64_t end) {
-      acc_t* phi_sums = need_phi ? parts + at::get_thread_num() * K * len : nullptr;
-      acc_t block[kBlock];
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
-        if (need_phi) {  // dphi^T[q, k] += sum over the tile's tokens of g_proj[m, q] * v[m, k]
+        if (need_phi) {  // dphi^T[q, k] += sum over the tile's tokens of g_proj[t, q] * v[t, k]
           int64_t q = 0;
           if constexpr (kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>)
-            if (len % 16 == 0) q = phi_gradient_tile(phi_sums, xs + m0 * len, gp + m0 * K, count, len, K);
+            if (len % 16 == 0) q = phi_gradient_tile(phi_sums, xs + m0 * len, g_proj, count, len, K);
           for (; q < K; ++q)
             for (int64_t k0 = 0; k0 < len; k0 += kBlock) {
               const int64_t width = std::min(kBlock, len - k0);
-              acc_t* sums = phi_sums + q * len + k0;
-              std::copy(sums, sums + width, block);
-              for (int64_t t = 0; t < count; ++t)
-                axpy(block, gp[(m0 + t) * K + q], xs + (m0 + t) * len + k0, width);
-              std::copy(block, block + width, sums);
+              acc_t* sums_q = phi_sums + q * len + k0;
+              std::copy(sums_q, sums_q + width, block);
+              for (int64_t t = 0; t < count; ++t) axpy(block, g_proj[t * K + q], xs + (m0 + t) * len + k0, width);
+              std::copy(block, block + width, sums_q);
             }
         }
         if (!need_x) continue;
         for (int64_t t = 0; t < count; ++t) {
           const int64_t m = m0 + t;
-          const acc_t* gm = gp + m * K;
+          const acc_t* gm = g_proj + t * K;
           for (int64_t j = 0; j < n; ++j) {
             const acc_t h = hp[m * n + j];
             for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
               const int64_t width = std::min(kBlock, C - c0), base = (m * n + j) * C + c0;
               const scalar_t* xr = xs + base;
 #pragma omp simd
-              for (int64_t c = 0; c < width; ++c) block[c] = static_cast<acc_t>(xr[c]) * pt[m];
+              for (int64_t c = 0; c < width; ++c) block[c] = static_cast<acc_t>(xr[c]) * per_token[t];
               if (has_u) axpy(block, h, gus + m * C + c0, width);
               if (has_more) axpy(block, acc_t(1), mores + base, width);
               const acc_t* wj = wt + j * C + c0;  // phi^T's columns of this block, row q at wj + q * len
@@ -622,9 +592,13 @@ std::vector<c10::optional<at::Tensor>> pre_backward_streams(
       }
     });
   });
-  at::Tensor g_phi = need_phi ? partial.sum(0).t() : at::Tensor();  // [nC, K]
+  auto column_sums = partial.sum(0);  // [2, K]
+  auto by_column = column_sums[1];
+  auto g_alpha = at::stack({by_column.slice(0, 0, n).sum(), by_column.slice(0, n, 2 * n).sum(),
+                            by_column.slice(0, 2 * n, K).sum()});
+  at::Tensor g_phi = need_phi ? phi_partial.sum(0).t() : at::Tensor();  // [nC, K]
   auto maybe = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-  return {maybe(g_x), maybe(g_phi)};
+  return {maybe(g_x), maybe(g_phi), column_sums[0], g_alpha};
 }
 
 // ----------------------------------------------------------------------------- post side
@@ -721,10 +695,9 @@ std::vector<c10::optional<at::Tensor>> post_backward(const at::Tensor& g, const 
 TORCH_LIBRARY(mhc_cpu, m) {
   m.def("pre_forward(Tensor x, Tensor phi, Tensor bias, Tensor gate, bool sinkhorn, int iters, float eps, "
         "float tiny) -> Tensor[]");
-  m.def("pre_backward(Tensor x, Tensor rstd, Tensor d, Tensor act, Tensor gate, Tensor h_res, Tensor sums, "
-        "Tensor? g_u, Tensor? g_post, Tensor? g_res, bool sinkhorn, int iters) -> Tensor[]");
-  m.def("pre_backward_streams(Tensor x, Tensor g_proj, Tensor phi_t, Tensor per_token, Tensor h_pre, "
-        "Tensor? g_u, Tensor? more, bool need_x, bool need_phi) -> Tensor?[]");
+  m.def("pre_backward(Tensor x, Tensor phi_t, Tensor bias, Tensor gate, Tensor rstd, Tensor d, Tensor act, "
+        "Tensor h_pre, Tensor? g_u, Tensor? g_post, Tensor? g_res, Tensor? more, bool sinkhorn, int iters, "
+        "float tiny, bool need_x, bool need_phi) -> Tensor?[]");
   m.def("post_forward(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor");
   m.def("post_backward(Tensor g, Tensor x, Tensor y, Tensor h_post, Tensor h_res, bool need_x, bool need_y, "
         "bool need_post, bool need_res) -> Tensor?[]");
@@ -733,7 +706,6 @@ TORCH_LIBRARY(mhc_cpu, m) {
 TORCH_LIBRARY_IMPL(mhc_cpu, CPU, m) {
   m.impl("pre_forward", &pre_forward);
   m.impl("pre_backward", &pre_backward);
-  m.impl("pre_backward_streams", &pre_backward_streams);
   m.impl("post_forward", &post_forward);
   m.impl("post_backward", &post_backward);
 }
