@@ -48,18 +48,28 @@ def _pre_forward(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, mode: str,
 
 def _pre_backward(saved: tuple, mode: str, iters: int, g_u: Optional[Tensor], g_post: Optional[Tensor],
                   g_res: Optional[Tensor], need_x: bool, need_phi: bool,
-                  g_x_more: Optional[Tensor] = None) -> tuple:
+                  g_x_more: Optional[Tensor] = None, post: Optional[tuple] = None) -> tuple:
     """``(dX, dphi, dbias, dalpha)`` in one pass over the tokens; ``g_x_more``: a gradient of X
-    from elsewhere, added to dX."""
-    if g_u is None and g_post is None and g_res is None:  # only X_next (fused) is used downstream
-        return g_x_more if need_x else None, None, None, None
+    from elsewhere, added to dX. ``post``: ``(post_saved, post_needs)`` of the post side that
+    made X (the fused node, streams and y of one dtype): dX goes on through that side's backward
+    in the same pass, and ``(dX_prev, dy, dH_post_prev, dH_res_prev, dphi, dbias, dalpha)`` come
+    back instead."""
     x, phi, bias, gate, rstd, d, act, h_pre = saved
     acc = d.dtype
-    g_x, g_phi, g_bias, g_alpha = native.ops().pre_backward(
+    x_prev = y = h_post_prev = h_res_prev = None
+    post_needs: list = []
+    if post is not None:
+        (x_prev, y, h_post_prev, h_res_prev), needs = post
+        post_needs = [int(bool(need)) for need in needs]
+    grads = native.ops().pre_backward(
         x, phi.to(acc).t().contiguous(), bias, gate, rstd, d, act, h_pre, _contiguous(g_u, x.dtype),
         _contiguous(g_post, acc), _contiguous(g_res, acc), _contiguous(g_x_more, x.dtype) if need_x else None,
-        mode == "mhc", iters, cpu._TINY, need_x, need_phi)
-    return g_x, None if g_phi is None else g_phi.to(phi.dtype), g_bias, g_alpha
+        mode == "mhc", iters, cpu._TINY, need_x, need_phi, x_prev, y, h_post_prev, h_res_prev, post_needs)
+    g_x, g_phi, g_bias, g_alpha, *post_grads = grads
+    g_phi = None if g_phi is None else g_phi.to(phi.dtype)
+    if post is not None:
+        return (*post_grads, g_phi, g_bias, g_alpha)
+    return g_x, g_phi, g_bias, g_alpha
 
 
 def _post_forward(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor, tuple]:
@@ -142,13 +152,24 @@ class _PostPreSide(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_x_next, g_u, g_post, g_res):  # type: ignore[override]
         saved = ctx.saved_tensors
+        post_saved, pre_saved = saved[:4], saved[4:]
         post_needs = tuple(ctx.needs_input_grad[:4])
-        g_mid, g_phi, g_bias, g_alpha = _pre_backward(
-            saved[4:], ctx.mode, ctx.iters, g_u, g_post, g_res, any(post_needs), ctx.needs_input_grad[4],
-            g_x_more=g_x_next)
-        post_grads = (None,) * 4
-        if any(post_needs) and g_mid is not None:  # None: no output had a gradient
-            post_grads = _post_backward(g_mid, saved[:4], post_needs, *ctx.dtypes)
+        if g_u is None and g_post is None and g_res is None:  # only X_next is used downstream
+            g_phi = g_bias = g_alpha = None
+            post_grads = (None,) * 4
+            if any(post_needs) and g_x_next is not None:
+                post_grads = _post_backward(g_x_next, post_saved, post_needs, *ctx.dtypes)
+        elif any(post_needs) and post_saved[0].dtype == pre_saved[0].dtype:  # X and y of one dtype
+            *post_grads, g_phi, g_bias, g_alpha = _pre_backward(
+                pre_saved, ctx.mode, ctx.iters, g_u, g_post, g_res, True, ctx.needs_input_grad[4],
+                g_x_more=g_x_next, post=(post_saved, post_needs))
+        else:
+            g_mid, g_phi, g_bias, g_alpha = _pre_backward(
+                pre_saved, ctx.mode, ctx.iters, g_u, g_post, g_res, any(post_needs), ctx.needs_input_grad[4],
+                g_x_more=g_x_next)
+            post_grads = (None,) * 4
+            if any(post_needs) and g_mid is not None:
+                post_grads = _post_backward(g_mid, post_saved, post_needs, *ctx.dtypes)
         return (*post_grads, g_phi, g_bias, g_alpha, None, None, None)
 
 

@@ -298,10 +298,106 @@ inline void through_projection_64(float* out, const float* g, const float* wt, i
   store16(out + 32, a2);
   store16(out + 48, a3);
 }
+// Sum of a vector's sixteen lanes, as a tree of halves (8 + 8, 4 + 4, 2 + 2, 1 + 1).
+typedef float float8_v __attribute__((vector_size(32)));
+typedef float float4_v __attribute__((vector_size(16)));
+inline float lane_sum(float16_v v) {
+  float8_v lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const float8_v eight = lo + hi;
+  float4_v a, b;
+  std::memcpy(&a, &eight, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&eight) + sizeof(a), sizeof(b));
+  const float4_v four = a + b;
+  return (four[0] + four[2]) + (four[1] + four[3]);
+}
+
+// out_i = sum_j coef[i * row_stride + j * col_stride] * in_j (+ extra_coef[i] * extra) for the
+// rows in_j [C] of one token (j < n_in) and i < n_out: C % 16 == 0, float. Sixteen channels at a
+// time: the n_in inputs in registers, one accumulator per output row.
+inline void mix_rows_float(float* out, const float* in, int64_t n_out, int64_t n_in, int64_t C, const float* coef,
+                           int64_t row_stride, int64_t col_stride, const float* extra_coef, const float* extra) {
+  for (int64_t c = 0; c < C; c += 16) {
+    float16_v inputs[kMaxStreams];
+    for (int64_t j = 0; j < n_in; ++j) inputs[j] = load16(in + j * C + c);
+    const float16_v more = extra ? load16(extra + c) : float16_v{};
+    for (int64_t i = 0; i < n_out; ++i) {
+      float16_v acc = extra ? extra_coef[i] * more : float16_v{};
+      for (int64_t j = 0; j < n_in; ++j) acc += coef[i * row_stride + j * col_stride] * inputs[j];
+      store16(out + i * C + c, acc);
+    }
+  }
+}
+
+// out[i * n_b + j] = <a_i, b_j> over C channels (C % 16 == 0, float) for rows a_i (i < N) and
+// b_j (j < n_b <= N + 1), b_j at b_rows[j]: the dot products of one token, each in its own
+// vector accumulator.
+template <int64_t N>
+inline void row_dots_float(float* out, const float* a, const float* const* b_rows, int64_t n_b, int64_t C) {
+  float16_v acc[N][N + 1] = {};
+  for (int64_t c = 0; c < C; c += 16) {
+    float16_v b[N + 1];
+    for (int64_t j = 0; j < n_b; ++j) b[j] = load16(b_rows[j] + c);
+    for (int64_t i = 0; i < N; ++i) {
+      const float16_v ai = load16(a + i * C + c);
+      for (int64_t j = 0; j < n_b; ++j) acc[i][j] += ai * b[j];
+    }
+  }
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < n_b; ++j) out[i * n_b + j] = lane_sum(acc[i][j]);
+}
 #else
 template <typename T>
 constexpr bool kFloatVectors = false;  // the calls below them are discarded statements then
 #endif
+
+// The post side's backward for token m from its gradient rows gm [n, C] (x's dtype):
+// dL/dX[j] = sum_i H_res[i, j] g[i] and dL/dy = sum_i H_post[i] g[i] (x's dtype), dL/dH_post[i] =
+// <g[i], y> and dL/dH_res[i, j] = <g[i], X[j]> (accumulation dtype); a null output is not needed.
+// row: C accumulators of scratch.
+template <typename scalar_t, typename acc_t>
+inline void post_backward_token(int64_t m, const scalar_t* gm, const scalar_t* xs, const scalar_t* ys,
+                                const acc_t* hp, const acc_t* hr, scalar_t* gx, scalar_t* gy, acc_t* gp, acc_t* gr,
+                                int64_t n, int64_t C, acc_t* row) {
+  const scalar_t* xm = xs + m * n * C;
+  if constexpr (kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>) {
+    if (C % 16 == 0) {  // in vector registers (mix_rows_float, row_dots_float)
+      if (gx) mix_rows_float(gx + m * n * C, gm, n, n, C, hr + m * n * n, 1, n, nullptr, nullptr);
+      if (gy) mix_rows_float(gy + m * C, gm, 1, n, C, hp + m * n, 0, 1, nullptr, nullptr);
+      if (n == 4 && (gp || gr)) {
+        const float* columns[5] = {xm, xm + C, xm + 2 * C, xm + 3 * C, ys + m * C};
+        float dots[4 * 5];
+        row_dots_float<4>(dots, gm, columns, 5, C);
+        for (int64_t i = 0; i < 4; ++i) {
+          if (gp) gp[m * 4 + i] = dots[i * 5 + 4];
+          if (gr)
+            for (int64_t j = 0; j < 4; ++j) gr[(m * 4 + i) * 4 + j] = dots[i * 5 + j];
+        }
+        return;
+      }
+      gx = nullptr;  // done above: the loops below compute only the dot products
+      gy = nullptr;
+    }
+  }
+  if (gx) {
+    for (int64_t j = 0; j < n; ++j) {
+      std::fill(row, row + C, acc_t(0));
+      for (int64_t i = 0; i < n; ++i) axpy(row, hr[(m * n + i) * n + j], gm + i * C, C);
+      store(gx + (m * n + j) * C, row, C);
+    }
+  }
+  if (gy) {
+    std::fill(row, row + C, acc_t(0));
+    for (int64_t i = 0; i < n; ++i) axpy(row, hp[m * n + i], gm + i * C, C);
+    store(gy + m * C, row, C);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (gp) gp[m * n + i] = dot<acc_t>(gm + i * C, ys + m * C, C);
+    if (gr)
+      for (int64_t j = 0; j < n; ++j) gr[(m * n + i) * n + j] = dot<acc_t>(gm + i * C, xm + j * C, C);
+  }
+}
 
 // f(scalar_t{}) for the stream dtype (float, double, bfloat16, half). A lambda, unlike the
 // body of AT_DISPATCH_*, is no macro argument, so the loops inside can carry pragmas.
@@ -453,12 +549,19 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
 //      dL/dphi += v^T @ g_proj [nC, K] (accumulation dtype), summed per thread, then over them.
 // phi_t = phi^T [K, nC], bias and gate [K], d and act [M, K], rstd [M], h_pre [M, n] in the
 // accumulation dtype. dL/dX and dL/dphi come back undefined where need_x / need_phi is false.
+// The fused post + pre side (x_prev defined, with y, h_post_prev, h_res_prev: X = H_res_prev X_prev +
+// H_post_prev (x) y): each token's dL/dX, rounded to x's dtype, stays in the tile's scratch and
+// goes straight on through the post side's backward (post_backward_token) to dL/dX_prev, dL/dy,
+// dL/dH_post_prev and dL/dH_res_prev (as post_needs says), instead of dL/dX.
+// Returns {dX, dphi, dbias, dalpha, dX_prev, dy, dH_post_prev, dH_res_prev}.
 std::vector<c10::optional<at::Tensor>> pre_backward(
     const at::Tensor& x, const at::Tensor& phi_t, const at::Tensor& bias, const at::Tensor& gate,
     const at::Tensor& rstd, const at::Tensor& d, const at::Tensor& act, const at::Tensor& h_pre,
     const c10::optional<at::Tensor>& g_u, const c10::optional<at::Tensor>& g_post,
     const c10::optional<at::Tensor>& g_res, const c10::optional<at::Tensor>& more, bool sinkhorn, int64_t iters,
-    double tiny, bool need_x, bool need_phi) {
+    double tiny, bool need_x, bool need_phi, const c10::optional<at::Tensor>& x_prev,
+    const c10::optional<at::Tensor>& y, const c10::optional<at::Tensor>& h_post_prev,
+    const c10::optional<at::Tensor>& h_res_prev, at::IntArrayRef post_needs) {
   check_streams(x);
   const int64_t M = x.size(0), n = x.size(1), C = x.size(2), K = n * n + 2 * n, len = n * C;
   const bool has_u = g_u.has_value() && g_u->defined();
@@ -478,11 +581,26 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
   check_optional(g_post, "pre_backward: g_post", {M, n}, acc_type);
   check_optional(g_res, "pre_backward: g_res", {M, n, n}, acc_type);
   check_optional(more, "pre_backward: more", {M, n, C}, x.scalar_type());
+  const bool fused = x_prev.has_value() && x_prev->defined();
+  TORCH_CHECK(!fused || (need_x && post_needs.size() == 4), "mhc_cpu.pre_backward: the fused post side needs "
+              "need_x and four post_needs");
+  const bool need_x_prev = fused && post_needs[0], need_y = fused && post_needs[1];
+  const bool need_post_prev = fused && post_needs[2], need_res_prev = fused && post_needs[3];
+  if (fused) {
+    check_optional(x_prev, "pre_backward: x_prev", {M, n, C}, x.scalar_type());
+    check_optional(y, "pre_backward: y", {M, C}, x.scalar_type());
+    check_optional(h_post_prev, "pre_backward: h_post_prev", {M, n}, acc_type);
+    check_optional(h_res_prev, "pre_backward: h_res_prev", {M, n, n}, acc_type);
+  }
   auto acc_opts = d.options();
   const int64_t threads = at::get_num_threads();
   auto partial = at::zeros({threads, 2, K}, acc_opts);  // per thread: bias and alpha column sums
-  at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor g_x = need_x && !fused ? at::empty_like(x) : at::Tensor();
   at::Tensor phi_partial = need_phi ? at::zeros({threads, K, len}, acc_opts) : at::Tensor();  // dphi^T per thread
+  at::Tensor g_x_prev = need_x_prev ? at::empty_like(x) : at::Tensor();
+  at::Tensor g_y = need_y ? at::empty_like(*y) : at::Tensor();
+  at::Tensor g_post_prev = need_post_prev ? at::empty_like(*h_post_prev) : at::Tensor();
+  at::Tensor g_res_prev = need_res_prev ? at::empty_like(*h_res_prev) : at::Tensor();
   const int64_t steps = sinkhorn ? 2 * iters : 0;
   dispatch_streams(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -498,8 +616,16 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
     const acc_t *rs = rstd.data_ptr<acc_t>(), *ds = d.data_ptr<acc_t>(), *as = act.data_ptr<acc_t>();
     const acc_t* hp = h_pre.data_ptr<acc_t>();
     acc_t* parts = partial.data_ptr<acc_t>();
-    scalar_t* out = need_x ? g_x.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = need_x && !fused ? g_x.data_ptr<scalar_t>() : nullptr;
     acc_t* phi_parts = need_phi ? phi_partial.data_ptr<acc_t>() : nullptr;
+    const scalar_t* xps = fused ? x_prev->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ys = fused ? y->data_ptr<scalar_t>() : nullptr;
+    const acc_t* hpp = fused ? h_post_prev->data_ptr<acc_t>() : nullptr;
+    const acc_t* hrp = fused ? h_res_prev->data_ptr<acc_t>() : nullptr;
+    scalar_t* gxp = need_x_prev ? g_x_prev.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gys = need_y ? g_y.data_ptr<scalar_t>() : nullptr;
+    acc_t* gpp = need_post_prev ? g_post_prev.data_ptr<acc_t>() : nullptr;
+    acc_t* grp = need_res_prev ? g_res_prev.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * K * len + 4 * n * n * iters) / kTile),
                      [&](int64_t begin, int64_t end) {
       acc_t* bias_sums = parts + at::get_thread_num() * 2 * K;
@@ -511,6 +637,8 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
       acc_t g_proj[kTile * kMaxColumns];  // token-major [kTile, K]
       acc_t per_token[kTile];
       acc_t block[kBlock];
+      std::vector<scalar_t> mid(fused ? kTile * len : 0);  // fused: the tile's dL/dX, token-major
+      std::vector<acc_t> row(fused ? C : 0);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t m0 = tile * kTile, count = std::min(kTile, M - m0);
         for (int64_t t = 0; t < kTile; ++t) {
@@ -585,10 +713,13 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
               } else {
                 for (int64_t q = 0; q < K; ++q) axpy(block, gm[q], wj + q * len, width);
               }
-              store(out + base, block, width);
+              store(fused ? mid.data() + t * len + j * C + c0 : out + base, block, width);
             }
           }
         }
+        if (fused)
+          for (int64_t t = 0; t < count; ++t)
+            post_backward_token(m0 + t, mid.data() + t * len, xps, ys, hpp, hrp, gxp, gys, gpp, grp, n, C, row.data());
       }
     });
   });
@@ -598,7 +729,8 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
                             by_column.slice(0, 2 * n, K).sum()});
   at::Tensor g_phi = need_phi ? phi_partial.sum(0).t() : at::Tensor();  // [nC, K]
   auto maybe = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-  return {maybe(g_x), maybe(g_phi), column_sums[0], g_alpha};
+  return {maybe(g_x), maybe(g_phi), column_sums[0], g_alpha,
+          maybe(g_x_prev), maybe(g_y), maybe(g_post_prev), maybe(g_res_prev)};
 }
 
 // ----------------------------------------------------------------------------- post side
@@ -623,6 +755,12 @@ at::Tensor post_forward(const at::Tensor& x, const at::Tensor& y, const at::Tens
       std::vector<acc_t> row(C);
       for (int64_t m = begin; m < end; ++m) {
         const scalar_t* xm = xs + m * n * C;
+        if constexpr (kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>) {
+          if (C % 16 == 0) {
+            mix_rows_float(os + m * n * C, xm, n, n, C, hr + m * n * n, n, 1, hp + m * n, ys + m * C);
+            continue;
+          }
+        }
         for (int64_t i = 0; i < n; ++i) {
           std::fill(row.begin(), row.end(), acc_t(0));
           for (int64_t j = 0; j < n; ++j) axpy(row.data(), hr[(m * n + i) * n + j], xm + j * C, C);
@@ -663,27 +801,8 @@ std::vector<c10::optional<at::Tensor>> post_backward(const at::Tensor& g, const 
     acc_t* gr = need_res ? g_res.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, M, grain_for(3 * n * n * C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(C);
-      for (int64_t m = begin; m < end; ++m) {
-        const scalar_t* gm = gs + m * n * C;
-        const scalar_t* xm = xs + m * n * C;
-        if (need_x) {
-          for (int64_t j = 0; j < n; ++j) {  // dL/dX[j] = sum_i H_res[i, j] g[i]
-            std::fill(row.begin(), row.end(), acc_t(0));
-            for (int64_t i = 0; i < n; ++i) axpy(row.data(), hr[(m * n + i) * n + j], gm + i * C, C);
-            store(gx + (m * n + j) * C, row.data(), C);
-          }
-        }
-        if (need_y) {  // dL/dy = sum_i H_post[i] g[i]
-          std::fill(row.begin(), row.end(), acc_t(0));
-          for (int64_t i = 0; i < n; ++i) axpy(row.data(), hp[m * n + i], gm + i * C, C);
-          store(gy + m * C, row.data(), C);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          if (need_post) gp[m * n + i] = dot<acc_t>(gm + i * C, ys + m * C, C);
-          if (need_res)
-            for (int64_t j = 0; j < n; ++j) gr[(m * n + i) * n + j] = dot<acc_t>(gm + i * C, xm + j * C, C);
-        }
-      }
+      for (int64_t m = begin; m < end; ++m)
+        post_backward_token(m, gs + m * n * C, xs, ys, hp, hr, gx, gy, gp, gr, n, C, row.data());
     });
   });
   auto maybe = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
@@ -697,7 +816,8 @@ TORCH_LIBRARY(mhc_cpu, m) {
         "float tiny) -> Tensor[]");
   m.def("pre_backward(Tensor x, Tensor phi_t, Tensor bias, Tensor gate, Tensor rstd, Tensor d, Tensor act, "
         "Tensor h_pre, Tensor? g_u, Tensor? g_post, Tensor? g_res, Tensor? more, bool sinkhorn, int iters, "
-        "float tiny, bool need_x, bool need_phi) -> Tensor?[]");
+        "float tiny, bool need_x, bool need_phi, Tensor? x_prev, Tensor? y, Tensor? h_post_prev, "
+        "Tensor? h_res_prev, int[] post_needs) -> Tensor?[]");
   m.def("post_forward(Tensor x, Tensor y, Tensor h_post, Tensor h_res) -> Tensor");
   m.def("post_backward(Tensor g, Tensor x, Tensor y, Tensor h_post, Tensor h_res, bool need_x, bool need_y, "
         "bool need_post, bool need_res) -> Tensor?[]");
