@@ -650,7 +650,18 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
           }
           const scalar_t* xm = xs + m * n * C;
           const acc_t* am = as + m * K;
-          for (int64_t j = 0; j < n; ++j) cols[j][t] = has_u ? dot<acc_t>(xm + j * C, gus + m * C, C) : acc_t(0);
+          bool done = false;  // dL/dH_pre[j] = <X_j, g_u>
+          if constexpr (kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>) {
+            if (has_u && n == 4 && C % 16 == 0) {
+              const float* g_row = gus + m * C;
+              float dots[4];
+              row_dots_float<4>(dots, xm, &g_row, 1, C);
+              for (int64_t j = 0; j < 4; ++j) cols[j][t] = dots[j];
+              done = true;
+            }
+          }
+          if (!done)
+            for (int64_t j = 0; j < n; ++j) cols[j][t] = has_u ? dot<acc_t>(xm + j * C, gus + m * C, C) : acc_t(0);
           for (int64_t i = 0; i < n; ++i) cols[n + i][t] = has_post ? gps[m * n + i] : acc_t(0);
           for (int64_t q = 2 * n; q < K; ++q) cols[q][t] = has_res ? grs[m * n * n + q - 2 * n] : acc_t(0);
           if (sinkhorn) {
