@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import statistics
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ def train_one(name: str, mode: str, args: argparse.Namespace, train: torch.Tenso
     gen = torch.Generator().manual_seed(args.seed)
     val_gen = torch.Generator().manual_seed(args.seed + 1)
     val_batches = [sample_batch(val, args.batch, args.seq_len, val_gen, args.device) for _ in range(4)]
-    elapsed = 0.0
+    step_seconds = []
     for step in range(1, args.steps + 1):
         x, y = sample_batch(train, args.batch, args.seq_len, gen, args.device)
         start = time.perf_counter()
@@ -149,7 +150,7 @@ def train_one(name: str, mode: str, args: argparse.Namespace, train: torch.Tenso
         opt.step()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        elapsed += time.perf_counter() - start
+        step_seconds.append(time.perf_counter() - start)
         if step % args.log_every == 0 or step == args.steps:
             model.eval()
             with diagnostics.observe() as rec:
@@ -161,7 +162,8 @@ def train_one(name: str, mode: str, args: argparse.Namespace, train: torch.Tenso
             result.gain.append(gain)
             print(f"  [{name:>8}] step {step:4d}/{args.steps}  train {loss.item():.3f}  "
                   f"val {val_loss:.3f}  gain {gain:.3g}", flush=True)
-    result.ms_per_step = 1000 * elapsed / args.steps
+    # the median step: robust to a slow spell of a shared machine and to the first steps' warm-up
+    result.ms_per_step = 1000 * statistics.median(step_seconds)
     return result
 
 
