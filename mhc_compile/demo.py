@@ -128,43 +128,54 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
-def train_one(name: str, mode: str, args: argparse.Namespace, train: torch.Tensor, val: torch.Tensor) -> RunResult:
-    torch.manual_seed(args.seed)
-    model = TinyGPT(args.width, args.depth, seq_len=args.seq_len).to(args.device)
-    example = torch.zeros(2, args.seq_len, dtype=torch.long, device=args.device)
-    if mode != "residual":
-        mhc_compile(model, n_streams=args.n, mode=mode, init="paper", example_inputs=example)
-    result = RunResult(name, sum(p.numel() for p in model.parameters()))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    val_gen = torch.Generator().manual_seed(args.seed + 1)
-    val_batches = [sample_batch(val, args.batch, args.seq_len, val_gen, args.device) for _ in range(4)]
-    step_seconds = []
-    for step in range(1, args.steps + 1):
-        x, y = sample_batch(train, args.batch, args.seq_len, gen, args.device)
+class Run:
+    """One model's training run, advanced a step at a time by :meth:`step` (the demo runs the
+    three models in lockstep, so that a slow spell of a shared machine falls on all of them)."""
+
+    def __init__(self, name: str, mode: str, args: argparse.Namespace, train: torch.Tensor,
+                 val: torch.Tensor) -> None:
+        torch.manual_seed(args.seed)
+        self.model = TinyGPT(args.width, args.depth, seq_len=args.seq_len).to(args.device)
+        example = torch.zeros(2, args.seq_len, dtype=torch.long, device=args.device)
+        if mode != "residual":
+            mhc_compile(self.model, n_streams=args.n, mode=mode, init="paper", example_inputs=example)
+        self.result = RunResult(name, sum(p.numel() for p in self.model.parameters()))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
+        self.args, self.train = args, train
+        self.gen = torch.Generator().manual_seed(args.seed)
+        val_gen = torch.Generator().manual_seed(args.seed + 1)
+        self.val_batches = [sample_batch(val, args.batch, args.seq_len, val_gen, args.device) for _ in range(4)]
+        self.step_seconds: list[float] = []
+
+    def step(self, step: int) -> None:
+        """Training step ``step`` (1-based): timed; evaluated and logged every ``--log-every``."""
+        args, model, result = self.args, self.model, self.result
+        x, y = sample_batch(self.train, args.batch, args.seq_len, self.gen, args.device)
         start = time.perf_counter()
         model.train()
         loss = _loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        step_seconds.append(time.perf_counter() - start)
+        self.step_seconds.append(time.perf_counter() - start)
         if step % args.log_every == 0 or step == args.steps:
             model.eval()
             with diagnostics.observe() as rec:
-                val_loss = sum(_loss(model, vx, vy).item() for vx, vy in val_batches) / len(val_batches)
+                val_loss = sum(_loss(model, vx, vy).item() for vx, vy in self.val_batches) / len(self.val_batches)
             gain = diagnostics.summarize(rec)["forward_gain"] if rec.h_res else 1.0
             result.steps.append(step)
             result.train_loss.append(loss.item())
             result.val_loss.append(val_loss)
             result.gain.append(gain)
-            print(f"  [{name:>8}] step {step:4d}/{args.steps}  train {loss.item():.3f}  "
+            print(f"  [{result.name:>8}] step {step:4d}/{args.steps}  train {loss.item():.3f}  "
                   f"val {val_loss:.3f}  gain {gain:.3g}", flush=True)
-    # the median step: robust to a slow spell of a shared machine and to the first steps' warm-up
-    result.ms_per_step = 1000 * statistics.median(step_seconds)
-    return result
+
+    def finish(self) -> RunResult:
+        """The run's curves and its median step time (robust to the first steps' warm-up)."""
+        self.result.ms_per_step = 1000 * statistics.median(self.step_seconds)
+        return self.result
 
 
 def plot(results: list[RunResult], path: str) -> bool:
@@ -247,10 +258,12 @@ def run(args: argparse.Namespace) -> list[RunResult]:
     train, val = data[:split], data[split:]
     print(f"corpus: {data.numel():,} bytes of Python's standard library; {args.depth} blocks, "
           f"width {args.width}, n = {args.n}, {args.steps} steps on {args.device}", flush=True)
-    results = []
-    for name, mode in (("residual", "residual"), ("hc", "hc"), ("mhc", "mhc")):
-        print(f"training {name} ...", flush=True)
-        results.append(train_one(name, mode, args, train, val))
+    runs = [Run(name, mode, args, train, val) for name, mode in (("residual", "residual"), ("hc", "hc"), ("mhc", "mhc"))]
+    print("training residual, hc and mhc in lockstep (a step of each in turn) ...", flush=True)
+    for step in range(1, args.steps + 1):
+        for one in runs:
+            one.step(step)
+    results = [one.finish() for one in runs]
     rows = [
         {
             "model": r.name,

@@ -216,12 +216,34 @@ inline float16_v load16(const float* p) {
 }
 inline void store16(float* p, float16_v v) { std::memcpy(p, &v, sizeof(v)); }
 
-// sums [K, len] += g^T @ x: g [count, K], x [count, len] (len % 16 == 0); four columns at a time
-// (a remainder of K % 4 columns falls to the caller's loop: returns the first column left).
+// sums [K, len] += g^T @ x: g [count, K], x [count, len] (len % 16 == 0); four columns at a time,
+// sixty-four channels at a time where len allows (sixteen accumulators: each x load serves four
+// columns, each g broadcast four vectors), else sixteen (a remainder of K % 4 columns falls to the
+// caller's loop: returns the first column left).
 inline int64_t phi_gradient_tile(float* sums, const float* x, const float* g, int64_t count, int64_t len, int64_t K) {
   int64_t q = 0;
-  for (; q + 4 <= K; q += 4)
-    for (int64_t k = 0; k < len; k += 16) {
+  for (; q + 4 <= K; q += 4) {
+    int64_t k = 0;
+    for (; k + 64 <= len; k += 64) {
+      float16_v a[4][4];
+      for (int64_t r = 0; r < 4; ++r)
+        for (int64_t h = 0; h < 4; ++h) a[r][h] = load16(sums + (q + r) * len + k + 16 * h);
+      for (int64_t t = 0; t < count; ++t) {
+        const float* xt = x + t * len + k;
+        const float16_v x0 = load16(xt), x1 = load16(xt + 16), x2 = load16(xt + 32), x3 = load16(xt + 48);
+        const float* gt = g + t * K + q;
+        for (int64_t r = 0; r < 4; ++r) {
+          const float gr = gt[r];
+          a[r][0] += gr * x0;
+          a[r][1] += gr * x1;
+          a[r][2] += gr * x2;
+          a[r][3] += gr * x3;
+        }
+      }
+      for (int64_t r = 0; r < 4; ++r)
+        for (int64_t h = 0; h < 4; ++h) store16(sums + (q + r) * len + k + 16 * h, a[r][h]);
+    }
+    for (; k < len; k += 16) {
       float* s0 = sums + q * len + k;
       float16_v a0 = load16(s0), a1 = load16(s0 + len), a2 = load16(s0 + 2 * len), a3 = load16(s0 + 3 * len);
       for (int64_t t = 0; t < count; ++t) {
@@ -237,6 +259,7 @@ inline int64_t phi_gradient_tile(float* sums, const float* x, const float* g, in
       store16(s0 + 2 * len, a2);
       store16(s0 + 3 * len, a3);
     }
+  }
   return q;
 }
 
@@ -281,6 +304,35 @@ inline void project_tile_float(float (*z)[kTile], const float* x, int64_t count,
         for (int64_t tt = 0; tt < 4; ++tt) z[q][t0 + tt] = tt < used ? rows[tt][q - g] : 0.0f;
     }
   }
+}
+
+// out_a[0:64] += sum_q g_a[q] * wt[q * len : q * len + 64] and the same for out_b, g_b: two
+// tokens at once, each load of phi^T serving both.
+inline void through_projection_64x2(float* out_a, float* out_b, const float* g_a, const float* g_b, const float* wt,
+                                    int64_t len, int64_t K) {
+  float16_v a0 = load16(out_a), a1 = load16(out_a + 16), a2 = load16(out_a + 32), a3 = load16(out_a + 48);
+  float16_v b0 = load16(out_b), b1 = load16(out_b + 16), b2 = load16(out_b + 32), b3 = load16(out_b + 48);
+  for (int64_t q = 0; q < K; ++q) {
+    const float* w = wt + q * len;
+    const float16_v w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32), w3 = load16(w + 48);
+    const float ga = g_a[q], gb = g_b[q];
+    a0 += ga * w0;
+    a1 += ga * w1;
+    a2 += ga * w2;
+    a3 += ga * w3;
+    b0 += gb * w0;
+    b1 += gb * w1;
+    b2 += gb * w2;
+    b3 += gb * w3;
+  }
+  store16(out_a, a0);
+  store16(out_a + 16, a1);
+  store16(out_a + 32, a2);
+  store16(out_a + 48, a3);
+  store16(out_b, b0);
+  store16(out_b + 16, b1);
+  store16(out_b + 32, b2);
+  store16(out_b + 48, b3);
 }
 
 // out[0:64] += sum_q g[q] * wt[q * len : q * len + 64] for one token's g [K].
@@ -636,7 +688,7 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
       lanes_t p[kMaxStreams * kMaxStreams];  // its logits, then its doubly stochastic matrices
       acc_t g_proj[kTile * kMaxColumns];  // token-major [kTile, K]
       acc_t per_token[kTile];
-      acc_t block[kBlock];
+      acc_t block[kBlock], block_b[kBlock];
       std::vector<scalar_t> mid(fused ? kTile * len : 0);  // fused: the tile's dL/dX, token-major
       std::vector<acc_t> row(fused ? C : 0);
       for (int64_t tile = begin; tile < end; ++tile) {
@@ -706,27 +758,43 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
             }
         }
         if (!need_x) continue;
-        for (int64_t t = 0; t < count; ++t) {
-          const int64_t m = m0 + t;
-          const acc_t* gm = g_proj + t * K;
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t h = hp[m * n + j];
-            for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-              const int64_t width = std::min(kBlock, C - c0), base = (m * n + j) * C + c0;
-              const scalar_t* xr = xs + base;
+        // a token's block of dX before the projection's term: X * per_token + h_pre (x) g_u + more
+        auto start_block = [&](acc_t* dst, int64_t t, int64_t j, int64_t c0, int64_t width) {
+          const int64_t m = m0 + t, base = (m * n + j) * C + c0;
+          const scalar_t* xr = xs + base;
 #pragma omp simd
-              for (int64_t c = 0; c < width; ++c) block[c] = static_cast<acc_t>(xr[c]) * per_token[t];
-              if (has_u) axpy(block, h, gus + m * C + c0, width);
-              if (has_more) axpy(block, acc_t(1), mores + base, width);
+          for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<acc_t>(xr[c]) * per_token[t];
+          if (has_u) axpy(dst, hp[m * n + j], gus + m * C + c0, width);
+          if (has_more) axpy(dst, acc_t(1), mores + base, width);
+        };
+        auto finish_block = [&](const acc_t* src, int64_t t, int64_t j, int64_t c0, int64_t width) {
+          store(fused ? mid.data() + t * len + j * C + c0 : out + ((m0 + t) * n + j) * C + c0, src, width);
+        };
+        for (int64_t t = 0; t < count; t += 2) {  // two tokens at a time: each phi^T load serves both
+          const bool pair = t + 1 < count;
+          const acc_t* ga = g_proj + t * K;
+          const acc_t* gb = g_proj + (t + 1) * K;
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+              const int64_t width = std::min(kBlock, C - c0);
               const acc_t* wj = wt + j * C + c0;  // phi^T's columns of this block, row q at wj + q * len
+              start_block(block, t, j, c0, width);
+              if (pair) start_block(block_b, t + 1, j, c0, width);
               if (kFloatVectors<acc_t> && width == kBlock) {
-                if constexpr (kFloatVectors<acc_t>) through_projection_64(block, gm, wj, len, K);
+                if constexpr (kFloatVectors<acc_t>) {
+                  if (pair)
+                    through_projection_64x2(block, block_b, ga, gb, wj, len, K);
+                  else
+                    through_projection_64(block, ga, wj, len, K);
+                }
               } else {
-                for (int64_t q = 0; q < K; ++q) axpy(block, gm[q], wj + q * len, width);
+                for (int64_t q = 0; q < K; ++q) axpy(block, ga[q], wj + q * len, width);
+                if (pair)
+                  for (int64_t q = 0; q < K; ++q) axpy(block_b, gb[q], wj + q * len, width);
               }
-              store(fused ? mid.data() + t * len + j * C + c0 : out + base, block, width);
+              finish_block(block, t, j, c0, width);
+              if (pair) finish_block(block_b, t + 1, j, c0, width);
             }
-          }
         }
         if (fused)
           for (int64_t t = 0; t < count; ++t)
