@@ -116,9 +116,12 @@ def alternate_section(args, hidden: int) -> str:
     rounds' medians."""
     width_args = argparse.Namespace(**{**vars(args), "hidden": hidden})
     chosen = [(i, v) for i, v in enumerate(VARIANTS) if args.only is None or str(i) in args.only]
+    if not chosen:
+        raise SystemExit(f"--only {' '.join(args.only)}: no such variant (0-{len(VARIANTS) - 1})")
     # the variants' layers share their forward's code objects: room for all of their graphs
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 16 * len(chosen)))
+    limit_before = getattr(torch._dynamo.config, limit)
+    setattr(torch._dynamo.config, limit, max(limit_before, 16 * len(chosen)))
     built, peaks = [], {}
     for i, (name, how, options) in chosen:
         before = torch.cuda.memory_allocated()
@@ -146,8 +149,9 @@ def alternate_section(args, hidden: int) -> str:
             row["vs compiled residual"] = f"{100 * (median / statistics.median(times[ref]) - 1):+.1f}%"
             row["memory vs compiled residual"] = f"{100 * (peaks[i] / peaks[ref] - 1):+.1f}%"
         rows.append(row)
-    del built
+    del built, model, opt, step
     release()
+    setattr(torch._dynamo.config, limit, limit_before)
     return "\n".join([
         f"# Training step on {torch.cuda.get_device_name()}, hidden {hidden}, variants alternating",
         "",
@@ -240,6 +244,8 @@ def main() -> None:
     parser.add_argument("--loss-check", type=int, default=0, metavar="STEPS",
                         help="instead of timing: train a small model STEPS steps with bf16 and float32 streams")
     args = parser.parse_args()
+    if args.alternate < 0:
+        parser.error("--alternate takes a number of rounds >= 1 (0: the variants one after the other)")
     if args.loss_check:
         text = loss_check(args)
         report(text, args.out, mode="a")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import statistics
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field

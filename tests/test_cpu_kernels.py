@@ -65,7 +65,8 @@ def _connection(ops, x, y, h_post, h_res, phi, bias, alpha, mode, grads_of, fuse
 
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("m,n,c", [(37, 4, 24), (16, 1, 8), (5, 6, 40), (1, 4, 64), (37, 2, 128)])
+@pytest.mark.parametrize("m,n,c", [(37, 4, 24), (16, 1, 8), (5, 6, 40), (1, 4, 64), (37, 2, 128),
+                                   (37, 4, 64), (9, 16, 64)])
 @pytest.mark.parametrize("fused", [False, True], ids=["post,pre", "post_pre"])
 def test_compiled_sides_match_the_whole_tensor_ops_and_the_reference(mode, dtype, m, n, c, fused, whole_tensor_ops):
     torch.manual_seed(0)

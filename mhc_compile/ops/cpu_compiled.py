@@ -4,10 +4,12 @@ Same functions and contracts as :mod:`mhc_compile.ops.reference` (as :mod:`.cpu`
 calls these where :func:`.native.usable` holds). Each side is one autograd node whose
 per-token work (the coefficient activations, Sinkhorn-Knopp and its backward, the
 aggregate, the stream mix, the projection onto ``phi`` and its two backward products) is
-one compiled pass per side and direction, on tiles of tokens that stay in the L1 cache. The
-fused post + pre side is
-one node too: its backward adds ``X_next``'s own gradient in the pass that computes the pre
-side's ``dX`` and hands the sum to the post side's backward, with no separate add.
+one compiled pass per side and direction, on tiles of tokens that stay in the L1 cache;
+the pre side's backward recomputes Sinkhorn-Knopp from the saved ``d``. The fused post +
+pre side is one node too, whose backward is one pass where the post mix ran in the streams'
+dtype (y of that dtype, or cast to it): per tile, the pre side's ``dX`` plus ``X_next``'s
+own gradient, then the post side's backward of that sum; otherwise (y of another dtype) the
+sum goes through memory to a second pass of the post side.
 
 Shapes: ``x [M, n, C]`` (float32, float64, bfloat16 or float16), ``y [M, C]``,
 ``h_post [M, n]``, ``h_res [M, n, n]``, ``phi [nC, n^2 + 2n]``, ``bias [n^2 + 2n]``,
@@ -54,6 +56,8 @@ def _pre_backward(saved: tuple, mode: str, iters: int, g_u: Optional[Tensor], g_
     made X (the fused node, streams and y of one dtype): dX goes on through that side's backward
     in the same pass, and ``(dX_prev, dy, dH_post_prev, dH_res_prev, dphi, dbias, dalpha)`` come
     back instead."""
+    if g_u is None and g_post is None and g_res is None and post is None:  # no gradient reached the outputs
+        return g_x_more if need_x else None, None, None, None
     x, phi, bias, gate, rstd, d, act, h_pre = saved
     acc = d.dtype
     x_prev = y = h_post_prev = h_res_prev = None
@@ -159,10 +163,12 @@ class _PostPreSide(torch.autograd.Function):
             post_grads = (None,) * 4
             if any(post_needs) and g_x_next is not None:
                 post_grads = _post_backward(g_x_next, post_saved, post_needs, *ctx.dtypes)
-        elif any(post_needs) and post_saved[0].dtype == pre_saved[0].dtype:  # X and y of one dtype
+        elif any(post_needs) and post_saved[0].dtype == pre_saved[0].dtype:  # the mix ran in X's dtype
             *post_grads, g_phi, g_bias, g_alpha = _pre_backward(
                 pre_saved, ctx.mode, ctx.iters, g_u, g_post, g_res, True, ctx.needs_input_grad[4],
                 g_x_more=g_x_next, post=(post_saved, post_needs))
+            if post_grads[1] is not None:  # dy in y's own dtype (y was cast to X's for the mix)
+                post_grads[1] = post_grads[1].to(ctx.dtypes[1])
         else:
             g_mid, g_phi, g_bias, g_alpha = _pre_backward(
                 pre_saved, ctx.mode, ctx.iters, g_u, g_post, g_res, any(post_needs), ctx.needs_input_grad[4],

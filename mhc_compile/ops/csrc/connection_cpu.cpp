@@ -9,8 +9,8 @@
 // those of docs/design.md section 4.
 //
 // Shapes (M tokens, n streams, C channels, K = n^2 + 2n projection columns):
-//   x [M, n, C] stream dtype; phi [nC, K], phi_t [K, nC], d, g_proj [M, K], rstd [M], h_pre,
-//   h_post [M, n], h_res [M, n, n] in the accumulation dtype (float32, or float64 for float64 streams).
+//   x [M, n, C] stream dtype; phi [nC, K], phi_t [K, nC], d [M, K], rstd [M], h_pre, h_post [M, n],
+//   h_res [M, n, n] in the accumulation dtype (float32, or float64 for float64 streams).
 // Every tensor argument is contiguous (the Python side makes it so).
 
 #include <ATen/ATen.h>
@@ -204,7 +204,7 @@ void project_tile(acc_t (*z)[kTile], const scalar_t* x, int64_t count, int64_t l
 
 // The projection and its two backward products with float32 accumulation, in sixteen-lane
 // vectors held in registers (GCC and Clang vector types); project_tile and the plain loops of
-// pre_backward_streams otherwise. kFloatVectors<T>: whether the accumulation type T takes them.
+// pre_backward otherwise. The same for the stream mix and the post side's dot products. kFloatVectors<T>: whether the accumulation type T takes them.
 #if defined(__GNUC__)
 template <typename T>
 constexpr bool kFloatVectors = std::is_same_v<T, float>;
@@ -531,7 +531,8 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
     }
     at::parallel_for(0, tiles_of(M), std::max<int64_t>(1, grain_for(2 * n * C) / kTile), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> row(C);
-      std::vector<lanes_t> scratch(std::max<int64_t>(1, steps * n));  // the tile's Sinkhorn sums
+      std::vector<acc_t> scratch_buffer(std::max<int64_t>(1, steps * n) * kTile);  // the tile's Sinkhorn sums
+      lanes_t* scratch = reinterpret_cast<lanes_t*>(scratch_buffer.data());
       lanes_t proj[kMaxColumns];  // the tile's v @ phi, column-major
       lanes_t z[kMaxColumns];  // the tile's logits (bias + d * gate), then its activations, column-major
       for (int64_t tile = begin; tile < end; ++tile) {
@@ -559,7 +560,7 @@ std::vector<at::Tensor> pre_forward(const at::Tensor& x, const at::Tensor& phi, 
           for (int64_t j = 0; j < 2 * n; ++j)
 #pragma omp simd
             for (int64_t t = 0; t < kTile; ++t) z[j][t] = acc_t(1) / (acc_t(1) + coef_exp(-z[j][t]));
-          sinkhorn_tile(z + 2 * n, scratch.data(), n, iters, acc_t(tiny));
+          sinkhorn_tile(z + 2 * n, scratch, n, iters, acc_t(tiny));
         } else {
           for (int64_t q = 0; q < K; ++q)
             for (int64_t t = 0; t < count; ++t) z[q][t] = std::tanh(ds[(m0 + t) * K + q]);
@@ -639,10 +640,13 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
   const bool need_x_prev = fused && post_needs[0], need_y = fused && post_needs[1];
   const bool need_post_prev = fused && post_needs[2], need_res_prev = fused && post_needs[3];
   if (fused) {
-    check_optional(x_prev, "pre_backward: x_prev", {M, n, C}, x.scalar_type());
-    check_optional(y, "pre_backward: y", {M, C}, x.scalar_type());
-    check_optional(h_post_prev, "pre_backward: h_post_prev", {M, n}, acc_type);
-    check_optional(h_res_prev, "pre_backward: h_res_prev", {M, n, n}, acc_type);
+    TORCH_CHECK(y.has_value() && y->defined() && h_post_prev.has_value() && h_post_prev->defined() &&
+                    h_res_prev.has_value() && h_res_prev->defined(),
+                "mhc_cpu.pre_backward: x_prev needs y, h_post_prev and h_res_prev");
+    check_operand(*x_prev, "pre_backward: x_prev", {M, n, C}, x.scalar_type());
+    check_operand(*y, "pre_backward: y", {M, C}, x.scalar_type());
+    check_operand(*h_post_prev, "pre_backward: h_post_prev", {M, n}, acc_type);
+    check_operand(*h_res_prev, "pre_backward: h_res_prev", {M, n, n}, acc_type);
   }
   auto acc_opts = d.options();
   const int64_t threads = at::get_num_threads();
@@ -683,7 +687,8 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
       acc_t* bias_sums = parts + at::get_thread_num() * 2 * K;
       acc_t* alpha_sums = bias_sums + K;
       acc_t* phi_sums = need_phi ? phi_parts + at::get_thread_num() * K * len : nullptr;
-      std::vector<lanes_t> sums(std::max<int64_t>(1, steps * n));  // the tile's recomputed Sinkhorn sums
+      std::vector<acc_t> sums_buffer(std::max<int64_t>(1, steps * n) * kTile);  // the tile's recomputed Sinkhorn sums
+      lanes_t* sums = reinterpret_cast<lanes_t*>(sums_buffer.data());
       lanes_t cols[kMaxColumns];  // the tile's column gradients
       lanes_t p[kMaxStreams * kMaxStreams];  // its logits, then its doubly stochastic matrices
       acc_t g_proj[kTile * kMaxColumns];  // token-major [kTile, K]
@@ -723,8 +728,8 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
           }
         }
         if (sinkhorn && has_res) {
-          sinkhorn_tile(p, sums.data(), n, iters, acc_t(tiny));
-          sinkhorn_backward_tile(cols + 2 * n, p, sums.data(), n, iters);
+          sinkhorn_tile(p, sums, n, iters, acc_t(tiny));
+          sinkhorn_backward_tile(cols + 2 * n, p, sums, n, iters);
         }
         for (int64_t t = 0; t < count; ++t) {
           const int64_t m = m0 + t;
