@@ -158,12 +158,8 @@ class _PostPreSide(torch.autograd.Function):
         saved = ctx.saved_tensors
         post_saved, pre_saved = saved[:4], saved[4:]
         post_needs = tuple(ctx.needs_input_grad[:4])
-        if g_u is None and g_post is None and g_res is None:  # only X_next is used downstream
-            g_phi = g_bias = g_alpha = None
-            post_grads = (None,) * 4
-            if any(post_needs) and g_x_next is not None:
-                post_grads = _post_backward(g_x_next, post_saved, post_needs, *ctx.dtypes)
-        elif any(post_needs) and post_saved[0].dtype == pre_saved[0].dtype:  # the mix ran in X's dtype
+        pre_side_used = g_u is not None or g_post is not None or g_res is not None  # else X_next alone
+        if pre_side_used and any(post_needs) and post_saved[0].dtype == pre_saved[0].dtype:  # mix in X's dtype
             *post_grads, g_phi, g_bias, g_alpha = _pre_backward(
                 pre_saved, ctx.mode, ctx.iters, g_u, g_post, g_res, True, ctx.needs_input_grad[4],
                 g_x_more=g_x_next, post=(post_saved, post_needs))

@@ -204,7 +204,8 @@ void project_tile(acc_t (*z)[kTile], const scalar_t* x, int64_t count, int64_t l
 
 // The projection and its two backward products with float32 accumulation, in sixteen-lane
 // vectors held in registers (GCC and Clang vector types); project_tile and the plain loops of
-// pre_backward otherwise. The same for the stream mix and the post side's dot products. kFloatVectors<T>: whether the accumulation type T takes them.
+// pre_backward otherwise; the same for the stream mix and the post side's dot products.
+// kFloatVectors<T>: whether the accumulation type T takes them.
 #if defined(__GNUC__)
 template <typename T>
 constexpr bool kFloatVectors = std::is_same_v<T, float>;
@@ -216,49 +217,35 @@ inline float16_v load16(const float* p) {
 }
 inline void store16(float* p, float16_v v) { std::memcpy(p, &v, sizeof(v)); }
 
+// sums[q + r, k + 16 h] += sum_t g[t, q + r] * x[t, k + 16 h] for r < 4, h < H: four columns
+// by H sixteen-channel vectors in 4 * H accumulators (each x load serves four columns, each g
+// broadcast H vectors).
+template <int64_t H>
+inline void phi_gradient_block(float* sums, const float* x, const float* g, int64_t count, int64_t len, int64_t K,
+                               int64_t q, int64_t k) {
+  float16_v a[4][H];
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t h = 0; h < H; ++h) a[r][h] = load16(sums + (q + r) * len + k + 16 * h);
+  for (int64_t t = 0; t < count; ++t) {
+    float16_v xv[H];
+    for (int64_t h = 0; h < H; ++h) xv[h] = load16(x + t * len + k + 16 * h);
+    const float* gt = g + t * K + q;
+    for (int64_t r = 0; r < 4; ++r)
+      for (int64_t h = 0; h < H; ++h) a[r][h] += gt[r] * xv[h];
+  }
+  for (int64_t r = 0; r < 4; ++r)
+    for (int64_t h = 0; h < H; ++h) store16(sums + (q + r) * len + k + 16 * h, a[r][h]);
+}
+
 // sums [K, len] += g^T @ x: g [count, K], x [count, len] (len % 16 == 0); four columns at a time,
-// sixty-four channels at a time where len allows (sixteen accumulators: each x load serves four
-// columns, each g broadcast four vectors), else sixteen (a remainder of K % 4 columns falls to the
-// caller's loop: returns the first column left).
+// sixty-four channels at a time where len allows, else sixteen (a remainder of K % 4 columns falls
+// to the caller's loop: returns the first column left).
 inline int64_t phi_gradient_tile(float* sums, const float* x, const float* g, int64_t count, int64_t len, int64_t K) {
   int64_t q = 0;
   for (; q + 4 <= K; q += 4) {
     int64_t k = 0;
-    for (; k + 64 <= len; k += 64) {
-      float16_v a[4][4];
-      for (int64_t r = 0; r < 4; ++r)
-        for (int64_t h = 0; h < 4; ++h) a[r][h] = load16(sums + (q + r) * len + k + 16 * h);
-      for (int64_t t = 0; t < count; ++t) {
-        const float* xt = x + t * len + k;
-        const float16_v x0 = load16(xt), x1 = load16(xt + 16), x2 = load16(xt + 32), x3 = load16(xt + 48);
-        const float* gt = g + t * K + q;
-        for (int64_t r = 0; r < 4; ++r) {
-          const float gr = gt[r];
-          a[r][0] += gr * x0;
-          a[r][1] += gr * x1;
-          a[r][2] += gr * x2;
-          a[r][3] += gr * x3;
-        }
-      }
-      for (int64_t r = 0; r < 4; ++r)
-        for (int64_t h = 0; h < 4; ++h) store16(sums + (q + r) * len + k + 16 * h, a[r][h]);
-    }
-    for (; k < len; k += 16) {
-      float* s0 = sums + q * len + k;
-      float16_v a0 = load16(s0), a1 = load16(s0 + len), a2 = load16(s0 + 2 * len), a3 = load16(s0 + 3 * len);
-      for (int64_t t = 0; t < count; ++t) {
-        const float16_v xv = load16(x + t * len + k);
-        const float* gt = g + t * K + q;
-        a0 += gt[0] * xv;
-        a1 += gt[1] * xv;
-        a2 += gt[2] * xv;
-        a3 += gt[3] * xv;
-      }
-      store16(s0, a0);
-      store16(s0 + len, a1);
-      store16(s0 + 2 * len, a2);
-      store16(s0 + 3 * len, a3);
-    }
+    for (; k + 64 <= len; k += 64) phi_gradient_block<4>(sums, x, g, count, len, K, q, k);
+    for (; k < len; k += 16) phi_gradient_block<1>(sums, x, g, count, len, K, q, k);
   }
   return q;
 }
@@ -306,50 +293,23 @@ inline void project_tile_float(float (*z)[kTile], const float* x, int64_t count,
   }
 }
 
-// out_a[0:64] += sum_q g_a[q] * wt[q * len : q * len + 64] and the same for out_b, g_b: two
-// tokens at once, each load of phi^T serving both.
-inline void through_projection_64x2(float* out_a, float* out_b, const float* g_a, const float* g_b, const float* wt,
-                                    int64_t len, int64_t K) {
-  float16_v a0 = load16(out_a), a1 = load16(out_a + 16), a2 = load16(out_a + 32), a3 = load16(out_a + 48);
-  float16_v b0 = load16(out_b), b1 = load16(out_b + 16), b2 = load16(out_b + 32), b3 = load16(out_b + 48);
+// out[t][0:64] += sum_q g[t][q] * wt[q * len : q * len + 64] for T tokens' g [K] at once: each
+// load of phi^T serves all T.
+template <int64_t T>
+inline void through_projection_64(float* const* out, const float* const* g, const float* wt, int64_t len, int64_t K) {
+  float16_v acc[T][4];
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < 4; ++h) acc[t][h] = load16(out[t] + 16 * h);
   for (int64_t q = 0; q < K; ++q) {
-    const float* w = wt + q * len;
-    const float16_v w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32), w3 = load16(w + 48);
-    const float ga = g_a[q], gb = g_b[q];
-    a0 += ga * w0;
-    a1 += ga * w1;
-    a2 += ga * w2;
-    a3 += ga * w3;
-    b0 += gb * w0;
-    b1 += gb * w1;
-    b2 += gb * w2;
-    b3 += gb * w3;
+    float16_v w[4];
+    for (int64_t h = 0; h < 4; ++h) w[h] = load16(wt + q * len + 16 * h);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < 4; ++h) acc[t][h] += g[t][q] * w[h];
   }
-  store16(out_a, a0);
-  store16(out_a + 16, a1);
-  store16(out_a + 32, a2);
-  store16(out_a + 48, a3);
-  store16(out_b, b0);
-  store16(out_b + 16, b1);
-  store16(out_b + 32, b2);
-  store16(out_b + 48, b3);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < 4; ++h) store16(out[t] + 16 * h, acc[t][h]);
 }
 
-// out[0:64] += sum_q g[q] * wt[q * len : q * len + 64] for one token's g [K].
-inline void through_projection_64(float* out, const float* g, const float* wt, int64_t len, int64_t K) {
-  float16_v a0 = load16(out), a1 = load16(out + 16), a2 = load16(out + 32), a3 = load16(out + 48);
-  for (int64_t q = 0; q < K; ++q) {
-    const float* w = wt + q * len;
-    a0 += g[q] * load16(w);
-    a1 += g[q] * load16(w + 16);
-    a2 += g[q] * load16(w + 32);
-    a3 += g[q] * load16(w + 48);
-  }
-  store16(out, a0);
-  store16(out + 16, a1);
-  store16(out + 32, a2);
-  store16(out + 48, a3);
-}
 // Sum of a vector's sixteen lanes, as a tree of halves (8 + 8, 4 + 4, 2 + 2, 1 + 1).
 typedef float float8_v __attribute__((vector_size(32)));
 typedef float float4_v __attribute__((vector_size(16)));
@@ -413,10 +373,12 @@ inline void post_backward_token(int64_t m, const scalar_t* gm, const scalar_t* x
                                 const acc_t* hp, const acc_t* hr, scalar_t* gx, scalar_t* gy, acc_t* gp, acc_t* gr,
                                 int64_t n, int64_t C, acc_t* row) {
   const scalar_t* xm = xs + m * n * C;
+  bool mixed = false, dotted = false;  // done in vector registers (mix_rows_float, row_dots_float)
   if constexpr (kFloatVectors<acc_t> && std::is_same_v<scalar_t, float>) {
-    if (C % 16 == 0) {  // in vector registers (mix_rows_float, row_dots_float)
+    if (C % 16 == 0) {
       if (gx) mix_rows_float(gx + m * n * C, gm, n, n, C, hr + m * n * n, 1, n, nullptr, nullptr);
       if (gy) mix_rows_float(gy + m * C, gm, 1, n, C, hp + m * n, 0, 1, nullptr, nullptr);
+      mixed = true;
       if (n == 4 && (gp || gr)) {
         const float* columns[5] = {xm, xm + C, xm + 2 * C, xm + 3 * C, ys + m * C};
         float dots[4 * 5];
@@ -426,24 +388,23 @@ inline void post_backward_token(int64_t m, const scalar_t* gm, const scalar_t* x
           if (gr)
             for (int64_t j = 0; j < 4; ++j) gr[(m * 4 + i) * 4 + j] = dots[i * 5 + j];
         }
-        return;
+        dotted = true;
       }
-      gx = nullptr;  // done above: the loops below compute only the dot products
-      gy = nullptr;
     }
   }
-  if (gx) {
+  if (gx && !mixed) {
     for (int64_t j = 0; j < n; ++j) {
       std::fill(row, row + C, acc_t(0));
       for (int64_t i = 0; i < n; ++i) axpy(row, hr[(m * n + i) * n + j], gm + i * C, C);
       store(gx + (m * n + j) * C, row, C);
     }
   }
-  if (gy) {
+  if (gy && !mixed) {
     std::fill(row, row + C, acc_t(0));
     for (int64_t i = 0; i < n; ++i) axpy(row, hp[m * n + i], gm + i * C, C);
     store(gy + m * C, row, C);
   }
+  if (dotted) return;
   for (int64_t i = 0; i < n; ++i) {
     if (gp) gp[m * n + i] = dot<acc_t>(gm + i * C, ys + m * C, C);
     if (gr)
@@ -787,10 +748,12 @@ std::vector<c10::optional<at::Tensor>> pre_backward(
               if (pair) start_block(block_b, t + 1, j, c0, width);
               if (kFloatVectors<acc_t> && width == kBlock) {
                 if constexpr (kFloatVectors<acc_t>) {
+                  float* blocks[2] = {block, block_b};
+                  const float* grads[2] = {ga, gb};
                   if (pair)
-                    through_projection_64x2(block, block_b, ga, gb, wj, len, K);
+                    through_projection_64<2>(blocks, grads, wj, len, K);
                   else
-                    through_projection_64(block, ga, wj, len, K);
+                    through_projection_64<1>(blocks, grads, wj, len, K);
                 }
               } else {
                 for (int64_t q = 0; q < K; ++q) axpy(block, ga[q], wj + q * len, width);
