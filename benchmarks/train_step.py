@@ -109,13 +109,23 @@ def measure(args, name, how, options):
     return {"model": name, "mode": how, "step ms": round(ms, 1), "peak GiB": round(peak, 2)}
 
 
+def chosen_variants(args) -> list:
+    """``(index, (name, mode, options))`` of the VARIANTS that ``--only`` picks (all without it)."""
+    return [(i, v) for i, v in enumerate(VARIANTS) if args.only is None or str(i) in args.only]
+
+
+def overhead(value: float, reference: float) -> str:
+    """``value`` over ``reference`` as a signed percentage, e.g. ``+9.5%``."""
+    return f"{100 * (value / reference - 1):+.1f}%"
+
+
 def alternate_section(args, hidden: int) -> str:
     """Every chosen variant built at once and timed in turn, ``--alternate`` rounds: a slow
     spell of the machine falls on all of them. Per round the do_bench median of each; the
     overhead of each mHC variant over the compiled residual model per round and over the
     rounds' medians."""
     width_args = argparse.Namespace(**{**vars(args), "hidden": hidden})
-    chosen = [(i, v) for i, v in enumerate(VARIANTS) if args.only is None or str(i) in args.only]
+    chosen = chosen_variants(args)
     if not chosen:
         raise SystemExit(f"--only {' '.join(args.only)}: no such variant (0-{len(VARIANTS) - 1})")
     # the variants' layers share their forward's code objects: room for all of their graphs
@@ -139,15 +149,14 @@ def alternate_section(args, hidden: int) -> str:
     for i, label, _ in built:
         row = {"model": label}
         for r, ms in enumerate(times[i]):
-            row[f"round {r + 1} ms"] = round(ms, 1)
-            if ref is not None and i != ref:
-                row[f"round {r + 1} ms"] = f"{ms:.1f} ({100 * (ms / times[ref][r] - 1):+.1f}%)"
+            compared = ref is not None and i != ref
+            row[f"round {r + 1} ms"] = f"{ms:.1f} ({overhead(ms, times[ref][r])})" if compared else round(ms, 1)
         median = statistics.median(times[i])
         row["median ms"] = round(median, 1)
         row["peak GiB"] = round(peaks[i], 2)
         if ref is not None:
-            row["vs compiled residual"] = f"{100 * (median / statistics.median(times[ref]) - 1):+.1f}%"
-            row["memory vs compiled residual"] = f"{100 * (peaks[i] / peaks[ref] - 1):+.1f}%"
+            row["vs compiled residual"] = overhead(median, statistics.median(times[ref]))
+            row["memory vs compiled residual"] = overhead(peaks[i], peaks[ref])
         rows.append(row)
     del built, model, opt, step
     release()
@@ -261,9 +270,7 @@ def width_section(args, hidden: int) -> str:
     overhead over the compiled residual model."""
     width_args = argparse.Namespace(**{**vars(args), "hidden": hidden})  # measure() builds at this width
     rows = []
-    for i, (name, how, options) in enumerate(VARIANTS):
-        if args.only is not None and str(i) not in args.only:
-            continue
+    for _, (name, how, options) in chosen_variants(args):
         try:
             rows.append(measure(width_args, name, how, options))
         except Exception as err:  # noqa: BLE001 - report and go on
@@ -275,8 +282,8 @@ def width_section(args, hidden: int) -> str:
                 and isinstance(r.get("step ms"), float)), None)
     for r in rows:
         if ref and isinstance(r.get("step ms"), float):
-            r["vs compiled residual"] = f"{100 * (r['step ms'] / ref['step ms'] - 1):+.1f}%"
-            r["memory vs compiled residual"] = f"{100 * (r['peak GiB'] / ref['peak GiB'] - 1):+.1f}%"
+            r["vs compiled residual"] = overhead(r["step ms"], ref["step ms"])
+            r["memory vs compiled residual"] = overhead(r["peak GiB"], ref["peak GiB"])
     default = next((r for r in rows if r["model"] == VARIANTS[4][0] and "vs compiled residual" in r), None)
     summary = (f"Default path at hidden {hidden}: {default['vs compiled residual']} step time, "
                f"{default['memory vs compiled residual']} peak memory over the compiled residual model."
