@@ -137,6 +137,59 @@ def test_fused_post_pre_16bit(dtype, token_path):
     _check_post_pre(21, 4, 40, dtype, "mhc")
 
 
+def _post_pre_grads(m, n, c, dtype, keep_next, mode="mhc"):
+    """Gradients of ``pre -> post_pre(keep_next) -> post`` w.r.t. every input (both
+    connections' parameters, both branch outputs), with the upstream gradients fixed."""
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    x = rand(m, n, c).to(dtype).requires_grad_()
+    ys = [rand(m, c).to(dtype).requires_grad_() for _ in range(2)]
+    params = [((rand(n * c, n * n + 2 * n) / math.sqrt(n * c)).requires_grad_(),
+               (rand(n * n + 2 * n) * 0.5).requires_grad_(), (rand(3).abs() + 0.3).requires_grad_())
+              for _ in range(2)]
+
+    def grads(impl, **kw):
+        u, h_post, h_res = impl.mhc_pre(x, *params[0], mode=mode)
+        x2, u2, h_post2, h_res2 = impl.mhc_post_pre(x, ys[0] + u, h_post, h_res, *params[1], mode=mode, **kw)
+        out = impl.mhc_post(x2, ys[1] * u2, h_post2, h_res2)
+        loss = (out.float() * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
+        return torch.autograd.grad(loss + (x2.float() ** 2).mean(), [x, *ys, *params[0], *params[1]])
+
+    return grads(library, keep_next=keep_next), grads(reference)
+
+
+@pytest.mark.parametrize("n, c, m", [(4, 40, 37), (3, 70, 20), (8, 24, 17), (1, 9, 16)])
+@pytest.mark.parametrize("keep_next", [True, False], ids=["X_next kept", "X_next recomputed"])
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one pass", "three passes"])
+def test_fused_post_pre_backward_forms_match_reference_and_repeat_bitwise(n, c, m, keep_next, one_pass,
+                                                                          monkeypatch):
+    """Both forms of the fused backward (POST_PRE_ONE_PASS): X_next kept or recomputed,
+    several channel chunks and token groups (partials added on the host), n = 1 to 8."""
+    monkeypatch.setattr(library, "POST_PRE_ONE_PASS", one_pass)
+    got, ref = _post_pre_grads(m, n, c, torch.float32, keep_next)
+    names = ["dx", "dy1", "dy2", "dphi1", "dbias1", "dalpha1", "dphi2", "dbias2", "dalpha2"]
+    for name, a, b in zip(names, got, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) <= TOL[torch.float32], (name, _rel(a, b))
+    again, _ = _post_pre_grads(m, n, c, torch.float32, keep_next)
+    assert all(torch.equal(a, b) for a, b in zip(again, got))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep_next", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_post_pre_backward_forms_agree_on_gpu(dtype, keep_next, monkeypatch):
+    """Full size: the one-pass backward against the three-pass one and the reference."""
+    m, c = (16384, 4096) if dtype == torch.bfloat16 else (2048, 4096)
+    forms = {}
+    for one_pass in (True, False):
+        monkeypatch.setattr(library, "POST_PRE_ONE_PASS", one_pass)
+        forms[one_pass], ref = _post_pre_grads(m, 4, c, dtype, keep_next)
+    for i, (a, b, r) in enumerate(zip(forms[True], forms[False], ref)):
+        assert torch.isfinite(a).all(), i
+        assert _rel(a, r) <= max(TOL[dtype], 1.5 * _rel(b, r)), (i, _rel(a, r), _rel(b, r))
+
+
 def test_non_contiguous_inputs_give_same_results():
     x, y, phi, bias, alpha = _inputs(8, 4, 16, torch.float32)
     xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides

@@ -67,6 +67,12 @@ POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # the post backward on chip, the fused op's dH_pre launch storing it for the launches after.
 POST_SOURCE_TILES = Tiles(tokens=4, channels=256, warps=4)
 DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/mhc_kernels.py --tune, H200: 1.90 vs 2.04 ms
+# The fused post+pre backward as one streaming pass after the coefficients (X_{l+1} recomputed on
+# chip, never stored; dphi accumulated there instead of a cuBLAS read of X_{l+1}); False: the
+# three-pass form (X_{l+1} stored by the dH_pre launch, its gradient written, then the post backward).
+POST_PRE_ONE_PASS = True
+POST_PRE_DX_TILES = Tiles(tokens=32, channels=64, warps=8)  # tl.dot needs >= 16 tokens
+POST_PRE_DX_WAVES = 4  # programs per SM of that pass: token groups = waves * SMs / channel chunks
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
@@ -86,6 +92,7 @@ _INTERPRETER_TILES = {
     "proj": Tiles(tokens=16, channels=16, warps=4), "stream": Tiles(tokens=4, channels=32, warps=4),
     "dx": Tiles(tokens=16, channels=16, warps=4), "coef": Tiles(tokens=16, channels=1, warps=4),
     "post": Tiles(tokens=4, channels=16, warps=4), "coef+aggregate": Tiles(tokens=16, channels=16, warps=4),
+    "post+pre dx": Tiles(tokens=16, channels=16, warps=4),
 }
 POISON_OUTPUTS = False  # tests: fill every output with NaN before the kernel writes it
 
@@ -248,7 +255,7 @@ def _launch_tiles(on_gpu: bool, element_size: int, c: int, tiles: Tiles, kind: s
     """:func:`_tiles`, cached (a launch on the decode path should cost little host time)."""
     t = tiles if on_gpu else _INTERPRETER_TILES[kind]
     bc = t.channels
-    if on_gpu and element_size == 4 and kind in ("proj", "dx"):
+    if on_gpu and element_size == 4 and kind in ("proj", "dx", "post+pre dx"):
         bc = max(16, bc // 2)  # float32 streams: the tiles tuned for 16 bits, halved to fit
     return dataclasses.replace(t, channels=_pick(bc, c))
 
@@ -441,12 +448,13 @@ if KERNELS_AVAILABLE:
     def _coefficient_backward(
         x: Tensor, du: Tensor, bias: Tensor, alpha: Tensor, h_pre: Tensor, h_post: Tensor,
         q: Tensor, rstd: Tensor, dh_post: Tensor, dh_res: Tensor, hc: bool, iters: int,
-        source: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        source: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, store: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Launches 1 and 2 of a pre backward over streams ``x [M, n, C]``: ``dproj [M, W]``,
         ``dz [M, n^2 + 2n]``, ``dalpha [M, 3]`` and the RMS factor ``coef [M]`` (all float32).
         ``source``: ``(x_prev, y, H_post, H_res)`` of the post whose output ``x`` is, which
-        was not kept: launch 1 recomputes ``x`` from them into the (empty) ``x``."""
+        was not kept: launch 1 recomputes ``x`` from them, and where ``store`` writes it into
+        the (empty) ``x`` (else ``x`` only gives the streams' shape and dtype)."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         t = _tiles(x, c, DH_TILES if source is None else DH_SOURCE_TILES, "proj")
@@ -454,7 +462,7 @@ if KERNELS_AVAILABLE:
         part = x.new_empty(splits, m, lay.np, dtype=torch.float32)
         launch(kernels._dh_pre_kernel, (_cdiv(m, t.tokens), splits),
             x, du, part, *(source or (x, du, x, x)), m, c, per, N=n, NP=lay.np, NPAD=lay.npad,
-            SOURCE=source is not None, **t.launch(),
+            SOURCE=source is not None, STORE=store, **t.launch(),
         )
         dproj = x.new_zeros(m, lay.w, dtype=torch.float32)  # zero past nc: one dot in dx
         dz = x.new_empty(m, lay.nc, dtype=torch.float32)
@@ -624,6 +632,14 @@ if KERNELS_AVAILABLE:
         post side and ``dphi [n*C, n^2 + 2n]``, ``dbias``, ``dalpha`` of the pre side (float32);
         ``g_next`` is the gradient reaching ``X_next`` from its other users. ``x_next=None``
         (not kept): the first launch recomputes it from ``x``, ``y``, ``H_post``, ``H_res``."""
+        if POST_PRE_ONE_PASS:
+            source = None if x_next is not None else (x, y, h_post0, h_res0)
+            dproj, dz, dalpha, coef = _coefficient_backward(
+                x if x_next is None else x_next, du, bias, alpha, h_pre, h_post, q, rstd, dh_post, dh_res, hc,
+                iters, source, store=False)
+            dx, dy, dh_post0, dh_res0, dphi = _post_pre_dx_launch(
+                x, y, h_post0, h_res0, g_next, du, phi, h_pre, dproj, coef)
+            return dx, dy, dh_post0, dh_res0, dphi, dz.sum(0), dalpha.sum(0)
         source = None
         if x_next is None:
             x_next, source = torch.empty_like(x), (x, y, h_post0, h_res0)
@@ -632,6 +648,39 @@ if KERNELS_AVAILABLE:
             source=source)
         dx, dy, dh_post0, dh_res0 = _post_backward_launch(x, y, h_post0, h_res0, g, deterministic)
         return dx, dy, dh_post0, dh_res0, *_pre_param_grads(x_next, dproj, dz, dalpha)
+
+    def _post_pre_dx_launch(
+        x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, g_next: Tensor, du: Tensor, phi: Tensor,
+        h_pre: Tensor, dproj: Tensor, coef: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The one-pass rest of a fused post+pre backward (:func:`kernels._post_pre_dx_kernel`):
+        ``dx [M, n, C]``, ``dy [M, C]`` (the streams' dtype) and float32 ``dH_post [M, n]``,
+        ``dH_res [M, n, n]``, ``dphi [n*C, n^2 + 2n]``, each a fixed-order sum of partials
+        (bitwise reproducible, so ``deterministic`` costs nothing here)."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        lay = layout(n)
+        t = _tiles(x, c, POST_PRE_DX_TILES, "post+pre dx")
+        bc = max(16, _pick(t.channels * 4 // lay.npad, c))  # more streams, narrower chunks: the same registers
+        chunks = _cdiv(c, bc)
+        blocks = _cdiv(m, t.tokens)
+        groups = _cdiv(POST_PRE_DX_WAVES * _sm_count(x.device.index), chunks) if x.is_cuda else 2
+        per = _cdiv(blocks, groups)  # token blocks per group
+        groups = _cdiv(blocks, per)
+        dot = _dot_mode(x)
+        bdot = _back_dot(dot)
+        phi_t = bdot == DotMode.BF16 and PHI_T_BF16
+        dx, dy = torch.empty_like(x), torch.empty_like(y)
+        dh_post = x.new_empty(chunks, m, n, dtype=torch.float32)
+        dh_res = x.new_empty(chunks, m, n, n, dtype=torch.float32)
+        dphi = x.new_empty(groups, n * c, lay.w, dtype=torch.float32)
+        _poisoned(dx, dy, dh_post, dh_res, dphi)
+        launch(kernels._post_pre_dx_kernel, (chunks, groups),
+            x, y, h_post0, h_res0, g_next, du, _phi_t_bf16(phi, lay.w) if phi_t else phi, h_pre, dproj, coef,
+            dx, dy, dh_post, dh_res, dphi, m, c, per * t.tokens,
+            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(dot), BDOT=int(bdot), PHI_T=phi_t,
+            BC=bc, **t.launch(channels=False),
+        )
+        return dx, dy, dh_post.sum(0), dh_res.sum(0), dphi[:, :, :lay.nc].sum(0)
 
     def _pre_grads_in(x, h_post, du, dh_post, dh_res):
         """Zeros for the pre-side gradients autograd passes as ``None``; float32, contiguous."""

@@ -715,12 +715,13 @@ def _aggregate_kernel(x_ptr, hpre_ptr, u_ptr, M, C, N: tl.constexpr, BM: tl.cons
 @triton.jit
 def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, xs_ptr, ys_ptr, hps_ptr, hrs_ptr, M, C, CS,
                    N: tl.constexpr, NP: tl.constexpr, NPAD: tl.constexpr, SOURCE: tl.constexpr,
-                   BM: tl.constexpr, BC: tl.constexpr):
+                   STORE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     """Partial ``dH_pre [S, M, NP]`` of one channel range: ``sum_c du[:, c] x[:, j, c]``.
 
     ``SOURCE``: the streams ``x`` are the output of a post that was not kept: they are
-    recomputed as :func:`_mixed_stream` of ``xs, ys, hps, hrs`` (that post's inputs) and
-    stored to ``x_ptr`` for the launches that follow."""
+    recomputed as :func:`_mixed_stream` of ``xs, ys, hps, hrs`` (that post's inputs) and,
+    with ``STORE``, stored to ``x_ptr`` for the launches that follow (without, ``x_ptr``
+    only gives their dtype)."""
     rm, mmask, rm64, c_lo, c_hi = _range_program(M, C, CS, BM)
     split = tl.program_id(1)
     cp = tl.arange(0, NP)
@@ -735,7 +736,8 @@ def _dh_pre_kernel(x_ptr, du_ptr, part_ptr, xs_ptr, ys_ptr, hps_ptr, hrs_ptr, M,
         for j in tl.static_range(N):
             if SOURCE:
                 xj = _mixed_stream(x3, ys, hps_ptr, hrs_ptr, rm64, mmask, j, N, NPAD).to(x_ptr.dtype.element_ty)
-                tl.store(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], xj, mask=mc)
+                if STORE:
+                    tl.store(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], xj, mask=mc)
             else:
                 xj = tl.load(x_ptr + rm64[:, None] * (N * C) + j * C + rc[None, :], mask=mc, other=0.0)
             d_hpre += tl.where(cp[None, :] == j, tl.sum(du * xj.to(tl.float32), axis=1)[:, None], 0.0)
@@ -815,3 +817,79 @@ def _pre_dx_kernel(
             if ACCUM:
                 dxj += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dxj.to(dx_ptr.dtype.element_ty), mask=mc)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused post+pre backward in one streaming pass (after launches 1 and 2 of the pre
+# side): X_{l+1} recomputed on chip from the post's inputs, its whole gradient formed
+# there and sent through the post's backward, and dphi = X_{l+1}^T dproj accumulated per
+# channel chunk over the program's tokens. Nothing of [M, n, C] is written but dx.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _post_pre_dx_kernel(
+    x_ptr, y_ptr, hpost0_ptr, hres0_ptr, gin_ptr, du_ptr, phi_ptr, hpre_ptr, dproj_ptr, coef_ptr,
+    dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, dphi_ptr, M, C, TG,
+    N: tl.constexpr, NPAD: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
+    BDOT: tl.constexpr, PHI_T: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Grid (channel chunks of ``BC``, token groups of ``TG`` tokens, a multiple of ``BM``).
+
+    Inputs: the post's ``x [M, n, C]`` (X_l), ``y [M, C]``, ``H_post0 [M, n]``, ``H_res0 [M, n,
+    n]``; ``gin [M, n, C]``, the gradient reaching X_{l+1} from its other users; the pre
+    side's ``du [M, C]``, ``phi`` (as in :func:`_stream_grad`), ``H_pre [M, n]``, ``dproj [M,
+    W]`` (zero past ``NC``) and ``coef [M]``. Per ``[BM, BC]`` block, stream ``i`` of X_{l+1}
+    is :func:`_mixed_stream` rounded to the streams' dtype (the bits the forward stored), its
+    gradient ``g_i`` is :func:`_stream_grad` plus ``gin``, and the post backward takes it:
+    ``dx_j += H_res0[i, j] g_i``, ``dy += H_post0_i g_i``. Outputs: ``dx``, ``dy``; the
+    chunk's channel sums ``dH_post [CH, M, n]``, ``dH_res [CH, M, n, n]`` and the group's
+    ``dphi [G, n*C, W]`` (float32 partials the caller adds in a fixed order: bitwise
+    reproducible run to run)."""
+    pid_c = tl.program_id(0)
+    group = tl.program_id(1)
+    K = N * C
+    rc = pid_c * BC + tl.arange(0, BC)
+    cmask = rc < C
+    ri = tl.arange(0, NPAD)
+    ivalid = ri < N
+    cw = tl.arange(0, W)
+    dphi = tl.zeros((NPAD, BC, W), dtype=tl.float32)
+    m_lo = group * TG
+    for m0 in range(m_lo, tl.minimum(m_lo + TG, M), BM):
+        rm = m0 + tl.arange(0, BM)
+        mmask = rm < M
+        rm64 = rm.to(tl.int64)
+        mc = mmask[:, None] & cmask[None, :]
+        mi = mmask[:, None] & ivalid[None, :]
+        x3, y = _load_mix_inputs(x_ptr, y_ptr, rm64, mmask, rc, cmask, C, N, NPAD)
+        du = tl.load(du_ptr + rm64[:, None] * C + rc[None, :], mask=mc, other=0.0).to(tl.float32)
+        dproj = tl.load(dproj_ptr + rm64[:, None] * W + cw[None, :], mask=mmask[:, None], other=0.0)
+        coef = tl.load(coef_ptr + rm64, mask=mmask, other=0.0)
+        dy = tl.zeros((BM, BC), dtype=tl.float32)
+        dx3 = tl.zeros((BM, NPAD, BC), dtype=tl.float32)
+        d_hpost = tl.zeros((BM, NPAD), dtype=tl.float32)
+        d_hres = tl.zeros((BM, NPAD, NPAD), dtype=tl.float32)
+        for i in tl.static_range(N):
+            xn = _mixed_stream(x3, y, hpost0_ptr, hres0_ptr, rm64, mmask, i, N, NPAD).to(x_ptr.dtype.element_ty)
+            k = (i * C + rc).to(tl.int64)
+            off = rm64[:, None] * K + i * C + rc[None, :]
+            hi = tl.load(hpre_ptr + rm64 * N + i, mask=mmask, other=0.0)
+            gi = _stream_grad(xn.to(tl.float32), du, hi, coef, dproj, phi_ptr, k, cmask, K, NC, W, BDOT, PHI_T)
+            gi += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
+            dphi += tl.where(ri[:, None, None] == i, _split_dot(tl.trans(xn), dproj, DOT)[None, :, :], 0.0)
+            h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
+            h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)
+            dy += h_post[:, None] * gi
+            dx3 += h_row[:, :, None] * gi[:, None, :]
+            d_hpost += tl.where(ri[None, :] == i, tl.sum(gi * y, axis=1)[:, None], 0.0)
+            d_hres += tl.where(ri[None, :, None] == i, tl.sum(gi[:, None, :] * x3, axis=2)[:, None, :], 0.0)
+        off3, smask3 = _stream_offsets(rm64, ri, rc, C, N)
+        tl.store(dx_ptr + off3, dx3.to(dx_ptr.dtype.element_ty), mask=mmask[:, None, None] & smask3)
+        tl.store(dy_ptr + rm64[:, None] * C + rc[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mc)
+        base = pid_c.to(tl.int64) * M
+        tl.store(dhpost_ptr + (base + rm64)[:, None] * N + ri[None, :], d_hpost, mask=mi)
+        res_off = (base + rm64)[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
+        tl.store(dhres_ptr + res_off, d_hres, mask=mi[:, :, None] & ivalid[None, None, :])
+    rows = group.to(tl.int64) * K + ri[:, None, None] * C + rc[None, :, None]
+    tl.store(dphi_ptr + rows * W + cw[None, None, :], dphi, mask=ivalid[:, None, None] & cmask[None, :, None])
