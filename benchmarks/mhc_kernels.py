@@ -93,6 +93,20 @@ def bench_fwd_bwd(fn, inputs):
     return t_fwd, t_all
 
 
+def post_pre_bwd_bytes(nc: int, c: int, kept: bool) -> int:
+    """Elements per token the fused post+pre backward moves in the form ``library`` selects.
+
+    One pass (``POST_PRE_ONE_PASS``): the dH_pre partials read du and X_next (or X and y
+    when X_next is not kept); the streaming pass reads X, y, du, g_next and writes dX, dy,
+    X_next recomputed on chip. Three passes: dH_pre reads du, X_next (or reads X, y and
+    writes X_next); the gradient pass reads du, X_next, g_next and writes g; dphi's matmul
+    reads X_next; the post backward reads g, X, y and writes dX, dy.
+    """
+    if getattr(library, "POST_PRE_ONE_PASS", False):
+        return (4 * nc + 4 * c) if kept else (4 * nc + 5 * c)
+    return (8 * nc + 4 * c) if kept else (9 * nc + 5 * c)
+
+
 def kernel_rows(m, c, bw, only=None):
     """One row per fused op (all of its launches together); ``only``: just these ops (names)."""
     x, phi, bias, alpha = make_inputs(m, c)
@@ -118,16 +132,13 @@ def kernel_rows(m, c, bw, only=None):
         # (the float32 partial projections, S * 48 * 4 bytes per token, are left out)
         "post+pre fwd": (lambda: torch.ops.mhc_compile.post_pre_fwd(xd, u, h_post, h_res, pd, bd, ad, False, 20, 1e-6),
                          (3 * nc + 2 * c) * e, (2 * nc + 2 * c) * e),
-        # dH_pre partials: du, X_next; gradient pass: du, X_next, g_next, writes g; dphi's
-        # matmul: X_next; post backward: g, X, y, writes dX, dy
         "post+pre bwd": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
-            (8 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
-        # X_next not kept (recompute_streams, the default in converted models): the dH_pre
-        # launch reads X and y instead of X_next and writes X_next for the launches after it
+            post_pre_bwd_bytes(nc, c, kept=True) * e, (4 * nc + 3 * c) * e),
+        # X_next not kept (recompute_streams, the default in converted models)
         "post+pre bwd, X_next recomputed": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, None, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
-            (9 * nc + 5 * c) * e, (4 * nc + 3 * c) * e),
+            post_pre_bwd_bytes(nc, c, kept=False) * e, (4 * nc + 3 * c) * e),
         # the post after it, x recomputed on chip from the fused op's inputs: X and y read instead of x
         "post bwd, x recomputed": (lambda: torch.ops.mhc_compile.post_bwd(
             None, u, h_post2, h_res, g, False, xd, u, h_post, h_res), (3 * nc + 3 * c) * e, (3 * nc + 3 * c) * e),
@@ -136,7 +147,7 @@ def kernel_rows(m, c, bw, only=None):
                                     (3 * nc + 2 * c) * e, (3 * nc + 2 * c) * e),
         "post+pre bwd, deterministic": (lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20, True),
-            (8 * nc + 4 * c) * e, (4 * nc + 3 * c) * e),
+            post_pre_bwd_bytes(nc, c, kept=True) * e, (4 * nc + 3 * c) * e),
     }
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -308,6 +319,11 @@ KNOBS = [
      "post bwd, x recomputed"),
     ("DH_SOURCE_TILES", [Tiles(16, 256, 4), Tiles(16, 128, 4), Tiles(32, 128, 8), Tiles(8, 256, 4), Tiles(16, 256, 8),
                          Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(8, 128, 4)], "post+pre bwd, X_next recomputed"),
+    ("POST_PRE_ONE_PASS", [False, True], "post+pre bwd, X_next recomputed"),
+    ("POST_PRE_DX_TILES", [Tiles(32, 64, 8), Tiles(16, 64, 4), Tiles(32, 32, 4), Tiles(64, 32, 8), Tiles(32, 64, 4),
+                           Tiles(16, 128, 8), Tiles(32, 128, 8), Tiles(64, 64, 8), Tiles(32, 64, 8, 2)],
+     "post+pre bwd, X_next recomputed"),
+    ("POST_PRE_DX_WAVES", [2, 4, 8], "post+pre bwd, X_next recomputed"),
 ]
 
 

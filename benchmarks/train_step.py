@@ -7,7 +7,9 @@ and peak memory, for: the plain residual model (eager, compiled), mHC with the r
 ops (eager, compiled) and mHC with the fused kernels, compiled: the defaults (under autocast
 the streams are bf16, post+pre fused), post and pre as separate kernels, float32 streams
 (``stream_dtype=torch.float32``), ``recompute="mhc"``, ``deterministic=True`` and
-``recompute_streams=False`` (each layer's inner stream state stored, not recomputed).
+``recompute_streams=False`` (each layer's inner stream state stored, not recomputed), and
+the fused post+pre backward in its older three-pass form (``ops.library.POST_PRE_ONE_PASS``
+off while that variant's steps run).
 "Compiled" is regional: ``block.compile()`` on every decoder layer (identical layers
 share one graph).
 
@@ -30,8 +32,10 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
+from mhc_compile.ops import library  # noqa: E402
 from benchmarks.common import llama_config, report  # noqa: E402
 
+KERNEL_SETTINGS = "kernel settings"  # an options key: ops.library constants set around each step
 VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not converted)
     ("residual", "eager", None),
     ("residual", "compiled", None),
@@ -43,12 +47,15 @@ VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not convert
     ("mhc, recompute", "compiled", {"recompute": "mhc"}),
     ("mhc, deterministic", "compiled", {"deterministic": True}),
     ("mhc, inner streams stored", "compiled", {"recompute_streams": False}),
+    # the defaults with one ``mhc_compile.ops.library`` setting changed while its steps run
+    ("mhc, post+pre backward in three passes", "compiled", {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": False}}),
 ]
 
 
 def build(args, options):
     from transformers import LlamaForCausalLM
 
+    options = None if options is None else {k: v for k, v in options.items() if k != KERNEL_SETTINGS}
     cfg = llama_config(args.hidden, args.layers, args.vocab, args.seq)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -68,12 +75,21 @@ def prepare(args, how, options):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
 
+    settings = (options or {}).get(KERNEL_SETTINGS, {})
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        saved = {name: getattr(library, name) for name in settings}
+        for name, value in settings.items():
+            setattr(library, name, value)  # the ops read these at each launch, compiled or not
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            for name, value in saved.items():
+                setattr(library, name, value)
 
     for _ in range(3):
         step()
