@@ -98,12 +98,14 @@ def post_pre_bwd_bytes(nc: int, c: int, kept: bool) -> int:
 
     One pass (``POST_PRE_ONE_PASS``): the dH_pre partials read du and X_next (or X and y
     when X_next is not kept); the streaming pass reads X, y, du, g_next and writes dX, dy,
-    X_next recomputed on chip. Three passes: dH_pre reads du, X_next (or reads X, y and
+    X_next recomputed on chip; dphi from X and y by matmul (not ``POST_PRE_DPHI_IN_PASS``)
+    reads X and y once more. Three passes: dH_pre reads du, X_next (or reads X, y and
     writes X_next); the gradient pass reads du, X_next, g_next and writes g; dphi's matmul
     reads X_next; the post backward reads g, X, y and writes dX, dy.
     """
     if getattr(library, "POST_PRE_ONE_PASS", False):
-        return (4 * nc + 4 * c) if kept else (4 * nc + 5 * c)
+        dphi_reads = 0 if getattr(library, "POST_PRE_DPHI_IN_PASS", True) else nc + c
+        return ((4 * nc + 4 * c) if kept else (4 * nc + 5 * c)) + dphi_reads
     return (8 * nc + 4 * c) if kept else (9 * nc + 5 * c)
 
 
@@ -149,6 +151,12 @@ def kernel_rows(m, c, bw, only=None):
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20, True),
             post_pre_bwd_bytes(nc, c, kept=True) * e, (4 * nc + 3 * c) * e),
     }
+    recomputed = lambda: torch.ops.mhc_compile.post_pre_bwd(  # noqa: E731
+        xd, u, h_post, h_res, None, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20)
+    for form, settings in BACKWARD_FORMS.items():  # each form side by side, whatever the defaults
+        moved = with_knobs(lambda: post_pre_bwd_bytes(nc, c, kept=False), settings)()
+        ops[f"post+pre bwd, X_next recomputed, {form}"] = (with_knobs(recomputed, settings), moved * e,
+                                                           (4 * nc + 3 * c) * e)
     rows = []
     for name, (fn, moved, minimum) in ops.items():
         if only is not None and name not in only:
@@ -319,11 +327,16 @@ KNOBS = [
      "post bwd, x recomputed"),
     ("DH_SOURCE_TILES", [Tiles(16, 256, 4), Tiles(16, 128, 4), Tiles(32, 128, 8), Tiles(8, 256, 4), Tiles(16, 256, 8),
                          Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(8, 128, 4)], "post+pre bwd, X_next recomputed"),
-    ("POST_PRE_ONE_PASS", [False, True], "post+pre bwd, X_next recomputed"),
+    # the one-pass backward's knobs first (measured in that form: the library's default), the
+    # choice of form last; its dphi form is chosen before and again after its tiles
+    ("POST_PRE_DPHI_IN_PASS", [True, False], "post+pre bwd, X_next recomputed"),
     ("POST_PRE_DX_TILES", [Tiles(32, 64, 8), Tiles(16, 64, 4), Tiles(32, 32, 4), Tiles(64, 32, 8), Tiles(32, 64, 4),
-                           Tiles(16, 128, 8), Tiles(32, 128, 8), Tiles(64, 64, 8), Tiles(32, 64, 8, 2)],
+                           # fewer registers a program: more programs resident per SM
+                           Tiles(16, 32, 4), Tiles(16, 32, 2), Tiles(16, 64, 2)],
      "post+pre bwd, X_next recomputed"),
-    ("POST_PRE_DX_WAVES", [2, 4, 8], "post+pre bwd, X_next recomputed"),
+    ("POST_PRE_DX_WAVES", [2, 4, 8, 16], "post+pre bwd, X_next recomputed"),
+    ("POST_PRE_DPHI_IN_PASS", [True, False], "post+pre bwd, X_next recomputed"),
+    ("POST_PRE_ONE_PASS", [True, False], "post+pre bwd, X_next recomputed"),
 ]
 
 
@@ -338,6 +351,28 @@ def set_knob(knob: str, value) -> None:
     """Set ``knob`` in ``ops.library`` (a field: a copy of the ``Tiles`` with it replaced)."""
     const, _, field = knob.partition(".")
     setattr(library, const, dataclasses.replace(getattr(library, const), **{field: value}) if field else value)
+
+
+# the fused post+pre backward's forms, as knob settings
+BACKWARD_FORMS = {
+    "one pass": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": True},
+    "one pass, dphi by matmul": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": False},
+    "three passes": {"POST_PRE_ONE_PASS": False},
+}
+
+
+def with_knobs(fn, settings: dict):
+    """``fn`` run with these knobs of ``ops.library`` set (each restored after the call)."""
+    def call():
+        saved = {knob: get_knob(knob) for knob in settings}
+        for knob, value in settings.items():
+            set_knob(knob, value)
+        try:
+            return fn()
+        finally:
+            for knob, value in saved.items():
+                set_knob(knob, value)
+    return call
 
 
 def tune(m: int, c: int, bw: float, knobs: list[str] | None = None) -> list[dict]:
@@ -380,6 +415,10 @@ def launch_breakdown(m: int, c: int) -> list[dict]:
         "post+pre bwd": lambda: torch.ops.mhc_compile.post_pre_bwd(
             xd, u, h_post, h_res, x_next, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20),
     }
+    recomputed = lambda: torch.ops.mhc_compile.post_pre_bwd(  # noqa: E731
+        xd, u, h_post, h_res, None, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20)
+    for form, settings in BACKWARD_FORMS.items():  # X_next recomputed (the default), in each form
+        ops[f"post+pre bwd, X_next recomputed, {form}"] = with_knobs(recomputed, settings)
     rows = []
     for name, fn in ops.items():
         fn()
@@ -457,7 +496,7 @@ def main() -> None:
     for c in args.sizes:  # the report is rewritten after each size, in case a later one runs past a limit
         if not args.connections_only:
             kern += kernel_rows(args.tokens, c, bw)
-            print(tabulate(kern[-8:], headers="keys", tablefmt="github"), flush=True)
+            print(tabulate(kern[-11:], headers="keys", tablefmt="github"), flush=True)
         if not args.kernels_only:
             rows, checks = connection_rows(args.tokens, c, bw, with_liger, te, not args.without_reference)
             conn += rows

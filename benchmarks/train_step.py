@@ -8,8 +8,9 @@ ops (eager, compiled) and mHC with the fused kernels, compiled: the defaults (un
 the streams are bf16, post+pre fused), post and pre as separate kernels, float32 streams
 (``stream_dtype=torch.float32``), ``recompute="mhc"``, ``deterministic=True`` and
 ``recompute_streams=False`` (each layer's inner stream state stored, not recomputed), and
-the fused post+pre backward in its older three-pass form (``ops.library.POST_PRE_ONE_PASS``
-off while that variant's steps run).
+the fused post+pre backward in each of its forms (three passes; one pass with ``dphi``
+accumulated in the pass or by matmul after it: ``ops.library.POST_PRE_ONE_PASS`` and
+``POST_PRE_DPHI_IN_PASS`` set while that variant's steps run).
 "Compiled" is regional: ``block.compile()`` on every decoder layer (identical layers
 share one graph).
 
@@ -49,6 +50,10 @@ VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not convert
     ("mhc, inner streams stored", "compiled", {"recompute_streams": False}),
     # the defaults with one ``mhc_compile.ops.library`` setting changed while its steps run
     ("mhc, post+pre backward in three passes", "compiled", {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": False}}),
+    ("mhc, post+pre backward in one pass, dphi in the pass", "compiled",
+     {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": True}}),
+    ("mhc, post+pre backward in one pass, dphi by matmul", "compiled",
+     {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": False}}),
 ]
 
 

@@ -158,14 +158,23 @@ def _post_pre_grads(m, n, c, dtype, keep_next, mode="mhc"):
     return grads(library, keep_next=keep_next), grads(reference)
 
 
+# the fused backward's forms: (POST_PRE_ONE_PASS, POST_PRE_DPHI_IN_PASS)
+BACKWARD_FORMS = {"one pass": (True, True), "one pass, dphi by matmul": (True, False), "three passes": (False, True)}
+
+
+def _set_backward_form(monkeypatch, form: str) -> None:
+    one_pass, dphi_in_pass = BACKWARD_FORMS[form]
+    monkeypatch.setattr(library, "POST_PRE_ONE_PASS", one_pass)
+    monkeypatch.setattr(library, "POST_PRE_DPHI_IN_PASS", dphi_in_pass)
+
+
 @pytest.mark.parametrize("n, c, m", [(4, 40, 37), (3, 70, 20), (8, 24, 17), (1, 9, 16)])
 @pytest.mark.parametrize("keep_next", [True, False], ids=["X_next kept", "X_next recomputed"])
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one pass", "three passes"])
-def test_fused_post_pre_backward_forms_match_reference_and_repeat_bitwise(n, c, m, keep_next, one_pass,
-                                                                          monkeypatch):
-    """Both forms of the fused backward (POST_PRE_ONE_PASS): X_next kept or recomputed,
-    several channel chunks and token groups (partials added on the host), n = 1 to 8."""
-    monkeypatch.setattr(library, "POST_PRE_ONE_PASS", one_pass)
+@pytest.mark.parametrize("form", list(BACKWARD_FORMS))
+def test_fused_post_pre_backward_forms_match_reference_and_repeat_bitwise(n, c, m, keep_next, form, monkeypatch):
+    """Each form of the fused backward: X_next kept or recomputed, several channel chunks
+    and token groups (partials added on the host), n = 1 to 8."""
+    _set_backward_form(monkeypatch, form)
     got, ref = _post_pre_grads(m, n, c, torch.float32, keep_next)
     names = ["dx", "dy1", "dy2", "dphi1", "dbias1", "dalpha1", "dphi2", "dbias2", "dalpha2"]
     for name, a, b in zip(names, got, ref):
@@ -179,15 +188,16 @@ def test_fused_post_pre_backward_forms_match_reference_and_repeat_bitwise(n, c, 
 @pytest.mark.parametrize("keep_next", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_post_pre_backward_forms_agree_on_gpu(dtype, keep_next, monkeypatch):
-    """Full size: the one-pass backward against the three-pass one and the reference."""
+    """Full size: the one-pass backward's forms against the three-pass one and the reference."""
     m, c = (16384, 4096) if dtype == torch.bfloat16 else (2048, 4096)
     forms = {}
-    for one_pass in (True, False):
-        monkeypatch.setattr(library, "POST_PRE_ONE_PASS", one_pass)
-        forms[one_pass], ref = _post_pre_grads(m, 4, c, dtype, keep_next)
-    for i, (a, b, r) in enumerate(zip(forms[True], forms[False], ref)):
-        assert torch.isfinite(a).all(), i
-        assert _rel(a, r) <= max(TOL[dtype], 1.5 * _rel(b, r)), (i, _rel(a, r), _rel(b, r))
+    for form in BACKWARD_FORMS:
+        _set_backward_form(monkeypatch, form)
+        forms[form], ref = _post_pre_grads(m, 4, c, dtype, keep_next)
+    for form in ("one pass", "one pass, dphi by matmul"):
+        for i, (a, b, r) in enumerate(zip(forms[form], forms["three passes"], ref)):
+            assert torch.isfinite(a).all(), (form, i)
+            assert _rel(a, r) <= max(TOL[dtype], 1.5 * _rel(b, r)), (form, i, _rel(a, r), _rel(b, r))
 
 
 def test_non_contiguous_inputs_give_same_results():

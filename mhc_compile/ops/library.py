@@ -73,6 +73,9 @@ DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/mhc_kerne
 POST_PRE_ONE_PASS = True
 POST_PRE_DX_TILES = Tiles(tokens=32, channels=64, warps=8)  # tl.dot needs >= 16 tokens
 POST_PRE_DX_WAVES = 4  # programs per SM of that pass: token groups = waves * SMs / channel chunks
+# dphi of that pass accumulated on chip per channel chunk (True), or (False) two cuBLAS matmuls over X_l
+# and y after it (_dphi_from_mix): X_l and y read once more, the pass without its [n, BC, W] accumulator
+POST_PRE_DPHI_IN_PASS = True
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
@@ -672,15 +675,31 @@ if KERNELS_AVAILABLE:
         dx, dy = torch.empty_like(x), torch.empty_like(y)
         dh_post = x.new_empty(chunks, m, n, dtype=torch.float32)
         dh_res = x.new_empty(chunks, m, n, n, dtype=torch.float32)
-        dphi = x.new_empty(groups, n * c, lay.w, dtype=torch.float32)
+        in_pass = POST_PRE_DPHI_IN_PASS
+        dphi = x.new_empty(groups if in_pass else 1, n * c if in_pass else 1, lay.w, dtype=torch.float32)
         _poisoned(dx, dy, dh_post, dh_res, dphi)
         launch(kernels._post_pre_dx_kernel, (chunks, groups),
             x, y, h_post0, h_res0, g_next, du, _phi_t_bf16(phi, lay.w) if phi_t else phi, h_pre, dproj, coef,
             dx, dy, dh_post, dh_res, dphi, m, c, per * t.tokens,
-            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(dot), BDOT=int(bdot), PHI_T=phi_t,
+            N=n, NPAD=lay.npad, NC=lay.nc, W=lay.w, DOT=int(dot), BDOT=int(bdot), PHI_T=phi_t, DPHI=in_pass,
             BC=bc, **t.launch(channels=False),
         )
-        return dx, dy, dh_post.sum(0), dh_res.sum(0), dphi[:, :, :lay.nc].sum(0)
+        dphi = dphi[:, :, :lay.nc].sum(0) if in_pass else _dphi_from_mix(x, y, h_post0, h_res0, dproj[:, :lay.nc])
+        return dx, dy, dh_post.sum(0), dh_res.sum(0), dphi
+
+    def _dphi_from_mix(x: Tensor, y: Tensor, h_post0: Tensor, h_res0: Tensor, dproj: Tensor) -> Tensor:
+        """``dphi = vec(X_{l+1})^T dproj [n*C, NC]`` (float32) without ``X_{l+1}``: with
+        ``X_{l+1}[m, i] = sum_j H_res0[m, i, j] x[m, j] + H_post0[m, i] y[m]``,
+        ``dphi[(i, c), w] = sum_(m, j) x[m, j, c] H_res0[m, i, j] dproj[m, w]
+        + sum_m y[m, c] H_post0[m, i] dproj[m, w]``: two matmuls over the tokens (and streams)
+        that read ``x [M, n, C]`` and ``y [M, C]`` once, against small ``[M, n, n*NC]`` and
+        ``[M, n*NC]`` right-hand sides, in the streams' dtype (as :func:`_pre_param_grads`)."""
+        m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
+        nc = dproj.shape[1]
+        by_res = (h_res0.transpose(1, 2)[..., None] * dproj[:, None, None, :]).to(x.dtype)  # [M, j, i, w]
+        by_post = (h_post0[..., None] * dproj[:, None, :]).to(x.dtype)  # [M, i, w]
+        dphi = torch.addmm(y.t() @ by_post.reshape(m, n * nc), x.reshape(m * n, c).t(), by_res.reshape(m * n, n * nc))
+        return dphi.float().reshape(c, n, nc).transpose(0, 1).reshape(n * c, nc)
 
     def _pre_grads_in(x, h_post, du, dh_post, dh_res):
         """Zeros for the pre-side gradients autograd passes as ``None``; float32, contiguous."""

@@ -832,7 +832,7 @@ def _post_pre_dx_kernel(
     x_ptr, y_ptr, hpost0_ptr, hres0_ptr, gin_ptr, du_ptr, phi_ptr, hpre_ptr, dproj_ptr, coef_ptr,
     dx_ptr, dy_ptr, dhpost_ptr, dhres_ptr, dphi_ptr, M, C, TG,
     N: tl.constexpr, NPAD: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, DOT: tl.constexpr,
-    BDOT: tl.constexpr, PHI_T: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    BDOT: tl.constexpr, PHI_T: tl.constexpr, DPHI: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):
     """Grid (channel chunks of ``BC``, token groups of ``TG`` tokens, a multiple of ``BM``).
 
@@ -845,7 +845,9 @@ def _post_pre_dx_kernel(
     ``dx_j += H_res0[i, j] g_i``, ``dy += H_post0_i g_i``. Outputs: ``dx``, ``dy``; the
     chunk's channel sums ``dH_post [CH, M, n]``, ``dH_res [CH, M, n, n]`` and the group's
     ``dphi [G, n*C, W]`` (float32 partials the caller adds in a fixed order: bitwise
-    reproducible run to run)."""
+    reproducible run to run); without ``DPHI`` no ``dphi`` (the caller forms it from X_l
+    and y: :func:`~mhc_compile.ops.library._dphi_from_mix`), which frees the ``[n, BC, W]``
+    accumulator's registers."""
     pid_c = tl.program_id(0)
     group = tl.program_id(1)
     K = N * C
@@ -854,7 +856,8 @@ def _post_pre_dx_kernel(
     ri = tl.arange(0, NPAD)
     ivalid = ri < N
     cw = tl.arange(0, W)
-    dphi = tl.zeros((NPAD, BC, W), dtype=tl.float32)
+    if DPHI:
+        dphi = tl.zeros((NPAD, BC, W), dtype=tl.float32)
     m_lo = group * TG
     for m0 in range(m_lo, tl.minimum(m_lo + TG, M), BM):
         rm = m0 + tl.arange(0, BM)
@@ -877,7 +880,8 @@ def _post_pre_dx_kernel(
             hi = tl.load(hpre_ptr + rm64 * N + i, mask=mmask, other=0.0)
             gi = _stream_grad(xn.to(tl.float32), du, hi, coef, dproj, phi_ptr, k, cmask, K, NC, W, BDOT, PHI_T)
             gi += tl.load(gin_ptr + off, mask=mc, other=0.0).to(tl.float32)
-            dphi += tl.where(ri[:, None, None] == i, _split_dot(tl.trans(xn), dproj, DOT)[None, :, :], 0.0)
+            if DPHI:
+                dphi += tl.where(ri[:, None, None] == i, _split_dot(tl.trans(xn), dproj, DOT)[None, :, :], 0.0)
             h_post = tl.load(hpost0_ptr + rm64 * N + i, mask=mmask, other=0.0)
             h_row = tl.load(hres0_ptr + rm64[:, None] * (N * N) + i * N + ri[None, :], mask=mi, other=0.0)
             dy += h_post[:, None] * gi
@@ -891,5 +895,6 @@ def _post_pre_dx_kernel(
         tl.store(dhpost_ptr + (base + rm64)[:, None] * N + ri[None, :], d_hpost, mask=mi)
         res_off = (base + rm64)[:, None, None] * (N * N) + ri[None, :, None] * N + ri[None, None, :]
         tl.store(dhres_ptr + res_off, d_hres, mask=mi[:, :, None] & ivalid[None, None, :])
-    rows = group.to(tl.int64) * K + ri[:, None, None] * C + rc[None, :, None]
-    tl.store(dphi_ptr + rows * W + cw[None, None, :], dphi, mask=ivalid[:, None, None] & cmask[None, :, None])
+    if DPHI:
+        rows = group.to(tl.int64) * K + ri[:, None, None] * C + rc[None, :, None]
+        tl.store(dphi_ptr + rows * W + cw[None, None, :], dphi, mask=ivalid[:, None, None] & cmask[None, :, None])
