@@ -303,6 +303,7 @@ def block_rows(m, c, bw, with_reference=True):
 # Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
 # A knob is a module constant (``"DX_TILES"``) or one field of a ``Tiles`` constant
 # (``"POST_PROJ_TILES.stages"``, tried on the tiles chosen so far).
+ONE_PASS_ROW = "post+pre bwd, X_next recomputed, one pass, dphi by matmul"  # a row of kernel_rows
 KNOBS = [
     ("PROJ_TILES", [Tiles(256, 64, 4, 2), Tiles(128, 64, 4, 2), Tiles(256, 64, 8, 2), Tiles(128, 128, 8, 2),
                     Tiles(256, 32, 4, 2), Tiles(512, 32, 8, 2), Tiles(128, 64, 8, 3),
@@ -327,16 +328,11 @@ KNOBS = [
      "post bwd, x recomputed"),
     ("DH_SOURCE_TILES", [Tiles(16, 256, 4), Tiles(16, 128, 4), Tiles(32, 128, 8), Tiles(8, 256, 4), Tiles(16, 256, 8),
                          Tiles(64, 64, 4), Tiles(32, 64, 4), Tiles(8, 128, 4)], "post+pre bwd, X_next recomputed"),
-    # the one-pass backward's knobs first (measured in that form: the library's default), the
-    # choice of form last; its dphi form is chosen before and again after its tiles
-    ("POST_PRE_DPHI_IN_PASS", [True, False], "post+pre bwd, X_next recomputed"),
-    ("POST_PRE_DX_TILES", [Tiles(32, 64, 8), Tiles(16, 64, 4), Tiles(32, 32, 4), Tiles(64, 32, 8), Tiles(32, 64, 4),
-                           # fewer registers a program: more programs resident per SM
-                           Tiles(16, 32, 4), Tiles(16, 32, 2), Tiles(16, 64, 2)],
-     "post+pre bwd, X_next recomputed"),
-    ("POST_PRE_DX_WAVES", [2, 4, 8, 16], "post+pre bwd, X_next recomputed"),
-    ("POST_PRE_DPHI_IN_PASS", [True, False], "post+pre bwd, X_next recomputed"),
-    ("POST_PRE_ONE_PASS", [True, False], "post+pre bwd, X_next recomputed"),
+    # the one-pass backward's tiles, measured in that form (dphi by matmul, its faster one), then the form
+    ("POST_PRE_DX_TILES", [Tiles(16, 64, 4), Tiles(32, 64, 8), Tiles(32, 32, 4), Tiles(64, 32, 8), Tiles(32, 64, 4),
+                           Tiles(16, 32, 2), Tiles(16, 64, 2)], ONE_PASS_ROW),
+    ("POST_PRE_DX_WAVES", [4, 8, 16, 32], ONE_PASS_ROW),
+    ("POST_PRE_ONE_PASS", [False, True], "post+pre bwd, X_next recomputed"),
 ]
 
 

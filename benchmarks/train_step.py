@@ -130,6 +130,15 @@ def measure(args, name, how, options):
     return {"model": name, "mode": how, "step ms": round(ms, 1), "peak GiB": round(peak, 2)}
 
 
+def no_compile_caches() -> None:
+    """Turn off the compile caches that key on the graph before the custom ops' bodies are
+    traced (AOTAutograd's, Inductor's FX graph cache): ``ops.library`` settings are read when
+    an op's body is traced, so with the caches a variant that differs only in them would run
+    the kernels of the first variant compiled."""
+    torch._functorch.config.enable_autograd_cache = False
+    torch._inductor.config.fx_graph_cache = False
+
+
 def chosen_variants(args) -> list:
     """``(index, (name, mode, options))`` of the VARIANTS that ``--only`` picks (all without it)."""
     return [(i, v) for i, v in enumerate(VARIANTS) if args.only is None or str(i) in args.only]
@@ -280,6 +289,8 @@ def main() -> None:
         text = loss_check(args)
         report(text, args.out, mode="a")
         return
+    if any(KERNEL_SETTINGS in (options or {}) for _, (_, _, options) in chosen_variants(args)):
+        no_compile_caches()
     sections = []
     for hidden in args.hidden:  # one table per width, written as each finishes
         sections.append(alternate_section(args, hidden) if args.alternate else width_section(args, hidden))

@@ -67,15 +67,20 @@ POST_TILES = Tiles(tokens=4, channels=256, warps=4)  # post forward and backward
 # the post backward on chip, the fused op's dH_pre launch storing it for the launches after.
 POST_SOURCE_TILES = Tiles(tokens=4, channels=256, warps=4)
 DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/mhc_kernels.py --tune, H200: 1.90 vs 2.04 ms
-# The fused post+pre backward as one streaming pass after the coefficients (X_{l+1} recomputed on
-# chip, never stored; dphi accumulated there instead of a cuBLAS read of X_{l+1}); False: the
-# three-pass form (X_{l+1} stored by the dH_pre launch, its gradient written, then the post backward).
-POST_PRE_ONE_PASS = True
-POST_PRE_DX_TILES = Tiles(tokens=32, channels=64, warps=8)  # tl.dot needs >= 16 tokens
-POST_PRE_DX_WAVES = 4  # programs per SM of that pass: token groups = waves * SMs / channel chunks
+# The fused post+pre backward: three passes (False, the default: X_{l+1} stored by the dH_pre launch,
+# its gradient written by the dx launch, dphi from it by cuBLAS, then the post backward), or one
+# streaming pass after the coefficients (X_{l+1} recomputed on chip and never stored, its gradient
+# sent through the post backward there). The one pass moves about half the bytes but is slower:
+# benchmarks/mhc_kernels.py --tune on an H200 at C = 4096, M = 16384, X_{l+1} recomputed: 1.76 ms in
+# three passes at 73% of copy bandwidth, 2.15 ms in one pass with dphi by matmul, 3.43 ms with dphi
+# in the pass (its pass alone takes 1.6 ms where the post backward and the dx launch it replaces take
+# 0.57 + 0.63 ms: presumably register-bound, a program holding [BM, n, BC] tiles of X_l and dX_l).
+POST_PRE_ONE_PASS = False
+POST_PRE_DX_TILES = Tiles(tokens=16, channels=64, warps=4)  # tl.dot needs >= 16 tokens; tuned as above
+POST_PRE_DX_WAVES = 16  # programs per SM of that pass: token groups = waves * SMs / channel chunks
 # dphi of that pass accumulated on chip per channel chunk (True), or (False) two cuBLAS matmuls over X_l
 # and y after it (_dphi_from_mix): X_l and y read once more, the pass without its [n, BC, W] accumulator
-POST_PRE_DPHI_IN_PASS = True
+POST_PRE_DPHI_IN_PASS = False
 # Few tokens (decode): the projections' cost is reading phi, so many small programs share
 # it (channel ranges of DECODE_SPLIT_CHANNELS), and the coefficient kernel computes u too.
 DECODE_TOKENS = 64  # at most this many tokens take the decode tiles
