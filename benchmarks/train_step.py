@@ -158,6 +158,12 @@ def alternate_section(args, hidden: int) -> str:
     chosen = chosen_variants(args)
     if not chosen:
         raise SystemExit(f"--only {' '.join(args.only)}: no such variant (0-{len(VARIANTS) - 1})")
+    compiled_mhc = [options for _, (_, how, options) in chosen if options is not None and how == "compiled"]
+    if len(compiled_mhc) > 1 and any(KERNEL_SETTINGS in options for options in compiled_mhc):
+        raise SystemExit(
+            "--alternate: variants that differ only in ops.library settings cannot be built at once: their compiled "
+            "layers pass each other's guards (the settings are read inside the ops, where Dynamo sets no guard), so "
+            "all would run the first one's kernels; time them without --alternate (each variant compiled afresh)")
     # the variants' layers share their forward's code objects: room for all of their graphs
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     limit_before = getattr(torch._dynamo.config, limit)
