@@ -663,8 +663,9 @@ if KERNELS_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The one-pass rest of a fused post+pre backward (:func:`kernels._post_pre_dx_kernel`):
         ``dx [M, n, C]``, ``dy [M, C]`` (the streams' dtype) and float32 ``dH_post [M, n]``,
-        ``dH_res [M, n, n]``, ``dphi [n*C, n^2 + 2n]``, each a fixed-order sum of partials
-        (bitwise reproducible, so ``deterministic`` costs nothing here)."""
+        ``dH_res [M, n, n]``, ``dphi [n*C, n^2 + 2n]``: fixed-order sums of partials, ``dphi``
+        so too with ``POST_PRE_DPHI_IN_PASS``, else cuBLAS matmuls (as the three-pass form's);
+        bitwise reproducible run to run, so ``deterministic`` changes nothing here."""
         m, n, c = x.shape[0], int(x.shape[1]), int(x.shape[2])
         lay = layout(n)
         t = _tiles(x, c, POST_PRE_DX_TILES, "post+pre dx")

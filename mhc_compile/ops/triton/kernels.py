@@ -822,8 +822,9 @@ def _pre_dx_kernel(
 # ---------------------------------------------------------------------------------------
 # The fused post+pre backward in one streaming pass (after launches 1 and 2 of the pre
 # side): X_{l+1} recomputed on chip from the post's inputs, its whole gradient formed
-# there and sent through the post's backward, and dphi = X_{l+1}^T dproj accumulated per
-# channel chunk over the program's tokens. Nothing of [M, n, C] is written but dx.
+# there and sent through the post's backward, and (DPHI) dphi = X_{l+1}^T dproj accumulated
+# per channel chunk over the program's tokens. Nothing of [M, n, C] is written but dx. Off by
+# default (library.POST_PRE_ONE_PASS): measured slower than the three passes.
 # ---------------------------------------------------------------------------------------
 
 
