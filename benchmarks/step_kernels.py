@@ -13,7 +13,6 @@ from ``torch.profiler``, each mHC Triton kernel's calls and GPU milliseconds in 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
 from mhc_compile.ops import library  # noqa: E402
 from benchmarks.common import llama_config, report  # noqa: E402
+from benchmarks.train_step import release  # noqa: E402  (frees a model's memory and compiled graphs)
 
 FORMS = {  # name -> ops.library settings
     "three-pass": {"POST_PRE_ONE_PASS": False},  # the default
@@ -71,11 +71,7 @@ def form_rows(args, form: str) -> tuple[float, list[dict]]:
             us = getattr(ev, "device_time_total", None) or ev.cuda_time_total
             rows.append({"form": form, "kernel": ev.key[:40], "calls": ev.count, "GPU ms": round(us / 1e3, 3)})
     rows.sort(key=lambda r: -r["GPU ms"])
-    del model, step
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch._dynamo.reset()
-    return ms, rows
+    return ms, rows  # the model goes with this frame: release() frees its memory
 
 
 def main() -> None:
@@ -94,6 +90,7 @@ def main() -> None:
     steps, kernels = [], []
     for form in args.forms:
         ms, rows = form_rows(args, form)
+        release()
         steps.append({"form": form, "step ms (fwd+bwd)": round(ms, 1),
                       "mHC kernels' GPU ms": round(sum(r["GPU ms"] for r in rows), 3)})
         kernels += rows
