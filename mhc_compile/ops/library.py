@@ -70,7 +70,7 @@ DH_SOURCE_TILES = Tiles(tokens=8, channels=128, warps=4)  # benchmarks/mhc_kerne
 # The fused post+pre backward: three passes (False, the default: X_{l+1} stored by the dH_pre launch,
 # its gradient written by the dx launch, dphi from it by cuBLAS, then the post backward), or one
 # streaming pass after the coefficients (X_{l+1} recomputed on chip and never stored, its gradient
-# sent through the post backward there). The one pass moves about half the bytes but is slower:
+# sent through the post backward there). The one pass moves 1/2 to 2/3 of the bytes but is slower:
 # benchmarks/mhc_kernels.py --tune on an H200 at C = 4096, M = 16384, X_{l+1} recomputed: 1.76 ms in
 # three passes at 73% of copy bandwidth, 2.15 ms in one pass with dphi by matmul, 3.43 ms with dphi
 # in the pass (its pass alone takes 1.6 ms where the post backward and the dx launch it replaces take
