@@ -1,9 +1,35 @@
-"""Pieces the benchmark scripts share: the Llama-style shape they measure and the way they
-report (the markdown printed, and written to ``--out`` when given)."""
+"""Pieces the benchmark scripts share: the Llama-style shape they measure, the way they
+report (the markdown printed, and written to ``--out`` when given) and the ``ops.library``
+settings they compare (the fused post+pre backward's forms)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
+
+# The fused post+pre backward's forms, as ops.library settings (the default: three-pass).
+BACKWARD_FORMS = {
+    "three-pass": {"POST_PRE_ONE_PASS": False},
+    "one-pass-matmul": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": False},  # dphi by matmul after it
+    "one-pass-dphi": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": True},  # dphi in the pass
+}
+
+
+@contextlib.contextmanager
+def library_settings(settings: dict) -> Iterator[None]:
+    """``mhc_compile.ops.library`` constants set to ``settings`` inside the block, restored
+    after it. The ops read them when their bodies run or are traced: under ``torch.compile``
+    only the compile sees them."""
+    from mhc_compile.ops import library
+
+    saved = {name: getattr(library, name, None) for name in settings}  # None: an older package
+    for name, value in settings.items():
+        setattr(library, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(library, name, value)
 
 
 def llama_config(hidden: int, layers: int, vocab: int, max_positions: int):

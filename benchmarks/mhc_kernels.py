@@ -30,7 +30,7 @@ from tabulate import tabulate
 sys.path.insert(0, ".")
 from mhc_compile.ops import library, reference  # noqa: E402
 from mhc_compile.ops.settings import Tiles  # noqa: E402
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import BACKWARD_FORMS, library_settings, report  # noqa: E402
 
 import te_mhc  # noqa: E402  (benchmarks/, next to this file)
 
@@ -154,8 +154,9 @@ def kernel_rows(m, c, bw, only=None):
     recomputed = lambda: torch.ops.mhc_compile.post_pre_bwd(  # noqa: E731
         xd, u, h_post, h_res, None, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20)
     for form, settings in BACKWARD_FORMS.items():  # each form side by side, whatever the defaults
-        moved = with_knobs(lambda: post_pre_bwd_bytes(nc, c, kept=False), settings)()
-        ops[f"post+pre bwd, X_next recomputed, {form}"] = (with_knobs(recomputed, settings), moved * e,
+        with library_settings(settings):
+            moved = post_pre_bwd_bytes(nc, c, kept=False)
+        ops[f"post+pre bwd, X_next recomputed, {form}"] = (with_settings(recomputed, settings), moved * e,
                                                            (4 * nc + 3 * c) * e)
     rows = []
     for name, (fn, moved, minimum) in ops.items():
@@ -303,7 +304,7 @@ def block_rows(m, c, bw, with_reference=True):
 # Each tuning knob of ops/library.py, its candidates, and the kernel row whose time picks it.
 # A knob is a module constant (``"DX_TILES"``) or one field of a ``Tiles`` constant
 # (``"POST_PROJ_TILES.stages"``, tried on the tiles chosen so far).
-ONE_PASS_ROW = "post+pre bwd, X_next recomputed, one pass, dphi by matmul"  # a row of kernel_rows
+ONE_PASS_ROW = "post+pre bwd, X_next recomputed, one-pass-matmul"  # a row of kernel_rows
 KNOBS = [
     ("PROJ_TILES", [Tiles(256, 64, 4, 2), Tiles(128, 64, 4, 2), Tiles(256, 64, 8, 2), Tiles(128, 128, 8, 2),
                     Tiles(256, 32, 4, 2), Tiles(512, 32, 8, 2), Tiles(128, 64, 8, 3),
@@ -349,25 +350,11 @@ def set_knob(knob: str, value) -> None:
     setattr(library, const, dataclasses.replace(getattr(library, const), **{field: value}) if field else value)
 
 
-# the fused post+pre backward's forms, as knob settings
-BACKWARD_FORMS = {
-    "one pass": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": True},
-    "one pass, dphi by matmul": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": False},
-    "three passes": {"POST_PRE_ONE_PASS": False},
-}
-
-
-def with_knobs(fn, settings: dict):
-    """``fn`` run with these knobs of ``ops.library`` set (each restored after the call)."""
+def with_settings(fn, settings: dict):
+    """``fn`` run with these ``ops.library`` settings (restored after each call)."""
     def call():
-        saved = {knob: get_knob(knob) for knob in settings}
-        for knob, value in settings.items():
-            set_knob(knob, value)
-        try:
+        with library_settings(settings):
             return fn()
-        finally:
-            for knob, value in saved.items():
-                set_knob(knob, value)
     return call
 
 
@@ -414,7 +401,7 @@ def launch_breakdown(m: int, c: int) -> list[dict]:
     recomputed = lambda: torch.ops.mhc_compile.post_pre_bwd(  # noqa: E731
         xd, u, h_post, h_res, None, g, pd, bd, ad, h_pre2, h_post2, q2, rstd2, du, dhp, dhr, False, 20)
     for form, settings in BACKWARD_FORMS.items():  # X_next recomputed (the default), in each form
-        ops[f"post+pre bwd, X_next recomputed, {form}"] = with_knobs(recomputed, settings)
+        ops[f"post+pre bwd, X_next recomputed, {form}"] = with_settings(recomputed, settings)
     rows = []
     for name, fn in ops.items():
         fn()

@@ -21,25 +21,15 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
-from mhc_compile.ops import library  # noqa: E402
-from benchmarks.common import llama_config, report  # noqa: E402
-from benchmarks.train_step import release  # noqa: E402  (frees a model's memory and compiled graphs)
-
-FORMS = {  # name -> ops.library settings
-    "three-pass": {"POST_PRE_ONE_PASS": False},  # the default
-    "one-pass-matmul": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": False},  # dphi by matmul after it
-    "one-pass-dphi": {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": True},  # dphi in the pass
-}
+from benchmarks.common import BACKWARD_FORMS, library_settings, llama_config, report  # noqa: E402
+from benchmarks.train_step import no_compile_caches, release  # noqa: E402
 
 
 def form_rows(args, form: str) -> tuple[float, list[dict]]:
     """The step's median ms and one row per mHC kernel, with ``form``'s settings compiled in."""
     from transformers import LlamaForCausalLM
 
-    saved = {name: getattr(library, name) for name in FORMS[form]}
-    for name, value in FORMS[form].items():
-        setattr(library, name, value)
-    try:
+    with library_settings(BACKWARD_FORMS[form]):
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = LlamaForCausalLM(llama_config(args.hidden, args.layers, args.vocab, args.seq))
@@ -61,9 +51,6 @@ def form_rows(args, form: str) -> tuple[float, list[dict]]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-    finally:
-        for name, value in saved.items():
-            setattr(library, name, value)
     rows = []
     for ev in prof.key_averages():
         # the package's Triton kernels are named _<name>_kernel (Inductor's own: triton_...)
@@ -82,11 +69,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rep", type=int, default=300, help="do_bench budget in ms")
-    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    parser.add_argument("--forms", nargs="+", default=list(BACKWARD_FORMS), choices=list(BACKWARD_FORMS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch._functorch.config.enable_autograd_cache = False  # cached graphs would carry another form's kernels
-    torch._inductor.config.fx_graph_cache = False
+    no_compile_caches()
     steps, kernels = [], []
     for form in args.forms:
         ms, rows = form_rows(args, form)

@@ -33,8 +33,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, ".")
 import mhc_compile as mhc  # noqa: E402
-from mhc_compile.ops import library  # noqa: E402
-from benchmarks.common import llama_config, report  # noqa: E402
+from benchmarks.common import BACKWARD_FORMS, library_settings, llama_config, report  # noqa: E402
 
 KERNEL_SETTINGS = "kernel settings"  # an options key: ops.library constants set around each step
 VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not converted)
@@ -49,11 +48,11 @@ VARIANTS = [  # (name, eager or compiled, mhc_compile options; None: not convert
     ("mhc, deterministic", "compiled", {"deterministic": True}),
     ("mhc, inner streams stored", "compiled", {"recompute_streams": False}),
     # the defaults with one ``mhc_compile.ops.library`` setting changed while its steps run
-    ("mhc, post+pre backward in three passes", "compiled", {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": False}}),
+    ("mhc, post+pre backward in three passes", "compiled", {KERNEL_SETTINGS: BACKWARD_FORMS["three-pass"]}),
     ("mhc, post+pre backward in one pass, dphi in the pass", "compiled",
-     {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": True}}),
+     {KERNEL_SETTINGS: BACKWARD_FORMS["one-pass-dphi"]}),
     ("mhc, post+pre backward in one pass, dphi by matmul", "compiled",
-     {KERNEL_SETTINGS: {"POST_PRE_ONE_PASS": True, "POST_PRE_DPHI_IN_PASS": False}}),
+     {KERNEL_SETTINGS: BACKWARD_FORMS["one-pass-matmul"]}),
 ]
 
 
@@ -83,18 +82,12 @@ def prepare(args, how, options):
     settings = (options or {}).get(KERNEL_SETTINGS, {})
 
     def step():
-        saved = {name: getattr(library, name) for name in settings}
-        for name, value in settings.items():
-            setattr(library, name, value)  # the ops read these at each launch, compiled or not
-        try:
+        with library_settings(settings):  # eager ops read them at each call, compiled ones when compiled
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        finally:
-            for name, value in saved.items():
-                setattr(library, name, value)
 
     for _ in range(3):
         step()
@@ -133,8 +126,8 @@ def measure(args, name, how, options):
 def no_compile_caches() -> None:
     """Turn off the compile caches that key on the graph before the custom ops' bodies are
     traced (AOTAutograd's, Inductor's FX graph cache): ``ops.library`` settings are read when
-    an op's body is traced, so with the caches a variant that differs only in them would run
-    the kernels of the first variant compiled."""
+    an op's body is traced, so with the caches a variant that differs only in them could get
+    the compiled kernels of another."""
     torch._functorch.config.enable_autograd_cache = False
     torch._inductor.config.fx_graph_cache = False
 
